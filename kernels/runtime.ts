@@ -1,0 +1,465 @@
+/**
+ * The GPU runtime: adapter and device acquisition, buffers, asynchronous
+ * readback, a pipeline cache that fails loudly, and dispatch helpers.
+ *
+ * Deno's WebGPU does not throw on shader or pipeline errors: they surface only
+ * through error scopes or the device's `uncapturederror` event, and a silently
+ * failed pipeline just leaves zeros. So every pipeline is created inside a
+ * validation scope and checked, and uncaptured errors and device loss end the
+ * program with a clear message (or go to a handler the caller provides).
+ */
+import { UserError } from "../util/errors.ts";
+
+/** What `trainer info` and the benchmarks print about the adapter. */
+export interface AdapterSummary {
+  /** Best human name: the description, or vendor + architecture. */
+  name: string;
+  vendor: string;
+  architecture: string;
+  description: string;
+  /** The native API under WebGPU, when it can be told (Vulkan, Metal, D3D12, GL). */
+  backend: string;
+  /** A software adapter (Mesa llvmpipe/lavapipe, SwiftShader, WARP): correct but slow. */
+  isFallback: boolean;
+}
+
+/** Optional features this device was created with. */
+export interface GpuFeatures {
+  shaderF16: boolean;
+  timestampQuery: boolean;
+  /** Subgroup builtins usable in WGSL (requested explicitly: Deno does not list it on the adapter). */
+  subgroups: boolean;
+}
+
+/** How a fatal device event is reported. The default prints and exits with status 1. */
+export type FatalHandler = (message: string) => void;
+
+/** Options of `Gpu.request`. */
+export interface GpuRequestOptions {
+  /** Called on device loss or an uncaptured error instead of printing and exiting. */
+  onFatal?: FatalHandler;
+  /** Do not request the `subgroups` feature even when it would work (tests of the fallback path). */
+  disableSubgroups?: boolean;
+}
+
+/** A buffer slice to bind: whole buffers or a byte range. */
+export type Binding = GPUBuffer | { buffer: GPUBuffer; offset?: number; size?: number };
+
+/** Any typed array we upload. */
+export type TypedArray = Float32Array | Uint32Array | Int32Array | Uint16Array | Uint8Array;
+
+const STORAGE_USAGE = 0x80 /* STORAGE */ | 0x04 /* COPY_SRC */ | 0x08; /* COPY_DST */
+
+/** The largest workgroup count per dimension every WebGPU device accepts. */
+export const MAX_WORKGROUPS_PER_DIM = 65535;
+
+/**
+ * WGSL helper for kernels dispatched through `Gpu.dispatch` with a 1-D count
+ * that may be split over two dimensions: the linear workgroup index.
+ */
+export const LINEAR_WORKGROUP_WGSL = `
+fn linear_workgroup(wid: vec3u, nwg: vec3u) -> u32 {
+  return wid.x + wid.y * nwg.x + wid.z * nwg.x * nwg.y;
+}`;
+
+let runtimeDirSet = false;
+
+/**
+ * Mesa's Vulkan driver prints "error: XDG_RUNTIME_DIR is invalid or not set"
+ * on stderr when the variable is unset (CI, containers). A private temporary
+ * directory silences it; users should see only our output.
+ */
+function ensureRuntimeDir(): void {
+  if (runtimeDirSet) return;
+  runtimeDirSet = true;
+  try {
+    const current = Deno.env.get("XDG_RUNTIME_DIR");
+    if (current) {
+      try {
+        if (Deno.statSync(current).isDirectory) return;
+      } catch { /* invalid: replace it */ }
+    }
+    const dir = Deno.makeTempDirSync({ prefix: "trainer-xdg-" });
+    Deno.chmodSync(dir, 0o700);
+    Deno.env.set("XDG_RUNTIME_DIR", dir);
+  } catch {
+    // Without env/write permission we only lose the silencing, not correctness.
+  }
+}
+
+/** The message a user sees when there is no WebGPU adapter. */
+export const NO_ADAPTER_MESSAGE = [
+  "no WebGPU adapter found.",
+  "  - On a machine with a GPU: install or update its driver (NVIDIA, AMD, Intel: a Vulkan driver; macOS: Metal is built in).",
+  "  - On a CPU-only Linux machine: install Mesa's software Vulkan driver, e.g.",
+  "      sudo apt-get install -y mesa-vulkan-drivers",
+  "    (slow, but it runs everything).",
+  "  - Deno needs WebGPU enabled: run through `deno task ...`, or pass --unstable-webgpu.",
+].join("\n");
+
+/** PCI vendor ids (decimal, as some drivers report them) to names. */
+const VENDOR_NAMES: Record<string, string> = {
+  "4318": "NVIDIA (0x10de)",
+  "4098": "AMD (0x1002)",
+  "32902": "Intel (0x8086)",
+  "4203": "Apple (0x106b)",
+  "20803": "Qualcomm (0x5143)",
+  "5045": "ARM (0x13b5)",
+  "65541": "Mesa (0x10005)",
+};
+
+function summarize(adapter: GPUAdapter): AdapterSummary {
+  const info = adapter.info;
+  const vendor = VENDOR_NAMES[info.vendor ?? ""] ?? info.vendor ?? "";
+  const architecture = info.architecture ?? "";
+  const description = info.description ?? "";
+  const name = description || [vendor, architecture].filter((s) => s).join(" ") || "unknown";
+  // WebGPU does not expose the backend. Deno (wgpu) takes DENO_WEBGPU_BACKEND
+  // when set, and otherwise prefers Vulkan on Linux and Windows, Metal on macOS.
+  const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
+  let backend = forced ? `${forced} (DENO_WEBGPU_BACKEND)` : "unknown";
+  if (!forced) {
+    if (Deno.build.os === "darwin") backend = "Metal";
+    else if (Deno.build.os === "linux") backend = "Vulkan";
+    else if (Deno.build.os === "windows") backend = "Vulkan or D3D12";
+    if (/llvmpipe|lavapipe/i.test(description) && backend === "Vulkan") {
+      backend = "Vulkan (Mesa lavapipe)";
+    }
+  }
+  const fallbackFlag = (info as GPUAdapterInfo & { isFallbackAdapter?: boolean }).isFallbackAdapter;
+  const isFallback = fallbackFlag === true ||
+    /llvmpipe|lavapipe|swiftshader|softpipe|warp|basic render/i.test(description);
+  return { name, vendor, architecture, description, backend, isFallback };
+}
+
+/** The numeric limits of an adapter as a plain object. */
+export function limitsOf(limits: GPUSupportedLimits): Record<string, number> {
+  const out: Record<string, number> = {};
+  // GPUSupportedLimits exposes its fields as getters on the prototype.
+  for (const key in limits) {
+    const v = (limits as unknown as Record<string, unknown>)[key];
+    if (typeof v === "number") out[key] = v;
+  }
+  return out;
+}
+
+/** A WebGPU device with the runtime around it. Create one with `Gpu.request()`. */
+export class Gpu {
+  readonly adapter: GPUAdapter;
+  readonly device: GPUDevice;
+  readonly adapterSummary: AdapterSummary;
+  readonly features: GpuFeatures;
+  /** The device's limits (raised to what the adapter offers). */
+  readonly limits: GPUSupportedLimits;
+  #pipelines = new Map<string, Promise<GPUComputePipeline>>();
+  #destroyed = false;
+
+  private constructor(adapter: GPUAdapter, device: GPUDevice, features: GpuFeatures) {
+    this.adapter = adapter;
+    this.device = device;
+    this.features = features;
+    this.limits = device.limits;
+    this.adapterSummary = summarize(adapter);
+  }
+
+  /**
+   * Acquires the high-performance adapter and a device with every limit raised
+   * to the adapter's (the defaults — 128 MiB per storage binding, 256 MiB per
+   * buffer — are far too small for real models) and the optional features
+   * `shader-f16`, `timestamp-query` and `subgroups` when they work.
+   * No adapter: a `UserError` that says how to get one.
+   */
+  static async request(options: GpuRequestOptions = {}): Promise<Gpu> {
+    ensureRuntimeDir();
+    if (!("gpu" in navigator) || !navigator.gpu) throw new UserError(NO_ADAPTER_MESSAGE);
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    if (!adapter) throw new UserError(NO_ADAPTER_MESSAGE);
+
+    const requiredLimits: Record<string, number> = {};
+    const adapterLimits = limitsOf(adapter.limits);
+    for (const [key, value] of Object.entries(adapterLimits)) requiredLimits[key] = value;
+
+    const optional: GPUFeatureName[] = [];
+    if (adapter.features.has("shader-f16")) optional.push("shader-f16");
+    if (adapter.features.has("timestamp-query")) optional.push("timestamp-query");
+
+    let device: GPUDevice | undefined;
+    let subgroups = false;
+    if (!options.disableSubgroups) {
+      // Deno does not list "subgroups" on the adapter, but a request for it
+      // succeeds where the driver supports it; fall back quietly when not.
+      try {
+        device = await adapter.requestDevice({
+          requiredFeatures: [...optional, "subgroups" as GPUFeatureName],
+          requiredLimits,
+        });
+        subgroups = device.features.has("subgroups");
+      } catch {
+        device = undefined;
+      }
+    }
+    if (!device) {
+      device = await adapter.requestDevice({ requiredFeatures: optional, requiredLimits });
+    }
+    const gpu = new Gpu(adapter, device, {
+      shaderF16: device.features.has("shader-f16"),
+      timestampQuery: device.features.has("timestamp-query"),
+      subgroups,
+    });
+    gpu.#watch(options.onFatal ?? defaultFatal);
+    return gpu;
+  }
+
+  #watch(onFatal: FatalHandler): void {
+    this.device.addEventListener("uncapturederror", (event) => {
+      const error = (event as GPUUncapturedErrorEvent).error;
+      onFatal(`GPU error: ${error.message.trim()}`);
+    });
+    this.device.lost.then((info) => {
+      if (this.#destroyed) return;
+      onFatal(
+        `the GPU device was lost (${info.reason}): ${info.message.trim() || "no details"}. ` +
+          "This happens when the driver resets (a kernel ran too long, or the GPU ran out of memory).",
+      );
+    });
+  }
+
+  /**
+   * A storage buffer (also usable as copy source and destination), filled from
+   * `data` or zeroed with `data` bytes. Sizes are padded to 4 bytes.
+   */
+  createBuffer(data: TypedArray | number, label?: string, usage = STORAGE_USAGE): GPUBuffer {
+    const bytes = typeof data === "number" ? data : data.byteLength;
+    const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    if (size > this.limits.maxBufferSize) {
+      throw new UserError(
+        `buffer ${label ?? ""} of ${formatBytes(size)} exceeds this device's maxBufferSize ` +
+          `(${formatBytes(this.limits.maxBufferSize)})`,
+      );
+    }
+    const buffer = this.device.createBuffer({
+      size,
+      usage,
+      label,
+      mappedAtCreation: typeof data !== "number",
+    });
+    if (typeof data !== "number") {
+      new Uint8Array(buffer.getMappedRange()).set(
+        new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+      );
+      buffer.unmap();
+    }
+    return buffer;
+  }
+
+  /** A uniform buffer (copy destination too), for small per-dispatch parameters. */
+  createUniform(data: TypedArray, label?: string): GPUBuffer {
+    return this.createBuffer(data, label, 0x40 /* UNIFORM */ | 0x08 /* COPY_DST */);
+  }
+
+  /** Queues a write of `data` into `buffer` at `byteOffset` (ordered before later submits). */
+  write(buffer: GPUBuffer, data: TypedArray, byteOffset = 0): void {
+    this.device.queue.writeBuffer(
+      buffer,
+      byteOffset,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
+  }
+
+  /**
+   * Copies `byteLength` bytes of `buffer` from `byteOffset` back to the CPU.
+   * Resolves when the GPU has finished all work submitted before the call.
+   */
+  async read(buffer: GPUBuffer, byteOffset = 0, byteLength?: number): Promise<ArrayBuffer> {
+    const length = byteLength ?? buffer.size - byteOffset;
+    const padded = Math.ceil(length / 4) * 4;
+    const staging = this.device.createBuffer({
+      size: Math.max(4, padded),
+      usage: 0x01 /* MAP_READ */ | 0x08, /* COPY_DST */
+    });
+    const encoder = this.device.createCommandEncoder();
+    encoder.copyBufferToBuffer(buffer, byteOffset, staging, 0, padded);
+    this.device.queue.submit([encoder.finish()]);
+    await staging.mapAsync(0x01 /* READ */);
+    const out = staging.getMappedRange().slice(0, length);
+    staging.unmap();
+    staging.destroy();
+    return out;
+  }
+
+  /** `read` as float32 values (`count` elements from element `offset`). */
+  async readF32(buffer: GPUBuffer, offset = 0, count?: number): Promise<Float32Array> {
+    const n = count ?? buffer.size / 4 - offset;
+    return new Float32Array(await this.read(buffer, offset * 4, n * 4));
+  }
+
+  /** `read` as uint32 values. */
+  async readU32(buffer: GPUBuffer, offset = 0, count?: number): Promise<Uint32Array> {
+    const n = count ?? buffer.size / 4 - offset;
+    return new Uint32Array(await this.read(buffer, offset * 4, n * 4));
+  }
+
+  /**
+   * A compute pipeline, cached by `key` (which must identify the WGSL and its
+   * constants). Shader compile and pipeline validation errors are thrown with
+   * the compiler's message and the key; they are never left as a silent no-op.
+   */
+  pipeline(
+    key: string,
+    code: string,
+    entryPoint = "main",
+    constants?: Record<string, number>,
+  ): Promise<GPUComputePipeline> {
+    const cacheKey = `${key}#${entryPoint}#${JSON.stringify(constants ?? {})}`;
+    let p = this.#pipelines.get(cacheKey);
+    if (!p) {
+      p = this.#createPipeline(key, code, entryPoint, constants);
+      this.#pipelines.set(cacheKey, p);
+      p.catch(() => this.#pipelines.delete(cacheKey));
+    }
+    return p;
+  }
+
+  async #createPipeline(
+    key: string,
+    code: string,
+    entryPoint: string,
+    constants?: Record<string, number>,
+  ): Promise<GPUComputePipeline> {
+    const device = this.device;
+    device.pushErrorScope("validation");
+    const module = device.createShaderModule({ code, label: key });
+    const info = await module.getCompilationInfo();
+    const compileErrors = info.messages.filter((m) => m.type === "error");
+    let pipeline: GPUComputePipeline | undefined;
+    let thrown: unknown;
+    if (compileErrors.length === 0) {
+      try {
+        pipeline = await device.createComputePipelineAsync({
+          layout: "auto",
+          label: key,
+          compute: { module, entryPoint, constants },
+        });
+      } catch (e) {
+        thrown = e;
+      }
+    }
+    const scoped = await device.popErrorScope();
+    if (compileErrors.length > 0 || scoped || thrown || !pipeline) {
+      const detail = compileErrors.map((m) => m.message.trim()).join("\n") ||
+        scoped?.message.trim() || String((thrown as Error)?.message ?? thrown);
+      throw new Error(`WGSL pipeline '${key}' (entry ${entryPoint}) failed:\n${detail}`);
+    }
+    return pipeline;
+  }
+
+  /** A bind group for group 0 of `pipeline`, binding `bindings[i]` at binding `i`. */
+  bindGroup(pipeline: GPUComputePipeline, bindings: Binding[], label?: string): GPUBindGroup {
+    return this.device.createBindGroup({
+      label,
+      layout: pipeline.getBindGroupLayout(0),
+      entries: bindings.map((b, i) => ({
+        binding: i,
+        resource: b instanceof GPUBuffer
+          ? { buffer: b }
+          : { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
+      })),
+    });
+  }
+
+  /**
+   * Records a dispatch of `workgroups` workgroups. A 1-D count beyond 65535 is
+   * split into a 2-D grid; kernels then compute their index with
+   * `linear_workgroup` (see `LINEAR_WORKGROUP_WGSL`) and bounds-check it, since
+   * the grid may hold a few more workgroups than asked.
+   */
+  dispatch(
+    pass: GPUComputePassEncoder,
+    pipeline: GPUComputePipeline,
+    bindGroup: GPUBindGroup,
+    workgroups: number | [number, number?, number?],
+  ): void {
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    const [x, y, z] = typeof workgroups === "number"
+      ? splitWorkgroups(workgroups)
+      : [workgroups[0], workgroups[1] ?? 1, workgroups[2] ?? 1];
+    if (x === 0 || y === 0 || z === 0) return;
+    pass.dispatchWorkgroups(x, y, z);
+  }
+
+  /** Records work with `record` into one command encoder and submits it without waiting. */
+  submit(record: (encoder: GPUCommandEncoder) => void): void {
+    const encoder = this.device.createCommandEncoder();
+    record(encoder);
+    this.device.queue.submit([encoder.finish()]);
+  }
+
+  /** Resolves when all submitted work has finished. */
+  async finish(): Promise<void> {
+    await this.device.queue.onSubmittedWorkDone();
+  }
+
+  /** Releases the device; later device loss is not reported as an error. */
+  destroy(): void {
+    this.#destroyed = true;
+    this.device.destroy();
+  }
+}
+
+/**
+ * Splits a 1-D workgroup count into a grid within the per-dimension limit:
+ * `[min(n, 65535), ceil(n / 65535), 1]` (and a third dimension past 65535²).
+ */
+export function splitWorkgroups(n: number): [number, number, number] {
+  if (!Number.isInteger(n) || n < 0) throw new RangeError(`bad workgroup count ${n}`);
+  if (n <= MAX_WORKGROUPS_PER_DIM) return [n, 1, 1];
+  const y = Math.ceil(n / MAX_WORKGROUPS_PER_DIM);
+  if (y <= MAX_WORKGROUPS_PER_DIM) return [MAX_WORKGROUPS_PER_DIM, y, 1];
+  const perPlane = MAX_WORKGROUPS_PER_DIM * MAX_WORKGROUPS_PER_DIM;
+  return [MAX_WORKGROUPS_PER_DIM, MAX_WORKGROUPS_PER_DIM, Math.ceil(n / perPlane)];
+}
+
+function defaultFatal(message: string): void {
+  console.error(`trainer: ${message}`);
+  Deno.exit(1);
+}
+
+/** `1.5 GiB`-style byte counts for messages. */
+export function formatBytes(bytes: number): string {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let v = bytes;
+  let i = 0;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${Number.isInteger(v) ? v : v.toFixed(1)} ${units[i]}`;
+}
+
+/**
+ * A kernel invocation prepared once (pipeline, bind group, workgroup count) and
+ * recorded as often as needed: training steps re-record the same dispatches,
+ * so nothing is created inside a step.
+ */
+export interface Dispatch {
+  /** For error messages and profiling. */
+  label: string;
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+  /** A 1-D count (split by `Gpu.dispatch` when beyond 65535) or an explicit grid. */
+  workgroups: number | [number, number?, number?];
+}
+
+/** Records `dispatches` in order into `pass`. */
+export function recordDispatches(
+  gpu: Gpu,
+  pass: GPUComputePassEncoder,
+  dispatches: Dispatch | Dispatch[],
+): void {
+  for (const d of Array.isArray(dispatches) ? dispatches : [dispatches]) {
+    gpu.dispatch(pass, d.pipeline, d.bindGroup, d.workgroups);
+  }
+}
