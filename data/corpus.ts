@@ -1,0 +1,410 @@
+/**
+ * The embedded default corpus: generated from a seed by this code, nothing
+ * downloaded. A small invented valley (towns, people, animals; see
+ * `corpus_world.ts`) described in English and Chinese:
+ *
+ * - pretrain: short encyclopedic documents. Every fact is written many times in
+ *   varied phrasings, so a tiny model can learn it in minutes.
+ * - sft: question/answer conversations (some with a system prompt, some
+ *   multi-turn) about a subset of the facts.
+ * - heldOut: questions about facts that the pretraining prose states but no
+ *   conversation ever asks about, for the experiment "does a model answer
+ *   questions it was never fine-tuned on": pretrain-only vs SFT-only vs
+ *   pretrain + SFT.
+ * - pretrainEval / sftEval: fresh documents and conversations for eval loss;
+ *   the eval conversations use (fact, language, question) combinations that
+ *   the training conversations never use.
+ *
+ * Sized for the `tiny` preset on a CPU driver: about 200k pretraining tokens
+ * with the default tokenizer, a few thousand conversations.
+ *
+ * The default tokenizer (`defaultTokenizer()`) is a BPE of vocabulary 2048
+ * trained on this corpus by `data/bpe.ts`; its files are committed under
+ * `data/default_tokenizer/` and imported as JSON modules, so a compiled binary
+ * embeds them. `deno run -A data/default_tokenizer/regenerate.ts` remakes them.
+ */
+import { Rng } from "../util/random.ts";
+import { TextTokenizer } from "./tokenizer.ts";
+import type { ChatMessage } from "./tokenizer.ts";
+import {
+  ANSWERS,
+  type Attribute,
+  type Entity,
+  type Fact,
+  fill,
+  generateWorld,
+  INTROS,
+  type Language,
+  QUESTIONS,
+  STATEMENTS,
+  SYSTEM_PROMPTS,
+  type World,
+} from "./corpus_world.ts";
+import defaultTokenizerJson from "./default_tokenizer/tokenizer.json" with { type: "json" };
+import defaultTokenizerConfigJson from "./default_tokenizer/tokenizer_config.json" with {
+  type: "json",
+};
+
+/** One SFT record, MiniMind's format. */
+export interface SftRecord {
+  conversations: ChatMessage[];
+}
+
+/** A question whose fact is in the pretraining prose but never asked in the SFT data. */
+export interface HeldOutFact {
+  question: string;
+  /** The short answer (a name or a word), as it appears in the prose. */
+  answer: string;
+  language: "en" | "zh";
+  /** The entity asked about, in the question's language. */
+  entity: string;
+  /** The attribute asked about (`hometown`, `river`, ...). */
+  attribute: string;
+}
+
+/** The five parts of the embedded corpus. */
+export interface EmbeddedCorpus {
+  pretrain: { text: string }[];
+  pretrainEval: { text: string }[];
+  sft: SftRecord[];
+  sftEval: SftRecord[];
+  heldOut: HeldOutFact[];
+}
+
+/** Sizes of the corpus parts. */
+export const CORPUS_SIZE = {
+  /** Documents per entity and language in `pretrain`. */
+  docsPerEntity: 50,
+  /** Travel-guide documents (several towns each) per language in `pretrain`. */
+  guideDocs: 250,
+  /** Size of `pretrainEval` relative to `pretrain`. */
+  evalFraction: 0.05,
+  sft: 3000,
+  sftEval: 200,
+  /** Fraction of each attribute's facts held out of SFT. */
+  heldOutFraction: 0.15,
+  /** Fraction of (fact, language, question) combinations kept for `sftEval` only. */
+  sftEvalFraction: 0.1,
+} as const;
+
+/** The vocabulary size of the default tokenizer: the `tiny` preset's. */
+export const DEFAULT_TOKENIZER_VOCAB_SIZE = 2048;
+/** The seed the default corpus (and so the default tokenizer) is made from. */
+export const DEFAULT_CORPUS_SEED = 1234;
+
+/**
+ * Generates the corpus. The same seed gives the same corpus, record for record.
+ * Separate random streams (world, prose, eval prose, conversations) keep one
+ * part from shifting when another changes size.
+ *
+ * @example
+ * ```ts
+ * import { embeddedCorpus } from "./corpus.ts";
+ * const { pretrain, sft, heldOut } = embeddedCorpus();
+ * const doc: string = pretrain[0].text; // "Luroda works as a librarian. ..."
+ * const turns = sft[0].conversations; // [{ role: "user", ... }, { role: "assistant", ... }]
+ * const { question, answer } = heldOut[0]; // never asked in `sft`, stated in `pretrain`
+ * ```
+ */
+export function embeddedCorpus(seed = DEFAULT_CORPUS_SEED): EmbeddedCorpus {
+  const world = generateWorld(new Rng(seed));
+  const split = splitFacts(world, new Rng(seed + 1));
+  const entities = [...world.towns, ...world.people, ...world.creatures];
+
+  const pretrain = writeDocuments(
+    world,
+    entities,
+    CORPUS_SIZE.docsPerEntity,
+    CORPUS_SIZE.guideDocs,
+    new Rng(seed + 2),
+  );
+  // Fresh documents from another random stream: other phrasings and orders.
+  const pretrainEval = writeDocuments(
+    world,
+    entities,
+    Math.ceil(CORPUS_SIZE.docsPerEntity * CORPUS_SIZE.evalFraction),
+    Math.ceil(CORPUS_SIZE.guideDocs * CORPUS_SIZE.evalFraction),
+    new Rng(seed + 3),
+  );
+  const sft = writeConversations(world, split.sftTrain, CORPUS_SIZE.sft, new Rng(seed + 5));
+  const sftEval = writeConversations(world, split.sftEval, CORPUS_SIZE.sftEval, new Rng(seed + 6));
+
+  const heldOut: HeldOutFact[] = [];
+  for (const f of split.heldOut) {
+    for (const lang of ["en", "zh"] as const) {
+      heldOut.push({
+        question: fill(QUESTIONS[f.attribute][lang][0], f.entity.name, f.value, lang, world.valley),
+        answer: f.value[lang],
+        language: lang,
+        entity: f.entity.name[lang],
+        attribute: f.attribute,
+      });
+    }
+  }
+  return {
+    pretrain: pretrain.map((text) => ({ text })),
+    pretrainEval: pretrainEval.map((text) => ({ text })),
+    sft,
+    sftEval,
+    heldOut,
+  };
+}
+
+/** A question form: one fact asked in one language with one template. */
+interface Asked {
+  fact: Fact;
+  lang: Language;
+  template: number;
+}
+
+/**
+ * Splits the facts: `heldOutFraction` of each attribute's facts are never
+ * asked; the (fact, language, template) combinations of the others are divided
+ * between SFT training and SFT eval.
+ */
+function splitFacts(
+  world: World,
+  rng: Rng,
+): { heldOut: Fact[]; sftTrain: Asked[]; sftEval: Asked[] } {
+  const byAttribute = new Map<Attribute, Fact[]>();
+  for (const f of world.facts) {
+    const list = byAttribute.get(f.attribute) ?? [];
+    list.push(f);
+    byAttribute.set(f.attribute, list);
+  }
+  const heldOut: Fact[] = [];
+  const asked: Asked[] = [];
+  for (const facts of byAttribute.values()) {
+    const shuffled = [...facts];
+    rng.shuffle(shuffled);
+    const n = Math.max(1, Math.round(facts.length * CORPUS_SIZE.heldOutFraction));
+    heldOut.push(...shuffled.slice(0, n));
+    for (const fact of shuffled.slice(n)) {
+      for (const lang of ["en", "zh"] as const) {
+        QUESTIONS[fact.attribute][lang].forEach((_, template) =>
+          asked.push({ fact, lang, template })
+        );
+      }
+    }
+  }
+  rng.shuffle(asked);
+  const nEval = Math.round(asked.length * CORPUS_SIZE.sftEvalFraction);
+  // Keep the original fact order in held-out lists: readable heldout.jsonl.
+  heldOut.sort((a, b) => world.facts.indexOf(a) - world.facts.indexOf(b));
+  return { heldOut, sftEval: asked.slice(0, nEval), sftTrain: asked.slice(nEval) };
+}
+
+function pick<T>(rng: Rng, list: readonly T[]): T {
+  return list[rng.nextInt(list.length)];
+}
+
+function statement(
+  rng: Rng,
+  world: World,
+  e: Entity,
+  attribute: Attribute,
+  lang: Language,
+): string {
+  return fill(
+    pick(rng, STATEMENTS[attribute][lang]),
+    e.name,
+    e.values[attribute]!,
+    lang,
+    world.valley,
+  );
+}
+
+/** Joins sentences: with spaces in English, directly in Chinese. */
+function join(sentences: string[], lang: Language): string {
+  return sentences.join(lang === "en" ? " " : "");
+}
+
+/**
+ * `perEntity` documents per entity and language (an intro, every fact in a
+ * random phrasing and order, and a relation to other entities), plus `guides`
+ * travel-guide documents per language that each visit a few towns.
+ */
+function writeDocuments(
+  world: World,
+  entities: Entity[],
+  perEntity: number,
+  guides: number,
+  rng: Rng,
+): string[] {
+  const docs: string[] = [];
+  for (let round = 0; round < perEntity; round++) {
+    for (const e of entities) {
+      for (const lang of ["en", "zh"] as const) docs.push(entityDocument(world, e, lang, rng));
+    }
+  }
+  for (let i = 0; i < guides; i++) {
+    for (const lang of ["en", "zh"] as const) docs.push(guideDocument(world, lang, rng));
+  }
+  rng.shuffle(docs);
+  return docs;
+}
+
+function entityDocument(world: World, e: Entity, lang: Language, rng: Rng): string {
+  const intro = fill(pick(rng, INTROS[e.kind][lang]), e.name, e.name, lang, world.valley);
+  const facts = Object.keys(e.values) as Attribute[];
+  rng.shuffle(facts);
+  const body = facts.map((a) => statement(rng, world, e, a, lang));
+  const extra = relation(world, e, lang, rng);
+  if (extra) body.splice(rng.nextInt(body.length + 1), 0, extra);
+  return join([intro, ...body], lang);
+}
+
+/** A sentence that ties an entity to another: a town's people or its river's other town. */
+function relation(world: World, e: Entity, lang: Language, rng: Rng): string | undefined {
+  const en = lang === "en";
+  if (e.kind === "town") {
+    if (rng.nextInt(2) === 0) {
+      const locals = world.people.filter((p) => p.values.hometown === e.name);
+      if (locals.length >= 2) {
+        const [a, b] = [locals[0].name[lang], locals[1].name[lang]];
+        return en ? `${a} and ${b} both come from ${e.name.en}.` : `${a}和${b}都来自${e.name.zh}。`;
+      }
+    }
+    const river = e.values.river!;
+    const other = world.towns.find((t) => t !== e && t.values.river === river);
+    if (other) {
+      return en
+        ? `Further along the ${river.en}, the river also passes ${other.name.en}.`
+        : `${river.zh}河往下游还流经${other.name.zh}。`;
+    }
+  }
+  if (e.kind === "person") {
+    const town = world.towns.find((t) => t.name === e.values.hometown)!;
+    return en
+      ? `${town.name.en}, the home of ${e.name.en}, is famous for ${town.values.craft!.en}.`
+      : `${e.name.zh}的家乡${town.name.zh}以${town.values.craft!.zh}闻名。`;
+  }
+  return undefined;
+}
+
+function guideDocument(world: World, lang: Language, rng: Rng): string {
+  const towns = [...world.towns];
+  rng.shuffle(towns);
+  const head = lang === "en"
+    ? `A short guide to the valley of ${world.valley.en}.`
+    : `${world.valley.zh}山谷简明指南。`;
+  const out = [head];
+  for (const t of towns.slice(0, 3)) {
+    const attrs: Attribute[] = ["river", "festival", "craft"];
+    rng.shuffle(attrs);
+    out.push(statement(rng, world, t, attrs[0], lang), statement(rng, world, t, attrs[1], lang));
+  }
+  const c = pick(rng, world.creatures);
+  out.push(statement(rng, world, c, pick(rng, ["fur", "habitat", "food"] as const), lang));
+  return join(out, lang);
+}
+
+/**
+ * `count` conversations drawn from the allowed question forms: 60% one
+ * question, 20% one question after a system prompt, 20% two or three
+ * questions in a row. A conversation keeps one language.
+ */
+function writeConversations(world: World, asked: Asked[], count: number, rng: Rng): SftRecord[] {
+  const byLang: Record<Language, Asked[]> = {
+    en: asked.filter((a) => a.lang === "en"),
+    zh: asked.filter((a) => a.lang === "zh"),
+  };
+  const turn = (a: Asked): ChatMessage[] => {
+    const { entity, attribute, value } = a.fact;
+    return [
+      {
+        role: "user",
+        content: fill(
+          QUESTIONS[attribute][a.lang][a.template],
+          entity.name,
+          value,
+          a.lang,
+          world.valley,
+        ),
+      },
+      {
+        role: "assistant",
+        content: fill(
+          pick(rng, ANSWERS[attribute][a.lang]),
+          entity.name,
+          value,
+          a.lang,
+          world.valley,
+        ),
+      },
+    ];
+  };
+  const out: SftRecord[] = [];
+  for (let i = 0; i < count; i++) {
+    const lang: Language = rng.nextInt(2) === 0 ? "en" : "zh";
+    const pool = byLang[lang];
+    const kind = rng.nextFloat();
+    const conversations: ChatMessage[] = [];
+    if (kind >= 0.6 && kind < 0.8) {
+      conversations.push({
+        role: "system",
+        content: fill(
+          pick(rng, SYSTEM_PROMPTS[lang]),
+          world.valley,
+          world.valley,
+          lang,
+          world.valley,
+        ),
+      });
+    }
+    const turns = kind >= 0.8 ? 2 + rng.nextInt(2) : 1;
+    for (let t = 0; t < turns; t++) conversations.push(...turn(pick(rng, pool)));
+    out.push({ conversations });
+  }
+  return out;
+}
+
+/** File names `writeEmbeddedCorpus` writes, by part. */
+export const CORPUS_FILES = {
+  pretrain: "pretrain.jsonl",
+  pretrainEval: "pretrain_eval.jsonl",
+  sft: "sft.jsonl",
+  sftEval: "sft_eval.jsonl",
+  heldOut: "heldout.jsonl",
+} as const;
+
+/**
+ * Writes the corpus as JSONL files into `dir` (created if needed), one record
+ * per line, so it can be read, edited and trained on like any other data.
+ * Returns the paths by part.
+ */
+export async function writeEmbeddedCorpus(
+  dir: string,
+  seed = DEFAULT_CORPUS_SEED,
+): Promise<{ files: Record<string, string> }> {
+  const corpus = embeddedCorpus(seed);
+  await Deno.mkdir(dir, { recursive: true });
+  const files: Record<string, string> = {};
+  for (const [part, name] of Object.entries(CORPUS_FILES)) {
+    const records = corpus[part as keyof EmbeddedCorpus] as unknown[];
+    const path = `${dir.replace(/\/+$/, "")}/${name}`;
+    await Deno.writeTextFile(path, records.map((r) => JSON.stringify(r)).join("\n") + "\n");
+    files[part] = path;
+  }
+  return { files };
+}
+
+/** Every text of the corpus's training parts (prose and conversation turns): what the default tokenizer is trained on. */
+export function corpusTrainingTexts(corpus: EmbeddedCorpus): string[] {
+  const texts = corpus.pretrain.map((d) => d.text);
+  for (const r of corpus.sft) for (const m of r.conversations) texts.push(m.content);
+  return texts;
+}
+
+/**
+ * The default tokenizer: byte-level BPE, vocabulary 2048, ChatML template,
+ * trained on the embedded corpus. Read from the committed JSON, embedded in
+ * compiled binaries; works from any working directory.
+ */
+export function defaultTokenizer(): TextTokenizer {
+  return TextTokenizer.fromJson(
+    JSON.stringify(defaultTokenizerJson, null, 2) + "\n",
+    JSON.stringify(defaultTokenizerConfigJson, null, 2) + "\n",
+    "<default tokenizer>",
+  );
+}

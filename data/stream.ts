@@ -1,0 +1,842 @@
+/**
+ * The batch stream that training reads: `--data` paths (JSONL, or token-shard
+ * directories from `trainer data prepare`, detected) -> records -> tokens ->
+ * samples (pretrain windows or SFT rows) -> shuffle buffer -> batches of
+ * `[B, T]` inputs, targets and loss mask. It loops over the corpus epoch after
+ * epoch (each epoch reads the files in a fresh seeded order) until told to stop
+ * after `maxEpochs`. Memory holds the shuffle buffer and a few read chunks,
+ * never the corpus.
+ *
+ * Resuming. `position()` is a small JSON object saved in checkpoints; a stream
+ * opened from it yields exactly the batches the original would have yielded
+ * next. It stores no tokens: samples are numbered in the order they are made
+ * (a deterministic function of the files and the seed), and the position names
+ * the oldest sample still waiting in the shuffle buffer, where it came from
+ * (reader position: epoch, file, byte offset and line, or token/document index
+ * for shards, plus how many tokens of that record to drop), which sample
+ * numbers the buffer holds in which slot, and the buffer's RNG state. Opening
+ * from it re-reads from that origin, remakes the samples up to the newest one
+ * made, keeps those in the buffer, and goes on. The cost is re-reading about
+ * `shuffleBuffer * ln(shuffleBuffer)` samples once at resume (a sample stays in
+ * the buffer for a geometric number of draws); with no shuffle buffer, nothing.
+ */
+import { UserError } from "../util/errors.ts";
+import { Rng, type RngState } from "../util/random.ts";
+import type { Line } from "./lines.ts";
+import { documentTokens, TokenPacker } from "./pretrain.ts";
+import { epochFileOrder, ShuffleBuffer } from "./shuffle.ts";
+import { readShardManifest, sha256Hex, ShardFile, type ShardManifest } from "./shards.ts";
+import { assistantMask, fitSftSample } from "./sft.ts";
+import {
+  type DataKind,
+  parsePretrainRecord,
+  parseSftRecord,
+  readJsonlLines,
+  resolveDataPaths,
+} from "./sources.ts";
+import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
+
+/** One training batch. Row b, position t is at index `b * T + t`. */
+export interface Batch {
+  /** `[B, T]` input token ids. */
+  ids: Int32Array;
+  /** `[B, T]` target ids: the input sequence shifted left by one. */
+  targets: Int32Array;
+  /** `[B, T]` loss weight per target: 1 trained, 0 not (all 1 for pretrain). */
+  mask: Float32Array;
+  /** Rows. */
+  B: number;
+  /** Tokens per row. */
+  T: number;
+}
+
+/** How to build a `DataStream`. */
+export interface DataStreamOptions {
+  /** `--data` paths: JSONL files, directories, globs, or token-shard directories. */
+  data: string[];
+  /** Pretrain windows or SFT rows. */
+  kind: DataKind;
+  /** Needed for JSONL; for shards, checked against the shards' tokenizer when given. */
+  tokenizer?: TextTokenizer;
+  /** B: rows per batch. */
+  batchSize: number;
+  /** T: tokens per row. */
+  seqLen: number;
+  /** Seed of the file order and the shuffle buffer (default 0). */
+  seed?: number;
+  /** Samples held for shuffling; 0 (default) keeps file order. */
+  shuffleBuffer?: number;
+  /** Permute the file order each epoch (default: when shuffleBuffer > 0). */
+  shuffleFiles?: boolean;
+  /** Stop after this many passes over the data (default: never stop). */
+  maxEpochs?: number;
+  /** Count and skip lines that are not valid records instead of failing. */
+  skipBadLines?: boolean;
+}
+
+/** Where the reader is: the next record to read. */
+export interface ReaderPosition {
+  /** Passes over the data completed before this one. */
+  epoch: number;
+  /** Index into this epoch's file order. */
+  file: number;
+  /** JSONL: byte offset (decompressed); pretrain shards: token index; SFT shards: conversation index. */
+  offset: number;
+  /** JSONL: line number at `offset` (1-based); shards: 0. */
+  line: number;
+}
+
+/** What the reader counted. */
+export interface DataCounters {
+  /** Records read: JSONL lines, or conversations from SFT shards. */
+  records: number;
+  /** Lines that were not valid records, skipped (with skipBadLines). */
+  skippedLines: number;
+  /** SFT conversations with no assistant token left after truncation, skipped. */
+  skippedConversations: number;
+}
+
+/** Where a sample starts: a reader position, tokens of that record to drop, and the counts there. */
+export interface SampleOrigin {
+  /** The record the sample starts in. */
+  at: ReaderPosition;
+  /** Tokens of that record that belong to earlier samples. */
+  skip: number;
+  /** The counts before that record was read. */
+  counters: DataCounters;
+}
+
+/** A stream's saved position (JSON-serializable), from `DataStream.position()`. */
+export interface DataPosition {
+  /** Layout version of this object (1). */
+  version: 1;
+  /** What the data was: JSONL or token shards. */
+  format: "jsonl" | "shards";
+  /** Pretrain or SFT; must match to resume. */
+  kind: DataKind;
+  /** T; must match to resume. */
+  seqLen: number;
+  /** Seed; must match to resume. */
+  seed: number;
+  /** Shuffle buffer size; must match to resume. */
+  shuffleBuffer: number;
+  /** File-order shuffling; must match to resume. */
+  shuffleFiles: boolean;
+  /** The files read, in the order given, with their sizes: a resume checks they are unchanged. */
+  files: { path: string; bytes: number }[];
+  /** Where the oldest sample still to come (number `firstSample`) starts. */
+  origin: SampleOrigin;
+  /** Number of that oldest sample. */
+  firstSample: number;
+  /** Number of the next sample to be made. */
+  nextSample: number;
+  /** Sample numbers in the shuffle buffer, in slot order. */
+  buffer: number[];
+  /** The shuffle buffer's RNG. */
+  rng: RngState;
+  /** Batches yielded so far. */
+  batches: number;
+}
+
+/** Running figures of a stream. */
+export interface DataStats extends DataCounters {
+  /** Epoch of the record that will be read next. */
+  epoch: number;
+  /** Batches yielded. */
+  batches: number;
+}
+
+interface Piece {
+  tokens: ArrayLike<number>;
+  mask?: ArrayLike<number>;
+  origin: SampleOrigin;
+}
+
+interface Sample {
+  /** `[T + 1]` ids. */
+  ids: Int32Array;
+  /** `[T + 1]`, aligned with ids; undefined means all ones. */
+  mask: Uint8Array | undefined;
+  origin: SampleOrigin;
+}
+
+interface PieceSource {
+  next(): Promise<Piece | undefined>;
+  /** Origin of the next piece. */
+  here(): SampleOrigin;
+  /** Called when an epoch ends, before the next starts. */
+  onEpochEnd?: (epoch: number, fromStart: boolean) => void;
+  close(): void;
+}
+
+interface SourceConfig {
+  seed: number;
+  shuffleFiles: boolean;
+  maxEpochs: number;
+}
+
+/** Walks epochs and files; subclasses read records within a file. */
+abstract class EpochSource implements PieceSource {
+  onEpochEnd?: (epoch: number, fromStart: boolean) => void;
+  protected pos: ReaderPosition;
+  protected order: number[];
+  protected counters: DataCounters;
+  protected readonly fileCount: number;
+  #cfg: SourceConfig;
+  #fromStart: boolean;
+  #recordsThisEpoch = 0;
+
+  constructor(fileCount: number, cfg: SourceConfig, start: SampleOrigin, counters: DataCounters) {
+    this.fileCount = fileCount;
+    this.#cfg = cfg;
+    this.pos = { ...start.at };
+    this.counters = counters;
+    this.order = epochFileOrder(fileCount, cfg.seed, this.pos.epoch, cfg.shuffleFiles);
+    this.#fromStart = start.at.file === 0 && start.at.offset === 0;
+  }
+
+  here(): SampleOrigin {
+    return { at: { ...this.pos }, skip: 0, counters: { ...this.counters } };
+  }
+
+  async next(): Promise<Piece | undefined> {
+    while (this.pos.epoch < this.#cfg.maxEpochs) {
+      if (this.pos.file >= this.fileCount) {
+        this.#endEpoch();
+        continue;
+      }
+      const piece = await this.readInFile();
+      if (piece) {
+        this.#recordsThisEpoch++;
+        return piece;
+      }
+      this.closeFile();
+      this.pos = { epoch: this.pos.epoch, file: this.pos.file + 1, offset: 0, line: this.lineBase };
+    }
+    return undefined;
+  }
+
+  #endEpoch(): void {
+    if (this.#fromStart && this.#recordsThisEpoch === 0) this.emptyEpoch();
+    this.onEpochEnd?.(this.pos.epoch, this.#fromStart);
+    this.pos = { epoch: this.pos.epoch + 1, file: 0, offset: 0, line: this.lineBase };
+    this.order = epochFileOrder(
+      this.fileCount,
+      this.#cfg.seed,
+      this.pos.epoch,
+      this.#cfg.shuffleFiles,
+    );
+    this.#fromStart = true;
+    this.#recordsThisEpoch = 0;
+  }
+
+  /** Line number at offset 0 (1 for JSONL, 0 where lines do not apply). */
+  protected abstract readonly lineBase: number;
+  /** The next piece of the current file, advancing `pos`; undefined at its end. */
+  protected abstract readInFile(): Promise<Piece | undefined>;
+  protected abstract closeFile(): void;
+  /** Throws the error for an epoch with no records. */
+  protected abstract emptyEpoch(): never;
+
+  close(): void {
+    this.closeFile();
+  }
+}
+
+class JsonlSource extends EpochSource {
+  protected readonly lineBase = 1;
+  #files: string[];
+  #kind: DataKind;
+  #tok: TextTokenizer;
+  #skipBadLines: boolean;
+  #lines: AsyncGenerator<Line> | undefined;
+
+  constructor(
+    files: string[],
+    kind: DataKind,
+    tok: TextTokenizer,
+    skipBadLines: boolean,
+    cfg: SourceConfig,
+    start: SampleOrigin,
+    counters: DataCounters,
+  ) {
+    super(files.length, cfg, start, counters);
+    this.#files = files;
+    this.#kind = kind;
+    this.#tok = tok;
+    this.#skipBadLines = skipBadLines;
+  }
+
+  protected async readInFile(): Promise<Piece | undefined> {
+    const file = this.#files[this.order[this.pos.file]];
+    this.#lines ??= readJsonlLines(file, { byte: this.pos.offset, line: this.pos.line });
+    while (true) {
+      const r = await this.#lines.next();
+      if (r.done) return undefined;
+      const line = r.value;
+      const origin = this.here();
+      this.pos.offset = line.nextByteOffset;
+      this.pos.line = line.number + 1;
+      if (line.text.trim() === "") continue;
+      const where = { file, line: line.number };
+      let record: string | ChatMessage[];
+      try {
+        record = this.#kind === "pretrain"
+          ? parsePretrainRecord(line.text, where)
+          : parseSftRecord(line.text, where);
+      } catch (e) {
+        if (this.#skipBadLines && e instanceof UserError) {
+          this.counters.skippedLines++;
+          continue;
+        }
+        throw e;
+      }
+      let piece: Piece;
+      if (typeof record === "string") {
+        piece = { tokens: documentTokens(this.#tok, record), origin };
+      } else {
+        const { ids, mask } = assistantMask(this.#tok, record);
+        piece = { tokens: ids, mask, origin };
+      }
+      this.counters.records++;
+      return piece;
+    }
+  }
+
+  protected closeFile(): void {
+    // Ending the generator cancels its stream, which closes the file.
+    void this.#lines?.return(undefined);
+    this.#lines = undefined;
+  }
+
+  protected emptyEpoch(): never {
+    const what = this.#files.length === 1 ? this.#files[0] : `${this.#files.length} files`;
+    throw new UserError(
+      this.counters.skippedLines > 0
+        ? `no valid records in ${what}: every line was bad and skipped (${this.counters.skippedLines})`
+        : `no records in ${what}: the training data is empty`,
+    );
+  }
+}
+
+/** Tokens per read from a pretrain shard (128 KiB as uint16). */
+const SHARD_CHUNK_TOKENS = 1 << 16;
+/** Most tokens read at once for a block of SFT conversations. */
+const SHARD_SFT_BLOCK_TOKENS = 1 << 18;
+
+class ShardSource extends EpochSource {
+  protected readonly lineBase = 0;
+  #paths: string[];
+  #kind: DataKind;
+  #shard: ShardFile | undefined;
+  /** SFT: a block of consecutive conversations read at once. */
+  #block:
+    | { first: number; offsets: Float64Array; count: number; ids: Int32Array; mask: Uint8Array }
+    | undefined;
+
+  constructor(
+    paths: string[],
+    kind: DataKind,
+    cfg: SourceConfig,
+    start: SampleOrigin,
+    counters: DataCounters,
+  ) {
+    super(paths.length, cfg, start, counters);
+    this.#paths = paths;
+    this.#kind = kind;
+  }
+
+  protected async readInFile(): Promise<Piece | undefined> {
+    this.#shard ??= await ShardFile.open(this.#paths[this.order[this.pos.file]]);
+    const h = this.#shard.header;
+    const origin = this.here();
+    if (this.#kind === "pretrain") {
+      if (this.pos.offset >= h.tokens) return undefined;
+      const n = Math.min(SHARD_CHUNK_TOKENS, h.tokens - this.pos.offset);
+      const tokens = await this.#shard.readTokens(this.pos.offset, n);
+      this.pos.offset += n;
+      return { tokens, origin };
+    }
+    const doc = this.pos.offset;
+    if (doc >= h.documents) return undefined;
+    let b = this.#block;
+    if (!b || doc < b.first || doc >= b.first + b.count) {
+      const want = Math.min(4096, h.documents - doc);
+      const offsets = await this.#shard.readDocumentOffsets(doc, want);
+      let count = 1;
+      while (count < want && offsets[count + 1] - offsets[0] <= SHARD_SFT_BLOCK_TOKENS) count++;
+      const n = offsets[count] - offsets[0];
+      b = this.#block = {
+        first: doc,
+        offsets,
+        count,
+        ids: await this.#shard.readTokens(offsets[0], n),
+        mask: await this.#shard.readMask(offsets[0], n),
+      };
+    }
+    const s = b.offsets[doc - b.first] - b.offsets[0];
+    const e = b.offsets[doc - b.first + 1] - b.offsets[0];
+    this.pos.offset++;
+    this.counters.records++;
+    return { tokens: b.ids.subarray(s, e), mask: b.mask.subarray(s, e), origin };
+  }
+
+  protected closeFile(): void {
+    this.#shard?.close();
+    this.#shard = undefined;
+    this.#block = undefined;
+  }
+
+  protected emptyEpoch(): never {
+    throw new UserError(
+      `the token shards hold no ${this.#kind === "sft" ? "conversations" : "tokens"}`,
+    );
+  }
+}
+
+/** Turns pieces into samples: pretrain windows or SFT rows of `[T + 1]` tokens. */
+class SampleMaker {
+  #kind: DataKind;
+  #source: PieceSource;
+  #seqLen: number;
+  #padId: number;
+  #counters: DataCounters;
+  #packer: TokenPacker<SampleOrigin>;
+  #firstSkip: number;
+  #samplesThisEpoch = 0;
+  #tokensThisEpoch = 0;
+
+  constructor(
+    kind: DataKind,
+    source: PieceSource,
+    seqLen: number,
+    padId: number,
+    counters: DataCounters,
+    firstSkip: number,
+  ) {
+    this.#kind = kind;
+    this.#source = source;
+    this.#seqLen = seqLen;
+    this.#padId = padId;
+    this.#counters = counters;
+    this.#packer = new TokenPacker(seqLen + 1);
+    this.#firstSkip = firstSkip;
+    source.onEpochEnd = (epoch, fromStart) => {
+      if (fromStart && this.#samplesThisEpoch === 0) {
+        throw new UserError(
+          this.#kind === "sft"
+            ? `epoch ${epoch}: no conversation has an assistant token within seq_len + 1 = ${
+              seqLen + 1
+            } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
+            : `the corpus holds ${this.#tokensThisEpoch} tokens per epoch, fewer than one window of ` +
+              `seq_len + 1 = ${seqLen + 1}; use a smaller --seq-len or more data`,
+        );
+      }
+      this.#samplesThisEpoch = 0;
+      this.#tokensThisEpoch = 0;
+    };
+  }
+
+  /** Where the next sample starts. */
+  nextOrigin(): SampleOrigin {
+    const p = this.#packer.pendingStart();
+    if (p) return { ...p.origin, skip: p.offset };
+    return { ...this.#source.here(), skip: this.#firstSkip };
+  }
+
+  async next(): Promise<Sample | undefined> {
+    const s = this.#kind === "pretrain" ? await this.#nextWindow() : await this.#nextRow();
+    if (s) this.#samplesThisEpoch++;
+    return s;
+  }
+
+  async #nextWindow(): Promise<Sample | undefined> {
+    let w = this.#packer.take();
+    while (!w) {
+      const piece = await this.#source.next();
+      if (!piece) {
+        this.#packer.clear(); // the tail that does not fill a window
+        return undefined;
+      }
+      this.#tokensThisEpoch += piece.tokens.length;
+      this.#packer.push(piece.tokens, piece.origin, this.#firstSkip);
+      this.#firstSkip = 0;
+      w = this.#packer.take();
+    }
+    return { ids: w.tokens, mask: undefined, origin: { ...w.origin, skip: w.offset } };
+  }
+
+  async #nextRow(): Promise<Sample | undefined> {
+    while (true) {
+      const piece = await this.#source.next();
+      if (!piece) return undefined;
+      this.#tokensThisEpoch += piece.tokens.length;
+      const row = fitSftSample(piece.tokens, piece.mask!, this.#seqLen, this.#padId);
+      if (!row) {
+        this.#counters.skippedConversations++;
+        continue;
+      }
+      return { ids: row.ids, mask: row.mask, origin: piece.origin };
+    }
+  }
+}
+
+interface Entry {
+  index: number;
+  sample: Sample;
+}
+
+/**
+ * Batches for training, from JSONL or token shards, shuffled and resumable.
+ *
+ * @example
+ * ```ts ignore
+ * const tok = await TextTokenizer.load("../shared/fixtures/minimind-tokenizer");
+ * const stream = await DataStream.open({
+ *   data: ["data/pretrain.jsonl"], kind: "pretrain", tokenizer: tok,
+ *   batchSize: 8, seqLen: 256, seed: 1, shuffleBuffer: 1000,
+ * });
+ * const batch = await stream.next(); // { ids, targets, mask, B: 8, T: 256 }
+ * const saved = stream.position(); // into trainer_state.json
+ * const resumed = await DataStream.open(sameOptions, saved); // continues with the next batch
+ * ```
+ */
+export class DataStream {
+  /** Pretrain or SFT. */
+  readonly kind: DataKind;
+  /** B: rows per batch. */
+  readonly batchSize: number;
+  /** T: tokens per row. */
+  readonly seqLen: number;
+  /** The token-shard manifests, when reading shards. */
+  readonly manifests: ShardManifest[];
+  #format: "jsonl" | "shards";
+  #files: { path: string; bytes: number }[];
+  #seed: number;
+  #shuffleFiles: boolean;
+  #padId: number;
+  #counters: DataCounters;
+  #source: PieceSource;
+  #maker: SampleMaker;
+  #buffer: ShuffleBuffer<Entry>;
+  #nextIndex: number;
+  #batches: number;
+  #exhausted = false;
+
+  private constructor(
+    init: {
+      opts: DataStreamOptions;
+      format: "jsonl" | "shards";
+      files: { path: string; bytes: number }[];
+      manifests: ShardManifest[];
+      padId: number;
+      counters: DataCounters;
+      source: PieceSource;
+      maker: SampleMaker;
+      buffer: ShuffleBuffer<Entry>;
+      nextIndex: number;
+      batches: number;
+    },
+  ) {
+    this.kind = init.opts.kind;
+    this.batchSize = init.opts.batchSize;
+    this.seqLen = init.opts.seqLen;
+    this.manifests = init.manifests;
+    this.#format = init.format;
+    this.#files = init.files;
+    this.#seed = init.opts.seed ?? 0;
+    this.#shuffleFiles = init.opts.shuffleFiles ?? (init.opts.shuffleBuffer ?? 0) > 0;
+    this.#padId = init.padId;
+    this.#counters = init.counters;
+    this.#source = init.source;
+    this.#maker = init.maker;
+    this.#buffer = init.buffer;
+    this.#nextIndex = init.nextIndex;
+    this.#batches = init.batches;
+  }
+
+  /**
+   * Opens a stream over `opts.data`; from `position` (saved by `position()` of a
+   * stream with the same data, kind, seq_len, seed and shuffle settings) it
+   * continues exactly where that one was.
+   */
+  static async open(opts: DataStreamOptions, position?: DataPosition): Promise<DataStream> {
+    checkOptions(opts);
+    const seed = opts.seed ?? 0;
+    const shuffleBuffer = opts.shuffleBuffer ?? 0;
+    const shuffleFiles = opts.shuffleFiles ?? shuffleBuffer > 0;
+    const resolved = await resolveDataPaths(opts.data);
+    let paths: string[];
+    let manifests: ShardManifest[] = [];
+    let padId: number;
+    if (resolved.format === "jsonl") {
+      if (!opts.tokenizer) {
+        throw new UserError("JSONL training data needs a tokenizer (--tokenizer DIR)");
+      }
+      paths = resolved.files;
+      padId = opts.tokenizer.padId;
+    } else {
+      manifests = await Promise.all(resolved.dirs.map(readShardManifest));
+      paths = [];
+      for (let i = 0; i < manifests.length; i++) {
+        const m = manifests[i];
+        const dir = resolved.dirs[i].replace(/(.)\/+$/, "$1");
+        if (m.kind !== opts.kind) {
+          throw new UserError(
+            `${dir} holds ${m.kind} shards, but this run trains ${opts.kind}; prepare the data ` +
+              (opts.kind === "sft" ? "with --sft" : "without --sft"),
+          );
+        }
+        if (m.tokenizerSha256 !== manifests[0].tokenizerSha256) {
+          throw new UserError(
+            `${dir} and ${resolved.dirs[0]} were prepared with different tokenizers`,
+          );
+        }
+        for (const s of m.shards) paths.push(`${dir}/${s.file}`);
+      }
+      if (opts.tokenizer) {
+        const hash = await sha256Hex(opts.tokenizer.tokenizerJson);
+        if (hash !== manifests[0].tokenizerSha256) {
+          throw new UserError(
+            `${
+              resolved.dirs[0]
+            } was prepared with a different tokenizer than ${opts.tokenizer.source} ` +
+              `(tokenizer.json sha256 ${manifests[0].tokenizerSha256.slice(0, 12)}... vs ${
+                hash.slice(0, 12)
+              }...); prepare the shards again with this tokenizer`,
+          );
+        }
+      }
+      padId = manifests[0].padId;
+    }
+    const files = await Promise.all(paths.map(async (path) => {
+      try {
+        return { path, bytes: (await Deno.stat(path)).size };
+      } catch (e) {
+        throw new UserError(`cannot read ${path}: ${(e as Error).message}`);
+      }
+    }));
+    if (position) {
+      checkPosition(position, {
+        format: resolved.format,
+        kind: opts.kind,
+        seqLen: opts.seqLen,
+        seed,
+        shuffleBuffer,
+        shuffleFiles,
+        files,
+      });
+    }
+    const origin: SampleOrigin = position?.origin ?? {
+      at: { epoch: 0, file: 0, offset: 0, line: resolved.format === "jsonl" ? 1 : 0 },
+      skip: 0,
+      counters: { records: 0, skippedLines: 0, skippedConversations: 0 },
+    };
+    const counters = { ...origin.counters };
+    const cfg = { seed, shuffleFiles, maxEpochs: opts.maxEpochs ?? Infinity };
+    const source: PieceSource = resolved.format === "jsonl"
+      ? new JsonlSource(
+        paths,
+        opts.kind,
+        opts.tokenizer!,
+        opts.skipBadLines ?? false,
+        cfg,
+        origin,
+        counters,
+      )
+      : new ShardSource(paths, opts.kind, cfg, origin, counters);
+    const maker = new SampleMaker(opts.kind, source, opts.seqLen, padId, counters, origin.skip);
+
+    let buffer: ShuffleBuffer<Entry>;
+    let nextIndex = 0;
+    if (!position) {
+      buffer = new ShuffleBuffer<Entry>(shuffleBuffer, new Rng(seed));
+    } else {
+      // Remake samples firstSample .. nextSample-1 and keep the buffered ones.
+      const wanted = new Set(position.buffer);
+      const made = new Map<number, Entry>();
+      for (let index = position.firstSample; index < position.nextSample; index++) {
+        const sample = await maker.next();
+        if (!sample) {
+          source.close();
+          throw new UserError(
+            "the training data ends before the saved data position: was the data changed, or is " +
+              "the epoch limit lower than the saved position's epoch?",
+          );
+        }
+        if (wanted.has(index)) made.set(index, { index, sample });
+      }
+      nextIndex = position.nextSample;
+      if (!position.buffer.every((i) => made.has(i))) {
+        source.close();
+        throw new UserError(
+          "the saved data position is damaged: its shuffle buffer names unknown samples",
+        );
+      }
+      buffer = new ShuffleBuffer<Entry>(
+        shuffleBuffer,
+        Rng.fromState(position.rng),
+        position.buffer.map((i) => made.get(i)!),
+      );
+    }
+    return new DataStream({
+      opts,
+      format: resolved.format,
+      files,
+      manifests,
+      padId,
+      counters,
+      source,
+      maker,
+      buffer,
+      nextIndex,
+      batches: position?.batches ?? 0,
+    });
+  }
+
+  /**
+   * The next batch, or undefined after the last epoch (`maxEpochs`). The last
+   * batch is filled up with rows of padding at mask 0, so every batch is `[B, T]`.
+   */
+  async next(): Promise<Batch | undefined> {
+    const B = this.batchSize;
+    const T = this.seqLen;
+    const batch: Batch = {
+      ids: new Int32Array(B * T),
+      targets: new Int32Array(B * T),
+      mask: new Float32Array(B * T),
+      B,
+      T,
+    };
+    let rows = 0;
+    for (; rows < B; rows++) {
+      let entry: Entry | undefined;
+      try {
+        entry = await this.#take();
+      } catch (e) {
+        this.close(); // a data error ends the stream: release the open file
+        throw e;
+      }
+      if (!entry) break;
+      const { ids, mask } = entry.sample;
+      const o = rows * T;
+      batch.ids.set(ids.subarray(0, T), o);
+      batch.targets.set(ids.subarray(1, T + 1), o);
+      if (mask) { for (let t = 0; t < T; t++) batch.mask[o + t] = mask[t + 1]; }
+      else batch.mask.fill(1, o, o + T);
+    }
+    if (rows === 0) return undefined;
+    if (rows < B) {
+      batch.ids.fill(this.#padId, rows * T);
+      batch.targets.fill(this.#padId, rows * T);
+    }
+    this.#batches++;
+    return batch;
+  }
+
+  async #take(): Promise<Entry | undefined> {
+    while (!this.#exhausted && !this.#buffer.full) {
+      const sample = await this.#maker.next();
+      if (!sample) {
+        this.#exhausted = true;
+        break;
+      }
+      this.#buffer.add({ index: this.#nextIndex++, sample });
+    }
+    return this.#buffer.take();
+  }
+
+  /** The position after the last batch yielded: save it, and `open` from it to resume. */
+  position(): DataPosition {
+    const items = this.#buffer.items();
+    let first = items.length > 0 ? items[0] : undefined;
+    for (const e of items) if (e.index < first!.index) first = e;
+    return {
+      version: 1,
+      format: this.#format,
+      kind: this.kind,
+      seqLen: this.seqLen,
+      seed: this.#seed,
+      shuffleBuffer: this.#buffer.capacity,
+      shuffleFiles: this.#shuffleFiles,
+      files: this.#files.map((f) => ({ ...f })),
+      origin: structuredClone(first ? first.sample.origin : this.#maker.nextOrigin()),
+      firstSample: first ? first.index : this.#nextIndex,
+      nextSample: this.#nextIndex,
+      buffer: items.map((e) => e.index),
+      rng: this.#buffer.rngState(),
+      batches: this.#batches,
+    };
+  }
+
+  /** Counts so far (records read include those waiting in the shuffle buffer). */
+  get stats(): DataStats {
+    return {
+      ...this.#counters,
+      epoch: this.#maker.nextOrigin().at.epoch,
+      batches: this.#batches,
+    };
+  }
+
+  /** Closes the open file. */
+  close(): void {
+    this.#source.close();
+  }
+}
+
+function checkOptions(opts: DataStreamOptions): void {
+  const whole = (name: string, v: number | undefined, min: number) => {
+    if (v !== undefined && !(Number.isInteger(v) && v >= min)) {
+      throw new UserError(`${name} must be a whole number >= ${min}, got ${v}`);
+    }
+  };
+  whole("batch size", opts.batchSize, 1);
+  whole("seq_len", opts.seqLen, 1);
+  whole("shuffle buffer", opts.shuffleBuffer, 0);
+  if (opts.maxEpochs !== undefined && opts.maxEpochs !== Infinity) {
+    whole("epochs", opts.maxEpochs, 1);
+  }
+}
+
+function checkPosition(
+  p: DataPosition,
+  now: Omit<
+    DataPosition,
+    "version" | "origin" | "firstSample" | "nextSample" | "buffer" | "rng" | "batches"
+  >,
+): void {
+  if (
+    typeof p !== "object" || p === null || p.version !== 1 || !p.origin || !Array.isArray(p.buffer)
+  ) {
+    throw new UserError("the saved data position is not one this trainer wrote (version 1)");
+  }
+  const fields = ["format", "kind", "seqLen", "seed", "shuffleBuffer", "shuffleFiles"] as const;
+  for (const f of fields) {
+    if (p[f] !== now[f]) {
+      throw new UserError(
+        `cannot resume the data stream: ${f} was ${
+          JSON.stringify(p[f])
+        } when it was saved and is ` +
+          `${JSON.stringify(now[f])} now; resume with the same data settings`,
+      );
+    }
+  }
+  if (p.files.length !== now.files.length) {
+    throw new UserError(
+      `cannot resume the data stream: it was saved over ${p.files.length} files and --data now ` +
+        `gives ${now.files.length}; resume with the same --data`,
+    );
+  }
+  for (let i = 0; i < p.files.length; i++) {
+    const a = p.files[i];
+    const b = now.files[i];
+    if (a.path !== b.path || a.bytes !== b.bytes) {
+      throw new UserError(
+        `cannot resume the data stream: file ${
+          i + 1
+        } was ${a.path} (${a.bytes} bytes) when it was ` +
+          `saved and is ${b.path} (${b.bytes} bytes) now; resume with the same, unchanged data`,
+      );
+    }
+  }
+}

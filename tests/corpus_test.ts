@@ -1,0 +1,164 @@
+/**
+ * The embedded corpus and the default tokenizer: determinism, the held-out
+ * facts kept out of every conversation yet present in the prose, both
+ * languages, sizes, the written files, and the committed tokenizer equal to
+ * what the trainer makes from the corpus now.
+ */
+import {
+  CORPUS_FILES,
+  DEFAULT_TOKENIZER_VOCAB_SIZE,
+  defaultTokenizer,
+  embeddedCorpus,
+  writeEmbeddedCorpus,
+} from "../data/corpus.ts";
+import { trainDefaultTokenizer } from "../data/default_tokenizer/regenerate.ts";
+import { PRESETS } from "../model/config.ts";
+import { assert, assertEquals, assertNotEquals } from "./assert.ts";
+
+const corpus = embeddedCorpus();
+const HAN = /\p{Script=Han}/u;
+const LATIN = /[A-Za-z]{3}/;
+
+/**
+ * Words that every question about an attribute contains (and questions about
+ * the entity's other attributes do not): a conversation that names a held-out
+ * entity next to one of these asks about the held-out fact, whatever its wording.
+ */
+const ATTRIBUTE_WORDS: Record<string, { en: string[]; zh: string[] }> = {
+  river: { en: ["river"], zh: ["河"] },
+  festival: { en: ["festival"], zh: ["节日"] },
+  craft: { en: ["famous", "known", "craft"], zh: ["闻名", "手艺"] },
+  hometown: { en: ["from", "home town", "born"], zh: ["来自", "家乡", "出生"] },
+  profession: { en: ["living", "job"], zh: ["工作", "职业"] },
+  colour: { en: ["colour"], zh: ["颜色"] },
+  pet: { en: ["pet"], zh: ["宠物"] },
+  fur: { en: ["colour", "fur"], zh: ["颜色", "毛"] },
+  habitat: { en: ["live", "find"], zh: ["生活", "找到"] },
+  food: { en: ["eat", "food"], zh: ["吃"] },
+};
+
+Deno.test("corpus: the same seed gives the same corpus, another seed another", () => {
+  assertEquals(embeddedCorpus(1234), corpus);
+  const other = embeddedCorpus(99);
+  assertNotEquals(other.pretrain[0], corpus.pretrain[0]);
+  assertNotEquals(other.heldOut, corpus.heldOut);
+});
+
+Deno.test("corpus: held-out questions never appear in the SFT data", () => {
+  assert(corpus.heldOut.length >= 20, `only ${corpus.heldOut.length} held-out questions`);
+  const userTurns = [...corpus.sft, ...corpus.sftEval].flatMap((r) =>
+    r.conversations.filter((m) => m.role === "user").map((m) => m.content)
+  );
+  const allTurns = new Set(
+    [...corpus.sft, ...corpus.sftEval].flatMap((r) => r.conversations.map((m) => m.content)),
+  );
+  for (const h of corpus.heldOut) {
+    assert(!allTurns.has(h.question), `held-out question in SFT data: ${h.question}`);
+    const words = ATTRIBUTE_WORDS[h.attribute][h.language];
+    assert(words.some((w) => h.question.includes(w)), `no attribute word in ${h.question}`);
+    // A name only ever appears as itself (no name contains another), so
+    // `includes` finds exactly the conversations about this entity.
+    const asked = userTurns.find((q) => q.includes(h.entity) && words.some((w) => q.includes(w)));
+    assert(asked === undefined, `SFT asks about held-out ${h.entity}/${h.attribute}: ${asked}`);
+  }
+  // The check is not vacuous: the same entities are asked about other attributes.
+  const entities = new Set(corpus.heldOut.map((h) => h.entity));
+  assert(userTurns.some((q) => [...entities].some((e) => q.includes(e))));
+});
+
+Deno.test("corpus: every held-out answer is stated in the pretraining prose", () => {
+  for (const h of corpus.heldOut) {
+    const docs = corpus.pretrain.filter((d) =>
+      d.text.includes(h.entity) && d.text.includes(h.answer)
+    );
+    assert(docs.length >= 10, `${h.entity}/${h.attribute} = ${h.answer}: in ${docs.length} docs`);
+  }
+});
+
+Deno.test("corpus: both languages in every part; eval splits differ from training", () => {
+  for (
+    const [name, texts] of Object.entries({
+      pretrain: corpus.pretrain.map((d) => d.text),
+      pretrainEval: corpus.pretrainEval.map((d) => d.text),
+      sft: corpus.sft.flatMap((r) => r.conversations.map((m) => m.content)),
+      sftEval: corpus.sftEval.flatMap((r) => r.conversations.map((m) => m.content)),
+      heldOut: corpus.heldOut.map((h) => h.question),
+    })
+  ) {
+    const zh = texts.filter((t) => HAN.test(t)).length;
+    const en = texts.filter((t) => !HAN.test(t) && LATIN.test(t)).length;
+    assert(zh > texts.length / 4 && en > texts.length / 4, `${name}: ${en} en, ${zh} zh`);
+  }
+  const trainQuestions = new Set(
+    corpus.sft.flatMap((r) => r.conversations.filter((m) => m.role === "user")).map((m) =>
+      m.content
+    ),
+  );
+  for (const r of corpus.sftEval) {
+    for (const m of r.conversations) {
+      if (m.role === "user") assert(!trainQuestions.has(m.content), `in both: ${m.content}`);
+    }
+  }
+  const roles = corpus.sft.map((r) => r.conversations.map((m) => m.role).join(","));
+  assert(roles.some((r) => r.startsWith("system,user,assistant")));
+  assert(roles.some((r) => r === "user,assistant,user,assistant"));
+  assert(roles.every((r) => /^(system,)?(user,assistant,?)+$/.test(r)));
+});
+
+Deno.test("corpus: sizes suit the tiny preset on a CPU driver", () => {
+  const tok = defaultTokenizer();
+  let pretrainTokens = 0;
+  for (const d of corpus.pretrain) pretrainTokens += tok.encode(d.text).length + 2; // + bos, eos
+  assert(
+    pretrainTokens >= 150_000 && pretrainTokens <= 300_000,
+    `pretrain tokens ${pretrainTokens}`,
+  );
+  assert(corpus.sft.length >= 2000 && corpus.sft.length <= 5000, `sft ${corpus.sft.length}`);
+  assert(corpus.pretrainEval.length >= 100, `pretrainEval ${corpus.pretrainEval.length}`);
+  assert(corpus.sftEval.length >= 100, `sftEval ${corpus.sftEval.length}`);
+  // Every conversation fits the tiny preset's context.
+  const maxLen = Math.max(
+    ...corpus.sft.map((r) => tok.encode(tok.applyChatTemplate(r.conversations)).length),
+  );
+  assert(maxLen <= PRESETS.tiny.max_position_embeddings, `longest conversation ${maxLen}`);
+});
+
+Deno.test("default tokenizer: committed files equal what the trainer makes now", async () => {
+  const fresh = trainDefaultTokenizer();
+  const dir = new URL("../data/default_tokenizer/", import.meta.url);
+  assertEquals(
+    await Deno.readTextFile(new URL("tokenizer.json", dir)),
+    fresh.tokenizerJson,
+    "data/default_tokenizer/tokenizer.json is stale: run deno run -A data/default_tokenizer/regenerate.ts",
+  );
+  assertEquals(
+    await Deno.readTextFile(new URL("tokenizer_config.json", dir)),
+    fresh.tokenizerConfigJson,
+    "data/default_tokenizer/tokenizer_config.json is stale: run the regenerate script",
+  );
+  const tok = defaultTokenizer();
+  assertEquals(tok.vocabSize, DEFAULT_TOKENIZER_VOCAB_SIZE);
+  assertEquals(tok.vocabSize, PRESETS.tiny.vocab_size);
+  assertEquals([tok.padId, tok.bosId, tok.eosId], [0, 1, 2]);
+  // The JSON-module copy serializes back to the committed text.
+  assertEquals(tok.tokenizerJson, fresh.tokenizerJson);
+  for (const d of corpus.pretrainEval.slice(0, 50)) {
+    assertEquals(tok.decode(tok.encode(d.text)), d.text);
+  }
+  const conv = corpus.sft[0].conversations;
+  assertEquals(tok.decode(tok.encode(tok.applyChatTemplate(conv))), tok.applyChatTemplate(conv));
+});
+
+Deno.test("writeEmbeddedCorpus: five JSONL files that read back as the corpus", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const { files } = await writeEmbeddedCorpus(`${dir}/corpus`);
+    assertEquals(Object.keys(files).sort(), Object.keys(CORPUS_FILES).sort());
+    for (const [part, path] of Object.entries(files)) {
+      const lines = (await Deno.readTextFile(path)).trimEnd().split("\n");
+      assertEquals(lines.map((l) => JSON.parse(l)), corpus[part as keyof typeof corpus], part);
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
