@@ -5,9 +5,22 @@
 import { type CommandSpec, formatHelp, parseCommandArgs } from "./util/cli.ts";
 import { UsageError, UserError } from "./util/errors.ts";
 import { infoCommand } from "./kernels/info.ts";
+import { pretrainCommand, sftCommand } from "./train/commands.ts";
+import { evalCommand } from "./train/eval.ts";
+import { chatCommand, generateCommand } from "./train/generate.ts";
+import { dataPrepareCommand, tokenizeCommand } from "./data/commands.ts";
+import { tokenizerTrainCommand } from "./data/bpe_command.ts";
 
 /** Every command, in the order `trainer --help` lists them. */
 export const COMMANDS: CommandSpec[] = [
+  pretrainCommand,
+  sftCommand,
+  generateCommand,
+  chatCommand,
+  evalCommand,
+  tokenizeCommand,
+  dataPrepareCommand,
+  tokenizerTrainCommand,
   infoCommand,
 ];
 

@@ -6,17 +6,11 @@
  *
  * Run alone: `deno run -A bench/data_bench.ts [MB]` (default 4 MB of JSONL).
  */
+import type { ThroughputRow } from "./harness.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { DataStream } from "../data/stream.ts";
 import { prepareShards } from "../data/shards.ts";
 import { Rng } from "../util/random.ts";
-
-/** One figure of the data benchmark. */
-export interface DataBenchRow {
-  name: string;
-  value: number;
-  unit: string;
-}
 
 const FIXTURE = new URL("../../shared/fixtures/minimind-tokenizer", import.meta.url).pathname;
 
@@ -96,7 +90,7 @@ async function writeCorpus(path: string, bytes: number, seed: number): Promise<n
 }
 
 /** Throughput of the JSONL reader + tokenizer + packer, and of token-shard streaming. */
-export async function benchData(opts: { megabytes?: number } = {}): Promise<DataBenchRow[]> {
+export async function benchData(opts: { megabytes?: number } = {}): Promise<ThroughputRow[]> {
   const dir = await Deno.makeTempDir({ prefix: "data_bench_" });
   try {
     const tok = await TextTokenizer.load(FIXTURE);

@@ -64,3 +64,11 @@ export function rates(row: BenchRow): { gflops?: number; gbps?: number } {
     gbps: row.bytes ? row.bytes / s / 1e9 : undefined,
   };
 }
+
+/** A CPU-side throughput figure (data pipeline, tokenizer). */
+export interface ThroughputRow {
+  name: string;
+  value: number;
+  /** e.g. `MB/s`, `tokens/s`. */
+  unit: string;
+}

@@ -5,17 +5,11 @@
  *
  *     deno run -A bench/tokenizer_bench.ts
  */
+import type { ThroughputRow } from "./harness.ts";
 import { trainTokenizerOnTexts, WordCounter } from "../data/bpe.ts";
 import { corpusTrainingTexts, embeddedCorpus } from "../data/corpus.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { Rng } from "../util/random.ts";
-
-/** One benchmark result. */
-export interface BenchRow {
-  name: string;
-  value: number;
-  unit: string;
-}
 
 const MINIMIND = new URL("../../shared/fixtures/minimind-tokenizer", import.meta.url);
 
@@ -88,8 +82,8 @@ function timed<T>(fn: () => T): { result: T; seconds: number } {
 }
 
 /** Runs the tokenizer benchmarks and returns their rows. */
-export async function benchTokenizer(): Promise<BenchRow[]> {
-  const rows: BenchRow[] = [];
+export async function benchTokenizer(): Promise<ThroughputRow[]> {
+  const rows: ThroughputRow[] = [];
   const corpus = embeddedCorpus();
   const texts = corpusTrainingTexts(corpus);
   const corpusMB = utf8Bytes(texts) / 1e6;

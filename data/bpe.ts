@@ -421,7 +421,9 @@ class PairHeap {
 
 /** The two files of a Hugging Face tokenizer directory, as text. */
 export interface TokenizerFiles {
+  /** Contents of `tokenizer.json`. */
   tokenizerJson: string;
+  /** Contents of `tokenizer_config.json`. */
   tokenizerConfigJson: string;
 }
 
@@ -540,10 +542,15 @@ export interface JsonlTrainOptions extends BpeOptions, TokenizerFileOptions {
 
 /** What `trainTokenizerOnJsonl` read and made. */
 export interface JsonlTrainResult extends TokenizerFiles {
+  /** JSONL bytes read (after decompressing `.gz` files). */
   bytesRead: number;
+  /** Texts counted: one per pretraining line, one per conversation turn. */
   texts: number;
+  /** Distinct pre-tokenized words in those texts. */
   distinctWords: number;
+  /** Vocabulary size reached: below the requested one when no pair seen `minFrequency` times is left. */
   vocabSize: number;
+  /** Merges learned. */
   merges: number;
 }
 

@@ -47,14 +47,17 @@ import defaultTokenizerConfigJson from "./default_tokenizer/tokenizer_config.jso
 
 /** One SFT record, MiniMind's format. */
 export interface SftRecord {
+  /** The turns in order: optional system, then alternating user and assistant. */
   conversations: ChatMessage[];
 }
 
 /** A question whose fact is in the pretraining prose but never asked in the SFT data. */
 export interface HeldOutFact {
+  /** The question as a user would ask it, in `language`. */
   question: string;
   /** The short answer (a name or a word), as it appears in the prose. */
   answer: string;
+  /** Language of the question and answer. */
   language: "en" | "zh";
   /** The entity asked about, in the question's language. */
   entity: string;
@@ -64,10 +67,15 @@ export interface HeldOutFact {
 
 /** The five parts of the embedded corpus. */
 export interface EmbeddedCorpus {
+  /** Pretraining documents (MiniMind's `{"text"}` records). */
   pretrain: { text: string }[];
+  /** Fresh documents (other phrasings and orders) for pretraining eval loss. */
   pretrainEval: { text: string }[];
+  /** SFT conversations about a subset of the facts. */
   sft: SftRecord[];
+  /** Eval conversations with (fact, language, question) combinations `sft` never uses. */
   sftEval: SftRecord[];
+  /** Questions (English and Chinese) on facts the prose states and `sft` never asks. */
   heldOut: HeldOutFact[];
 }
 

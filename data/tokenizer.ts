@@ -14,7 +14,9 @@ import { UserError } from "../util/errors.ts";
 
 /** One turn of a conversation, as in MiniMind's SFT data. */
 export interface ChatMessage {
+  /** Who speaks this turn. */
   role: "system" | "user" | "assistant";
+  /** The turn's text. */
   content: string;
 }
 
@@ -303,6 +305,7 @@ export class StreamingDecoder {
   #prefix = 0;
   #read = 0;
 
+  /** A decoder over `tok`'s ids; `opts.skipSpecialTokens` as in `TextTokenizer.decode`. */
   constructor(tok: TextTokenizer, opts: DecodeOptions = {}) {
     this.#tok = tok;
     this.#skip = opts.skipSpecialTokens ?? false;

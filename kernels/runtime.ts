@@ -14,8 +14,11 @@ import { UserError } from "../util/errors.ts";
 export interface AdapterSummary {
   /** Best human name: the description, or vendor + architecture. */
   name: string;
+  /** Vendor name (PCI ids mapped to names where known), or "" when the driver gives none. */
   vendor: string;
+  /** GPU architecture as the driver reports it, or "". */
   architecture: string;
+  /** Driver's adapter description, or "". */
   description: string;
   /** The native API under WebGPU, when it can be told (Vulkan, Metal, D3D12, GL). */
   backend: string;
@@ -25,7 +28,9 @@ export interface AdapterSummary {
 
 /** Optional features this device was created with. */
 export interface GpuFeatures {
+  /** `shader-f16`: WGSL `f16` types are usable. */
   shaderF16: boolean;
+  /** `timestamp-query`: GPU timestamps can be written for profiling. */
   timestampQuery: boolean;
   /** Subgroup builtins usable in WGSL (requested explicitly: Deno does not list it on the adapter). */
   subgroups: boolean;
@@ -145,9 +150,13 @@ export function limitsOf(limits: GPUSupportedLimits): Record<string, number> {
 
 /** A WebGPU device with the runtime around it. Create one with `Gpu.request()`. */
 export class Gpu {
+  /** The adapter the device was requested from. */
   readonly adapter: GPUAdapter;
+  /** The device every buffer, pipeline and dispatch of this runtime uses. */
   readonly device: GPUDevice;
+  /** Printable description of the adapter. */
   readonly adapterSummary: AdapterSummary;
+  /** The optional features the device was created with. */
   readonly features: GpuFeatures;
   /** The device's limits (raised to what the adapter offers). */
   readonly limits: GPUSupportedLimits;
@@ -447,7 +456,9 @@ export function formatBytes(bytes: number): string {
 export interface Dispatch {
   /** For error messages and profiling. */
   label: string;
+  /** The compute pipeline to run. */
   pipeline: GPUComputePipeline;
+  /** Bound as group 0 of `pipeline`. */
   bindGroup: GPUBindGroup;
   /** A 1-D count (split by `Gpu.dispatch` when beyond 65535) or an explicit grid. */
   workgroups: number | [number, number?, number?];

@@ -58,11 +58,13 @@ import { UserError } from "../util/errors.ts";
 
 /** Everything a checkpoint holds. */
 export interface CheckpointContents {
+  /** The model's shape (`config.json`). */
   config: ModelConfig;
   /** Every tensor of `parameterSpecs(config)`, by HF name. */
   params: Map<string, Float32Array>;
   /** The tokenizer files' contents. */
   tokenizer: { tokenizerJson: string; tokenizerConfigJson: string };
+  /** bos / eos / pad ids, written to `config.json` and `generation_config.json`. */
   special: SpecialTokenIds;
   /** AdamW first (`m`) and second (`v`) moments, by parameter name. */
   optimizer?: { m: Map<string, Float32Array>; v: Map<string, Float32Array> };

@@ -10,15 +10,25 @@ import { UserError } from "../util/errors.ts";
 
 /** A model's shape, in Hugging Face `config.json` field names (plus `qk_norm`). */
 export interface ModelConfig {
+  /** Model width H: embedding and residual-stream size; a multiple of `num_attention_heads`. */
   hidden_size: number;
+  /** Transformer blocks L. */
   num_hidden_layers: number;
+  /** Query heads; head_dim = `hidden_size / num_attention_heads`, which must be even (RoPE). */
   num_attention_heads: number;
+  /** Key/value heads (GQA); divides `num_attention_heads`, each serves that many query heads. */
   num_key_value_heads: number;
+  /** SwiGLU MLP width I (`gate_proj`, `up_proj`: `[I, H]`; `down_proj`: `[H, I]`). */
   intermediate_size: number;
+  /** Vocabulary size V: rows of the embedding and of the head. */
   vocab_size: number;
+  /** Longest sequence (training T, prompt plus generated tokens) the model accepts. */
   max_position_embeddings: number;
+  /** RoPE base: dimension pair i rotates by `pos * rope_theta^(-2i / head_dim)`. */
   rope_theta: number;
+  /** Epsilon added to the mean square inside every RMSNorm. */
   rms_norm_eps: number;
+  /** The head reuses the embedding matrix (no separate `lm_head.weight`). */
   tie_word_embeddings: boolean;
   /** Per-head RMSNorm on q and k before RoPE (Qwen3 / MiniMind-3). */
   qk_norm: boolean;
@@ -169,4 +179,19 @@ export function parameterCount(config: ModelConfig): {
     head,
     total: embedding + config.num_hidden_layers * perLayer + h /* final norm */ + head,
   };
+}
+
+/**
+ * Model FLOPs of one training step per token, in the PaLM / nanoGPT
+ * convention so MFU compares with theirs: `6 * P_matmul + 12 * L * H * T`.
+ * `P_matmul` is every parameter that takes part in a matmul (a tied embedding
+ * counts once, as the head's matrix; an untied table's lookup is free); 6 is 2
+ * (multiply-add) x 3 (forward, dX, dW). `12 * L * H * T` is attention's two
+ * T x T products, forward and backward, over the full square as PaLM counts
+ * them although causal masking needs only half. Recomputation is not counted.
+ */
+export function trainFlopsPerToken(config: ModelConfig, seqLen: number): number {
+  const count = parameterCount(config);
+  const matmulParams = count.total - (config.tie_word_embeddings ? 0 : count.embedding);
+  return 6 * matmulParams + 12 * config.num_hidden_layers * config.hidden_size * seqLen;
 }

@@ -25,8 +25,11 @@ import { UserError } from "../util/errors.ts";
 
 /** Special token ids a checkpoint records. */
 export interface SpecialTokenIds {
+  /** Beginning-of-sequence id (`bos_token_id`). */
   bos: number;
+  /** End-of-sequence id (`eos_token_id`). */
   eos: number;
+  /** Padding id (`pad_token_id`). */
   pad: number;
 }
 
@@ -374,10 +377,15 @@ function tokenIds(
 
 /** Sampling defaults a `generation_config.json` may carry. */
 export interface SamplingDefaults {
+  /** Logits are divided by it; 0 = greedy. */
   temperature?: number;
+  /** Nucleus sampling mass in (0, 1]; 1 = off. */
   top_p?: number;
+  /** Keep only the k most likely tokens; 0 = off. */
   top_k?: number;
+  /** Tokens to generate at most. */
   max_new_tokens?: number;
+  /** HF repetition penalty (> 0) on tokens already in the context; 1 = off. */
   repetition_penalty?: number;
 }
 
@@ -402,12 +410,15 @@ export function toGenerationConfig(
 
 /** What `parseGenerationConfig` found; absent fields are left out. */
 export interface ParsedGenerationConfig extends SamplingDefaults {
+  /** `bos_token_id`. */
   bos?: number;
   /** The first end-of-sequence id. */
   eos?: number;
   /** Every id that ends generation (`eos_token_id` may be a list). */
   eosIds?: number[];
+  /** `pad_token_id`. */
   pad?: number;
+  /** Whether Transformers samples (true) or decodes greedily (false). */
   do_sample?: boolean;
 }
 

@@ -556,11 +556,15 @@ export function clipScale(norm: number, maxNorm: number): number {
 
 /** One batch: ids, targets and mask are `[B, T]`, row-major. */
 export interface Batch {
+  /** Input token ids `[B, T]`, each in `[0, vocab_size)`. */
   ids: ArrayLike<number>;
+  /** Next-token targets `[B, T]`, each in `[0, vocab_size)`, masked positions included. */
   targets: ArrayLike<number>;
   /** Per-token loss weights (0 = not trained on). */
   mask: ArrayLike<number>;
+  /** Batch size: rows. */
   B: number;
+  /** Sequence length: tokens per row. */
   T: number;
 }
 

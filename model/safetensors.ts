@@ -65,8 +65,11 @@ export type WriteDtype = "F32" | "F16" | "BF16";
 
 /** One tensor's header entry, with offsets made absolute. */
 export interface TensorInfo {
+  /** Tensor name, the header key. */
   name: string;
+  /** Element type stored in the file. */
   dtype: SafetensorsDtype;
+  /** Row-major shape; `[]` for a scalar. */
   shape: number[];
   /** Number of elements (product of `shape`; 1 for a scalar `[]`). */
   size: number;
@@ -74,13 +77,17 @@ export interface TensorInfo {
   dataOffsets: [number, number];
   /** Absolute byte offset of the first byte in the file. */
   fileOffset: number;
+  /** Bytes of the tensor's data (`dataOffsets[1] - dataOffsets[0]`). */
   byteLength: number;
 }
 
 /** A tensor converted to float32. */
 export interface Float32Tensor {
+  /** Element type the tensor had in the file, before conversion. */
   dtype: SafetensorsDtype;
+  /** Row-major shape; `[]` for a scalar. */
   shape: number[];
+  /** The values, row-major, `product(shape)` elements. */
   data: Float32Array;
 }
 
@@ -728,7 +735,9 @@ export async function readSafetensors(path: string): Promise<Map<string, Float32
 
 /** A tensor to write: row-major float32 data of `shape`. */
 export interface TensorToWrite {
+  /** Row-major shape; `[]` for a scalar. */
   shape: number[];
+  /** The values, row-major; must hold exactly `product(shape)` elements. */
   data: Float32Array;
 }
 

@@ -9,6 +9,7 @@
 export class UserError extends Error {
   /** Process exit status the CLI uses for this error. */
   readonly exitCode: number;
+  /** `message` is printed as it is; `exitCode` defaults to 1. */
   constructor(message: string, exitCode = 1) {
     super(message);
     this.name = "UserError";
@@ -18,6 +19,7 @@ export class UserError extends Error {
 
 /** A malformed command line: printed with the command's usage. Exit status 2. */
 export class UsageError extends UserError {
+  /** `message` says what was wrong with the command line; the exit status is 2. */
   constructor(message: string) {
     super(message, 2);
     this.name = "UsageError";

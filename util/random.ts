@@ -8,6 +8,7 @@
 
 /** The serializable state of an `Rng`. */
 export interface RngState {
+  /** The four xoshiro128** state words, as uint32. */
   s: [number, number, number, number];
   /** The cached second Box-Muller value, or null. */
   spare: number | null;
@@ -18,6 +19,7 @@ export class Rng {
   #s = new Uint32Array(4);
   #spare: number | null = null;
 
+  /** A generator whose state is expanded from `seed` (taken as uint32) by splitmix32. */
   constructor(seed: number) {
     let x = seed >>> 0;
     for (let i = 0; i < 4; i++) {

@@ -1,0 +1,119 @@
+/**
+ * `deno task bench`: kernel GFLOP/s and GB/s, the end-to-end training step
+ * (tokens/s, and MFU where the adapter's FP32 peak is known), decode speed, and
+ * the data pipeline's throughput, with the adapter named in the header.
+ *
+ *   deno task bench            # the full set (minutes on a CPU driver)
+ *   deno task bench --quick    # smaller shapes, one timed run each
+ *   deno task bench --only matmul,train --markdown
+ *
+ * `--markdown` prints the tables as Markdown for docs/benchmarks.md.
+ */
+import { parseArgs } from "node:util";
+import { Gpu } from "../kernels/runtime.ts";
+import { type BenchRow, rates, type ThroughputRow } from "./harness.ts";
+import { benchMatmul } from "./matmul_bench.ts";
+import { benchAttention } from "./attention_bench.ts";
+import { benchPointwise } from "./pointwise_bench.ts";
+import { benchTrainStep } from "./train_step_bench.ts";
+import { benchDecode } from "./decode_bench.ts";
+import { benchData } from "./data_bench.ts";
+import { benchTokenizer } from "./tokenizer_bench.ts";
+import { peakFlopsFor } from "../train/peak.ts";
+
+const GPU_SUITES = {
+  matmul: benchMatmul,
+  attention: benchAttention,
+  pointwise: benchPointwise,
+  train: benchTrainStep,
+  decode: benchDecode,
+} as const;
+const CPU_SUITES = { data: () => benchData(), tokenizer: () => benchTokenizer() } as const;
+
+function fmt(v: number | undefined, digits = 2): string {
+  if (v === undefined || !Number.isFinite(v)) return "";
+  return v >= 100 ? v.toFixed(0) : v.toFixed(digits);
+}
+
+function gpuTable(rows: BenchRow[], markdown: boolean): string {
+  const header = ["op", "shape", "ms", "GFLOP/s", "GB/s", "other"];
+  const body = rows.map((r) => {
+    const { gflops, gbps } = rates(r);
+    const other = Object.entries(r.extra ?? {}).map(([k, v]) => `${k} ${fmt(v)}`).join(", ");
+    return [r.name, r.shape, fmt(r.ms, 3), fmt(gflops), fmt(gbps), other];
+  });
+  return table(header, body, markdown);
+}
+
+function table(header: string[], body: string[][], markdown: boolean): string {
+  if (markdown) {
+    return [
+      `| ${header.join(" | ")} |`,
+      `| ${header.map(() => "---").join(" | ")} |`,
+      ...body.map((r) => `| ${r.join(" | ")} |`),
+    ].join("\n");
+  }
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((r) => r[i].length)));
+  const line = (r: string[]) => r.map((c, i) => c.padEnd(widths[i])).join("  ").trimEnd();
+  return [line(header), ...body.map(line)].join("\n");
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      quick: { type: "boolean" },
+      markdown: { type: "boolean" },
+      only: { type: "string" },
+      "peak-tflops": { type: "string" },
+    },
+  });
+  const only = values.only?.split(",").map((s) => s.trim());
+  const unknown = only?.filter((s) => !(s in GPU_SUITES) && !(s in CPU_SUITES)) ?? [];
+  if (unknown.length > 0) {
+    console.error(
+      `unknown suite ${unknown.join(", ")}; suites: ${
+        [...Object.keys(GPU_SUITES), ...Object.keys(CPU_SUITES)].join(", ")
+      }`,
+    );
+    Deno.exit(2);
+  }
+  const want = (name: string) => !only || only.includes(name);
+  const quick = values.quick ?? false;
+  const gpu = await Gpu.request();
+  const a = gpu.adapterSummary;
+  const peakFlops = values["peak-tflops"]
+    ? Number(values["peak-tflops"]) * 1e12
+    : peakFlopsFor(a.name);
+  console.log(
+    `# trainer benchmarks — ${new Date().toISOString().slice(0, 10)}\n` +
+      `adapter: ${a.name} (${a.vendor || "?"}), backend ${a.backend}${
+        a.isFallback ? ", CPU fallback" : ""
+      }; subgroups ${gpu.features.subgroups ? "yes" : "no"}, shader-f16 ${
+        gpu.features.shaderF16 ? "yes" : "no"
+      }\n` +
+      `Deno ${Deno.version.deno}, ${Deno.build.os} ${Deno.build.arch}; ${
+        quick ? "quick mode" : "full mode"
+      }; FP32 peak ${peakFlops ? `${(peakFlops / 1e12).toFixed(1)} TFLOP/s` : "unknown (no MFU)"}`,
+  );
+  for (const [name, suite] of Object.entries(GPU_SUITES)) {
+    if (!want(name)) continue;
+    const t0 = performance.now();
+    const rows = await suite(gpu, { quick, peakFlops });
+    console.log(`\n## ${name} (${((performance.now() - t0) / 1000).toFixed(0)} s)\n`);
+    console.log(gpuTable(rows, values.markdown ?? false));
+  }
+  for (const [name, suite] of Object.entries(CPU_SUITES)) {
+    if (!want(name)) continue;
+    const rows: ThroughputRow[] = await suite();
+    console.log(`\n## ${name} (CPU)\n`);
+    console.log(
+      table(
+        ["what", "value", "unit"],
+        rows.map((r) => [r.name, fmt(r.value), r.unit]),
+        values.markdown ?? false,
+      ),
+    );
+  }
+  gpu.destroy();
+}

@@ -1,0 +1,123 @@
+/**
+ * End-to-end training step: forward, backward and AdamW of the whole model on
+ * one micro-batch, timed from the first submit to `onSubmittedWorkDone`, as a
+ * training loop sees it (the CPU side — batch upload, the embedding backward's
+ * token grouping — included).
+ *
+ * Model FLOPs per token (the PaLM / nanoGPT convention, so MFU is comparable
+ * with theirs):
+ *
+ *   6 * P_matmul + 12 * L * H * T
+ *
+ * - `P_matmul` = every parameter that takes part in a matmul: the total of
+ *   `parameterCount` (a tied embedding counts once: it is the head's matrix,
+ *   its lookup is free), minus the untied embedding table. Norm weights are
+ *   included and are < 0.1% of it. 6 = 2 (multiply-add) x 3 (forward, dX, dW).
+ * - `12 * L * H * T`: attention's two T x T products (QK^T and PV), forward
+ *   (4 L H T per token) and backward (8 L H T), counted over the full square
+ *   as PaLM does, although causal masking needs only half.
+ *
+ * MFU = achieved model FLOP/s / the device's peak, reported only when the
+ * peak is given (`peakFlops`; WebGPU does not say what a device can do, and we
+ * do not guess). Without it the row carries achieved FLOP/s (GFLOP/s in the
+ * table). Recomputing `silu(gate) * up` in the backward is not counted, as
+ * MFU does not count recomputation.
+ */
+import { Gpu } from "../kernels/runtime.ts";
+import { type BenchRow, median, rates } from "./harness.ts";
+import { type GpuBatch, GpuModel } from "../model/gpu_model.ts";
+import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
+import { Rng } from "../util/random.ts";
+
+function randomBatch(rng: Rng, N: number, V: number): GpuBatch {
+  const ids = new Int32Array(N);
+  const targets = new Int32Array(N);
+  for (let i = 0; i < N; i++) {
+    ids[i] = rng.nextInt(V);
+    targets[i] = rng.nextInt(V);
+  }
+  return { ids, targets, mask: new Float32Array(N).fill(1) };
+}
+
+/**
+ * Times whole training steps of `tiny` (B=8, T=256) and `minimind2-small`
+ * (B=8, T=512; quick: B=2, T=128, one step, no warm-up). `peakFlops` (FLOP/s
+ * of the device, e.g. 66.9e12 for an H100 SXM in FP32) adds MFU.
+ */
+export async function benchTrainStep(
+  gpu: Gpu,
+  opts: { quick: boolean; peakFlops?: number },
+): Promise<BenchRow[]> {
+  const cases: { preset: string; B: number; T: number; warmup: number; steps: number }[] = [
+    { preset: "tiny", B: 8, T: 256, warmup: 1, steps: opts.quick ? 1 : 3 },
+    opts.quick
+      ? { preset: "minimind2-small", B: 2, T: 128, warmup: 0, steps: 1 }
+      : { preset: "minimind2-small", B: 8, T: 512, warmup: 1, steps: 2 },
+  ];
+  const settings = {
+    lr: 1e-4,
+    beta1: 0.9,
+    beta2: 0.95,
+    eps: 1e-8,
+    weightDecay: 0.1,
+    gradClip: 1,
+  };
+  const rows: BenchRow[] = [];
+  for (const c of cases) {
+    const config = presetConfig(c.preset);
+    const model = await GpuModel.create(gpu, config, { batchSize: c.B, seqLen: c.T, seed: 1 });
+    try {
+      const rng = new Rng(2);
+      const N = c.B * c.T;
+      let step = 0;
+      const runStep = async () => {
+        const batch = randomBatch(rng, N, config.vocab_size);
+        const t0 = performance.now();
+        model.step([batch], settings, ++step);
+        await gpu.finish();
+        return performance.now() - t0;
+      };
+      for (let i = 0; i < c.warmup; i++) await runStep();
+      const times: number[] = [];
+      for (let i = 0; i < c.steps; i++) times.push(await runStep());
+      const loss = await model.readLoss();
+      if (!Number.isFinite(loss)) throw new Error(`train step bench: loss ${loss} is not finite`);
+      const ms = median(times);
+      const flop = trainFlopsPerToken(config, c.T) * N;
+      const extra: Record<string, number> = { "tokens/s": N / (ms / 1000) };
+      if (opts.peakFlops) extra["MFU %"] = (100 * flop) / (ms / 1000) / opts.peakFlops;
+      rows.push({
+        name: `train step ${c.preset}`,
+        shape: `B=${c.B} T=${c.T} (${c.steps} timed, ${c.warmup} warm-up)`,
+        ms,
+        flop,
+        extra,
+      });
+    } finally {
+      model.destroy();
+    }
+  }
+  return rows;
+}
+
+if (import.meta.main) {
+  const quick = Deno.args.includes("--quick");
+  const peakArg = Deno.args.find((a) => a.startsWith("--peak-tflops="));
+  const peakFlops = peakArg ? Number(peakArg.split("=")[1]) * 1e12 : undefined;
+  if (peakFlops !== undefined && !(peakFlops > 0)) {
+    console.error("--peak-tflops=X needs a positive number (the device's FP32 peak in TFLOP/s)");
+    Deno.exit(2);
+  }
+  const gpu = await Gpu.request();
+  console.log(`adapter: ${gpu.adapterSummary.name} (${gpu.adapterSummary.backend})`);
+  for (const row of await benchTrainStep(gpu, { quick, peakFlops })) {
+    const mfu = row.extra?.["MFU %"];
+    console.log(
+      `${row.name.padEnd(28)} ${row.shape.padEnd(34)} ${row.ms.toFixed(1).padStart(10)} ms  ` +
+        `${row.extra!["tokens/s"].toFixed(0).padStart(8)} tokens/s  ` +
+        `${rates(row).gflops!.toFixed(2).padStart(8)} GFLOP/s` +
+        (mfu !== undefined ? `  MFU ${mfu.toFixed(1)}%` : ""),
+    );
+  }
+  gpu.destroy();
+}

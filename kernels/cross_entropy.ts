@@ -1,0 +1,243 @@
+/**
+ * Cross-entropy over the vocabulary fused with its gradient, with a per-token
+ * loss mask and a step-wide scale; probabilities are never stored.
+ *
+ * Per row i of logits `[N, V]` with target t_i, mask weight m_i and the scale
+ * c = scale[0] (1 / the number of masked-in targets of the whole step):
+ *
+ *   lse_i       = log sum_v exp(z_iv)
+ *   rowLoss[i]  = m_i (lse_i - z_{i,t_i})
+ *   dlogits[i,v] = c m_i (exp(z_iv - lse_i) - [v = t_i])     (d loss / d z_iv)
+ *   loss[0]    += c sum_i rowLoss[i]
+ *
+ * One workgroup per row (256 threads; 8 on CPU drivers). Sweep one keeps a
+ * running (max, sum) per thread, the online-softmax trick: on a new max M',
+ * sum' = sum exp(M - M') + exp(z - M'), so the row is read once for both and
+ * no exp overflows; the per-thread pairs are merged by a fixed-shape tree in
+ * workgroup memory (the same merge rule), giving lse = M + log(sum). Sweep two writes dlogits; the row is read a
+ * second time (from cache on a GPU: 25 KiB at V = 6400). dlogits may be the
+ * logits buffer itself (in place, which the model uses to save a [N, V]
+ * buffer): each thread overwrites only the elements it read itself, after
+ * the tree, and the target logit is read before the first barrier.
+ * Rows with m_i = 0 skip the softmax and write zeros (SFT prompts are free).
+ * A second, one-workgroup dispatch sums rowLoss in a fixed order (strided per
+ * thread, then a tree) and ADDS c times it to loss[0]: the caller clears loss
+ * at the start of a step, and micro-batches of gradient accumulation add up.
+ * A target outside [0, V) on a masked-in row gives a NaN loss, so the
+ * trainer's non-finite-loss check stops the run rather than training on a
+ * wrong gradient (the data pipeline checks ids first).
+ *
+ * vec4 lanes when V % 4 == 0 (6400 is), else scalars.
+ * Cost per call (f32): reads logits twice and writes dlogits: 12NV bytes
+ * (8NV when the second read hits cache), about 6NV FLOP and 2NV exps (one
+ * per element per sweep) plus one per lane in sweep one for the rescale.
+ *
+ * @module
+ */
+import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+
+/**
+ * Work layout: "gpu" (256 threads per row) or "fallback" for CPU drivers
+ * (Mesa lavapipe), where each workgroup barrier costs about as much as the
+ * loads of a short row: 8 threads per row (its SIMD width).
+ */
+export type CrossEntropyTuning = "gpu" | "fallback";
+
+/** Tuning overrides, for tests of every path. */
+export interface CrossEntropyOptions {
+  /** Force scalar (1) or vec4 (4) lanes; vec4 needs V % 4 == 0. Default: vec4 when it can. */
+  vec?: 1 | 4;
+  /** Default: "fallback" when `gpu.adapterSummary.isFallback`, else "gpu". */
+  tuning?: CrossEntropyTuning;
+}
+
+/** Threads of the one-workgroup loss sum (a fixed shape: part of the summation order). */
+const LOSS_WG = 256;
+
+function bufferOf(b: Binding): { buffer: GPUBuffer; offset: number } {
+  return b instanceof GPUBuffer
+    ? { buffer: b, offset: 0 }
+    : { buffer: b.buffer, offset: b.offset ?? 0 };
+}
+
+function rowWgsl(V: number, vec: 1 | 4, inPlace: boolean, WG: number): string {
+  const T = vec === 4 ? "vec4<f32>" : "f32";
+  const lanes = V / vec;
+  // L is where logits are read, D where dlogits go (the same array in place).
+  const D = inPlace ? "logits" : "dlogits";
+  return `${LINEAR_WORKGROUP_WGSL}
+alias T = ${T};
+const V: u32 = ${V}u;
+const LANES: u32 = ${lanes}u;
+const WG: u32 = ${WG}u;
+const LOWEST: f32 = -3.0e38;  // finite, so exp(LOWEST - m) is 0, never NaN
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, ${inPlace ? "read_write" : "read"}> logits: array<T>; // [N, V]
+@group(0) @binding(2) var<storage, read> targets: array<u32>; // [N]
+@group(0) @binding(3) var<storage, read> mask: array<f32>;    // [N]
+@group(0) @binding(4) var<storage, read> scale: array<f32>;   // [1]
+@group(0) @binding(5) var<storage, read_write> rowLoss: array<f32>; // [N]
+${inPlace ? "" : "@group(0) @binding(6) var<storage, read_write> dlogits: array<T>; // [N, V]"}
+
+var<workgroup> red_m: array<f32, ${WG}>;
+var<workgroup> red_s: array<f32, ${WG}>;
+var<workgroup> row_mask: f32;
+
+fn lane_max(v: T) -> f32 { return ${vec === 4 ? "max(max(v.x, v.y), max(v.z, v.w))" : "v"}; }
+fn lane_sum(v: T) -> f32 { return ${vec === 4 ? "(v.x + v.y) + (v.z + v.w)" : "v"}; }
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) t: u32) {
+  let row = linear_workgroup(wid, nwg);
+  if (row >= p.n) { return; }
+  let base = row * LANES;
+  if (t == 0u) { row_mask = mask[row]; }
+  let mk = workgroupUniformLoad(&row_mask);
+  if (mk == 0.0) {
+    for (var c = t; c < LANES; c += WG) { ${D}[base + c] = T(0.0); }
+    if (t == 0u) { rowLoss[row] = 0.0; }
+    return;
+  }
+  let tgt = targets[row];
+  var target_logit = 0.0;
+  if (t == 0u) {
+    if (tgt < V) {
+      target_logit = ${vec === 4 ? "logits[base + tgt / 4u][tgt % 4u]" : "logits[base + tgt]"};
+    } else {
+      target_logit = bitcast<f32>(0x7fc00000u + min(tgt, 0u)); // NaN, built at run time
+    }
+  }
+  var m = LOWEST;
+  var s = 0.0;
+  for (var c = t; c < LANES; c += WG) {
+    let v = logits[base + c];
+    let mn = max(m, lane_max(v));
+    s = s * exp(m - mn) + lane_sum(exp(v - mn));
+    m = mn;
+  }
+  red_m[t] = m;
+  red_s[t] = s;
+  workgroupBarrier();
+  for (var k = WG / 2u; k > 0u; k = k >> 1u) {
+    if (t < k) {
+      let m1 = red_m[t];
+      let m2 = red_m[t + k];
+      let mn = max(m1, m2);
+      red_s[t] = red_s[t] * exp(m1 - mn) + red_s[t + k] * exp(m2 - mn);
+      red_m[t] = mn;
+    }
+    workgroupBarrier();
+  }
+  let lse = red_m[0] + log(red_s[0]);
+  let coef = scale[0] * mk;
+  if (t == 0u) { rowLoss[row] = mk * (lse - target_logit); }
+  for (var c = t; c < LANES; c += WG) {
+    var d = exp(logits[base + c] - lse) * coef;
+    ${vec === 4 ? "if (tgt / 4u == c) { d[tgt % 4u] -= coef; }" : "if (tgt == c) { d -= coef; }"}
+    ${D}[base + c] = d;
+  }
+}`;
+}
+
+const lossWgsl = `
+struct Params { n: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> rowLoss: array<f32>;
+@group(0) @binding(2) var<storage, read> scale: array<f32>;
+@group(0) @binding(3) var<storage, read_write> loss: array<f32>;
+var<workgroup> red: array<f32, ${LOSS_WG}>;
+@compute @workgroup_size(${LOSS_WG})
+fn main(@builtin(local_invocation_index) t: u32) {
+  var s = 0.0;
+  for (var i = t; i < p.n; i += ${LOSS_WG}u) { s += rowLoss[i]; }
+  red[t] = s;
+  workgroupBarrier();
+  for (var k = ${LOSS_WG / 2}u; k > 0u; k = k >> 1u) {
+    if (t < k) { red[t] = red[t] + red[t + k]; }
+    workgroupBarrier();
+  }
+  if (t == 0u) { loss[0] = loss[0] + scale[0] * red[0]; }
+}`;
+
+/**
+ * Fused masked cross-entropy and its gradient: rowLoss `[N]` (mask-weighted),
+ * dlogits `[N, V]` (may be `logits` itself: in place), then loss[0] +=
+ * scale[0] * sum(rowLoss). targets `[N]` u32 (or non-negative i32), mask `[N]`
+ * f32 weights, scale a 1-float buffer the caller writes each step.
+ *
+ * @example
+ * ```ts ignore
+ * const ds = await crossEntropy(gpu, {
+ *   logits, targets, mask, scale, dlogits: logits, rowLoss, loss, N: 4096, V: 6400,
+ * });
+ * ```
+ */
+export async function crossEntropy(
+  gpu: Gpu,
+  args: {
+    logits: Binding;
+    targets: Binding;
+    mask: Binding;
+    scale: Binding;
+    dlogits: Binding;
+    rowLoss: Binding;
+    loss: Binding;
+    N: number;
+    V: number;
+    options?: CrossEntropyOptions;
+  },
+): Promise<Dispatch[]> {
+  const { N, V } = args;
+  if (!Number.isInteger(N) || N < 0) throw new RangeError(`crossEntropy: bad N ${N}`);
+  if (!Number.isInteger(V) || V < 1) throw new RangeError(`crossEntropy: bad V ${V}`);
+  let vec: 1 | 4 = V % 4 === 0 ? 4 : 1;
+  if (args.options?.vec !== undefined) {
+    if (args.options.vec === 4 && V % 4 !== 0) {
+      throw new RangeError("crossEntropy: vec4 needs V % 4 == 0");
+    }
+    vec = args.options.vec;
+  }
+  const a = bufferOf(args.logits);
+  const d = bufferOf(args.dlogits);
+  const inPlace = a.buffer === d.buffer;
+  if (inPlace && a.offset !== d.offset) {
+    throw new RangeError("crossEntropy: dlogits overlaps logits at another offset");
+  }
+  const tuning = args.options?.tuning ?? (gpu.adapterSummary.isFallback ? "fallback" : "gpu");
+  const wg = tuning === "gpu" ? 256 : 8;
+  const u = gpu.createUniform(new Uint32Array([N]), "cross-entropy params");
+  const rowPipeline = await gpu.pipeline(
+    `cross-entropy-V${V}-v${vec}-wg${wg}-${inPlace ? "inplace" : "out"}`,
+    rowWgsl(V, vec, inPlace, wg),
+  );
+  const rowBindings: Binding[] = [
+    u,
+    args.logits,
+    args.targets,
+    args.mask,
+    args.scale,
+    args.rowLoss,
+  ];
+  if (!inPlace) rowBindings.push(args.dlogits);
+  const lossPipeline = await gpu.pipeline("cross-entropy-loss-sum", lossWgsl);
+  return [
+    {
+      label: `cross-entropy rows N=${N} V=${V}`,
+      pipeline: rowPipeline,
+      bindGroup: gpu.bindGroup(rowPipeline, rowBindings, "cross-entropy rows"),
+      workgroups: N,
+    },
+    {
+      label: `cross-entropy loss sum N=${N}`,
+      pipeline: lossPipeline,
+      bindGroup: gpu.bindGroup(
+        lossPipeline,
+        [u, args.rowLoss, args.scale, args.loss],
+        "cross-entropy loss sum",
+      ),
+      workgroups: N > 0 ? 1 : 0,
+    },
+  ];
+}

@@ -1,0 +1,291 @@
+/**
+ * The three matmul forms (kernels/matmul.ts) against the float64 reference
+ * (model/reference.ts), with and without accumulation, for every kernel design
+ * (the CPU-driver designs and the GPU tiled designs, forced here), over shapes
+ * that are not multiples of any tile (1x1x1, 7x33x65, 130x65x7, 257x129x33),
+ * aligned ones that are (or are not) whole tiles, mixed alignments (vec4 for
+ * one operand, scalar for the other), one larger shape, and a grid of more
+ * than 65535 workgroups.
+ *
+ * Tolerance. Inputs are exact float32 values (standard normal) that the
+ * reference widens to float64, so only the kernel's float32 summation counts.
+ * An output is a sequential sum of L products, each O(1); the partial sums grow
+ * like sqrt(j), so each of the L roundings is ~2^-24 sqrt(j) and their random
+ * walk has a standard deviation of about 0.4 · 2^-24 · L; the worst of ~10^5
+ * outputs is ~5 standard deviations. We allow atol = 4 · 2^-24 · L + 1e-6
+ * (twice that worst case), and rtol 1e-6 for the rounding of the final add
+ * when accumulating into O(1) values. A real mistake (a missing term, a wrong
+ * row or column, a stale tile) is off by O(1).
+ */
+import { assert, assertClose } from "./assert.ts";
+import { Gpu, recordDispatches } from "../kernels/runtime.ts";
+import type { Dispatch } from "../kernels/runtime.ts";
+import {
+  matmulDyTX,
+  matmulDyW,
+  type MatmulOptions,
+  type MatmulVariant,
+  matmulXWt,
+} from "../kernels/matmul.ts";
+import * as ref from "../model/reference.ts";
+import { Rng } from "../util/random.ts";
+
+const gpu = await Gpu.request();
+globalThis.addEventListener("unload", () => gpu.destroy());
+
+const VARIANTS: MatmulVariant[] = [
+  "auto",
+  "fallback",
+  ...(gpu.features.subgroups ? ["fallbackSubgroup" as const] : []),
+  "tiled64",
+  "tiled128",
+];
+
+function tolerance(L: number) {
+  return { atol: 4 * 2 ** -24 * L + 1e-6, rtol: 1e-6 };
+}
+
+function randomF32(rng: Rng, n: number): Float32Array {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = rng.normal();
+  return a;
+}
+
+async function run(d: Dispatch): Promise<void> {
+  gpu.submit((enc) => {
+    const pass = enc.beginComputePass();
+    recordDispatches(gpu, pass, d);
+    pass.end();
+  });
+  await gpu.finish();
+}
+
+function addInto(a: Float64Array, init: Float32Array): Float64Array {
+  const out = new Float64Array(a.length);
+  for (let i = 0; i < a.length; i++) out[i] = a[i] + init[i];
+  return out;
+}
+
+type Form = "xWt" | "dyW" | "dyTx";
+
+/**
+ * Runs one form at [M, K, N] on the GPU (accumulating into random values when
+ * asked) and checks it against the reference.
+ */
+async function checkForm(
+  form: Form,
+  M: number,
+  K: number,
+  N: number,
+  variant: MatmulVariant,
+  accumulate: boolean,
+  seed: number,
+  extra: MatmulOptions = {},
+): Promise<void> {
+  const rng = new Rng(seed);
+  const what = `${form} M=${M} K=${K} N=${N} ${variant}${accumulate ? " accumulate" : ""}`;
+  // Operands of the form and the float64 expectation.
+  let a: Float32Array, b: Float32Array, outLen: number, L: number;
+  let expected: Float64Array;
+  if (form === "xWt") {
+    a = randomF32(rng, M * K); // x [M, K]
+    b = randomF32(rng, N * K); // w [N, K]
+    outLen = M * N;
+    L = K;
+    expected = ref.matmulXWt(Float64Array.from(a), Float64Array.from(b), M, K, N);
+  } else if (form === "dyW") {
+    a = randomF32(rng, M * N); // dy [M, N]
+    b = randomF32(rng, N * K); // w [N, K]
+    outLen = M * K;
+    L = N;
+    expected = ref.matmulDyW(Float64Array.from(a), Float64Array.from(b), M, N, K);
+  } else {
+    a = randomF32(rng, M * N); // dy [M, N]
+    b = randomF32(rng, M * K); // x [M, K]
+    outLen = N * K;
+    L = M;
+    expected = ref.matmulDyTX(Float64Array.from(a), Float64Array.from(b), M, N, K);
+  }
+  // Without accumulation the output starts as NaN garbage: every element must be written.
+  const init = accumulate ? randomF32(rng, outLen) : new Float32Array(outLen).fill(NaN);
+  if (accumulate) expected = addInto(expected, init);
+  const aBuf = gpu.createBuffer(a, "a");
+  const bBuf = gpu.createBuffer(b, "b");
+  const outBuf = gpu.createBuffer(init, "out");
+  try {
+    const options = { variant, ...extra };
+    const d = form === "xWt"
+      ? await matmulXWt(gpu, { x: aBuf, w: bBuf, y: outBuf, M, K, N, accumulate, options })
+      : form === "dyW"
+      ? await matmulDyW(gpu, { dy: aBuf, w: bBuf, dx: outBuf, M, N, K, accumulate, options })
+      : await matmulDyTX(gpu, { dy: aBuf, x: bBuf, dw: outBuf, M, N, K, accumulate, options });
+    await run(d);
+    const got = await gpu.readF32(outBuf, 0, outLen);
+    assertClose(got, expected, tolerance(L), `${what} [${d.label}]`);
+  } finally {
+    aBuf.destroy();
+    bBuf.destroy();
+    outBuf.destroy();
+  }
+}
+
+// [M, K, N]. Unaligned everywhere; aligned whole tiles; aligned partial tiles;
+// K % 4 == 0 with N odd and the reverse (vec4 for one operand only); tiny.
+// Below SMALL_PROBLEM multiply-adds the CPU designs use a smaller register
+// tile, so each alignment case appears on both sides of it.
+const SHAPES: [number, number, number][] = [
+  [1, 1, 1],
+  [7, 33, 65],
+  [130, 65, 7],
+  [20, 36, 7],
+  [9, 7, 12],
+  [4, 4, 4],
+  [257, 129, 33],
+  [128, 64, 128],
+  [132, 68, 36],
+  [100, 36, 75],
+  [75, 35, 100],
+];
+// Accumulation changes only the stores (scalar or vec4, small or large
+// register tile): checked on shapes that cover each of those.
+const ACCUMULATE_SHAPES = new Set(["7x33x65", "4x4x4", "257x129x33", "132x68x36"]);
+
+// WebGPU resolves device promises outside the test's own ops, which Deno's op
+// sanitizer reports as leaks; the device is shared and destroyed at unload.
+const opts = { sanitizeOps: false, sanitizeResources: false };
+
+for (const variant of VARIANTS) {
+  Deno.test({
+    name: `matmul ${variant}: three forms, odd and aligned shapes, overwrite and accumulate`,
+    ...opts,
+    fn: async () => {
+      let seed = 1;
+      for (const [M, K, N] of SHAPES) {
+        const accumulateToo = ACCUMULATE_SHAPES.has(`${M}x${K}x${N}`);
+        for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+          await checkForm(form, M, K, N, variant, false, seed++);
+          if (accumulateToo) await checkForm(form, M, K, N, variant, true, seed++);
+        }
+      }
+    },
+  });
+}
+
+for (const variant of VARIANTS) {
+  Deno.test({
+    name: `matmul ${variant}: 512x384x1408 (M x K x N), all three forms`,
+    ...opts,
+    fn: async () => {
+      // Forms take turns accumulating to keep the file fast.
+      await checkForm("xWt", 512, 384, 1408, variant, false, 100);
+      await checkForm("dyW", 512, 384, 1408, variant, variant === "auto", 101);
+      await checkForm("dyTx", 512, 384, 1408, variant, variant !== "auto", 102);
+    },
+  });
+}
+
+Deno.test({
+  name: "matmul fallbackSubgroup: a subgroup size other than the kernel's takes the plain path",
+  ignore: !gpu.features.subgroups,
+  ...opts,
+  fn: async () => {
+    // Generated for 4 lanes, run where subgroups are wider (llvmpipe: 8) or, on
+    // a 4-lane device, for 16: either way subgroup_size differs from the
+    // workgroup, and the kernel must not use its broadcasts.
+    const probe = await matmulXWt(gpu, {
+      x: gpu.createBuffer(4),
+      w: gpu.createBuffer(4),
+      y: gpu.createBuffer(4),
+      M: 1,
+      K: 1,
+      N: 1,
+      options: { variant: "fallbackSubgroup" },
+    });
+    const lanes = probe.label.includes(" 4 lanes") ? 16 : 4;
+    let seed = 200;
+    for (const [M, K, N] of [[7, 33, 65], [70, 36, 20]] as [number, number, number][]) {
+      for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+        await checkForm(form, M, K, N, "fallbackSubgroup", seed % 2 === 0, seed++, {
+          subgroupLanes: lanes,
+        });
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul: scalar loads forced on aligned shapes (vec: 1)",
+  ...opts,
+  fn: async () => {
+    let seed = 300;
+    for (const variant of ["auto", "tiled64"] as MatmulVariant[]) {
+      for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+        await checkForm(form, 12, 20, 16, variant, false, seed++, { vec: 1 });
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul: more output tiles than one grid dimension allows (65535) are all computed",
+  ...opts,
+  fn: async () => {
+    // x W^T with 64·65536 + 7 rows: 65537 tiles of 64 rows for tiled64, more for
+    // the CPU designs; the 1-D count is split into a 2-D grid and the kernel
+    // must rebuild the tile index. K = N = 1 keeps it cheap.
+    const M = 64 * 65536 + 7;
+    for (const variant of ["auto", "tiled64"] as MatmulVariant[]) {
+      const rng = new Rng(7);
+      const x = randomF32(rng, M);
+      const w = new Float32Array([2]);
+      const xBuf = gpu.createBuffer(x, "x");
+      const wBuf = gpu.createBuffer(w, "w");
+      const yBuf = gpu.createBuffer(M * 4, "y");
+      try {
+        const d = await matmulXWt(gpu, {
+          x: xBuf,
+          w: wBuf,
+          y: yBuf,
+          M,
+          K: 1,
+          N: 1,
+          options: { variant },
+        });
+        assert(typeof d.workgroups === "number" && d.workgroups > 65535, "grid must need a split");
+        await run(d);
+        const got = await gpu.readF32(yBuf, 0, M);
+        // One product by 2 per output: exact in float32.
+        const expected = ref.matmulXWt(Float64Array.from(x), Float64Array.from(w), M, 1, 1);
+        assertClose(got, expected, { atol: 0, rtol: 0 }, `${variant} [${d.label}]`);
+      } finally {
+        xBuf.destroy();
+        wBuf.destroy();
+        yBuf.destroy();
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul: the same inputs give bitwise the same outputs",
+  ...opts,
+  fn: async () => {
+    const rng = new Rng(3);
+    const [M, K, N] = [70, 96, 50];
+    const x = gpu.createBuffer(randomF32(rng, M * K), "x");
+    const w = gpu.createBuffer(randomF32(rng, N * K), "w");
+    const y = gpu.createBuffer(M * N * 4, "y");
+    try {
+      const d = await matmulXWt(gpu, { x, w, y, M, K, N });
+      await run(d);
+      const first = await gpu.readF32(y);
+      await run(d);
+      const second = await gpu.readF32(y);
+      assert(first.every((v, i) => Object.is(v, second[i])), "outputs differ between runs");
+    } finally {
+      x.destroy();
+      w.destroy();
+      y.destroy();
+    }
+  },
+});

@@ -1,0 +1,332 @@
+/**
+ * The training loop: one loop for pretrain and SFT; they differ in their data
+ * and loss mask. Reads top to bottom like the seed's pseudo-code:
+ *
+ *   for step in 1..steps:
+ *     lr = cosineWithWarmup(step)
+ *     batches = accum micro-batches from the data stream
+ *     model.step(batches, lr)      // forward, backward, clip, AdamW on the GPU
+ *     log / eval / save when due
+ *
+ * with the data, schedule, logging and checkpointing as small helpers around
+ * it. Nothing model-sized crosses to the CPU during a step; the loss is read
+ * back only when it is logged.
+ */
+import type { Gpu } from "../kernels/runtime.ts";
+import type { ModelConfig } from "../model/config.ts";
+import { trainFlopsPerToken } from "../model/config.ts";
+import { GpuModel } from "../model/gpu_model.ts";
+import { type CheckpointContents, saveCheckpoint } from "../model/checkpoint.ts";
+import type { DataPosition, DataStream } from "../data/stream.ts";
+import type { TextTokenizer } from "../data/tokenizer.ts";
+import { UserError } from "../util/errors.ts";
+import { cosineWithWarmup } from "./schedule.ts";
+import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from "./metrics.ts";
+import { lossPlotSvg } from "./plot.ts";
+import { Progress } from "./progress.ts";
+
+/** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
+export interface RunConfig {
+  kind: "pretrain" | "sft";
+  model: ModelConfig;
+  steps: number;
+  batchSize: number;
+  seqLen: number;
+  accum: number;
+  lr: number;
+  minLrRatio: number;
+  warmupSteps: number;
+  weightDecay: number;
+  beta1: number;
+  beta2: number;
+  adamEps: number;
+  gradClip: number;
+  seed: number;
+  logEvery: number;
+  evalEvery: number;
+  saveEvery: number;
+  out: string;
+}
+
+/** What `trainer_state.json` holds. */
+export interface TrainerState {
+  version: 1;
+  /** Optimizer steps completed. */
+  step: number;
+  /** Tokens consumed (inputs of all micro-batches). */
+  tokens: number;
+  run: RunConfig;
+  data: DataPosition;
+  /** Training seconds so far (for ETA and tokens/s across a resume). */
+  elapsed_s: number;
+}
+
+/** Where a run starts from. */
+export interface RunStart {
+  params: Map<string, Float32Array>;
+  optimizer?: { m: Map<string, Float32Array>; v: Map<string, Float32Array> };
+  /** Steps already done (0 for a fresh run). */
+  step: number;
+  tokens: number;
+  elapsed_s: number;
+}
+
+/** What the loop needs besides the run config. */
+export interface TrainContext {
+  gpu: Gpu;
+  tokenizer: TextTokenizer;
+  train: DataStream;
+  /** Opens a fresh pass over the held-out data, or undefined when there is none. */
+  openEval?: () => Promise<DataStream>;
+  start: RunStart;
+  /** FP32 peak of the adapter in FLOP/s, when known (for MFU). */
+  peakFlops?: number;
+  /** Lines for the user (progress, summaries). */
+  print?: (line: string) => void;
+  /** Set by Ctrl-C; the loop saves and stops after the current step. */
+  interrupted?: () => boolean;
+  /** Tests: behave as if Ctrl-C came during this step. */
+  interruptAtStep?: number;
+}
+
+/** How a run ended. */
+export interface TrainResult {
+  steps: number;
+  /** Losses of the logged steps, in order. */
+  losses: { step: number; loss: number }[];
+  firstLoss?: number;
+  lastLoss?: number;
+  evalLoss?: number;
+  interrupted: boolean;
+  elapsed_s: number;
+  tokensPerSecond: number;
+}
+
+/** Runs `run.steps` optimizer steps from `ctx.start`; saves checkpoints into `run.out`. */
+export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<TrainResult> {
+  const print = ctx.print ?? ((line: string) => console.log(line));
+  const model = await GpuModel.create(ctx.gpu, run.model, {
+    batchSize: run.batchSize,
+    seqLen: run.seqLen,
+    params: ctx.start.params,
+    gradClip: run.gradClip,
+  });
+  try {
+    if (ctx.start.optimizer) model.setOptimizerState(ctx.start.optimizer);
+    return await loop(run, ctx, model, print);
+  } finally {
+    model.destroy();
+  }
+}
+
+async function loop(
+  run: RunConfig,
+  ctx: TrainContext,
+  model: GpuModel,
+  print: (line: string) => void,
+): Promise<TrainResult> {
+  const metricsPath = `${run.out}/metrics.jsonl`;
+  const metrics = await MetricsWriter.open(metricsPath, {
+    keepThroughStep: ctx.start.step > 0 ? ctx.start.step : undefined,
+  });
+  const tokensPerStep = run.batchSize * run.seqLen * run.accum;
+  const progress = new Progress(run.steps, print);
+  const settings = {
+    beta1: run.beta1,
+    beta2: run.beta2,
+    eps: run.adamEps,
+    weightDecay: run.weightDecay,
+    gradClip: run.gradClip,
+  };
+  const schedule = {
+    lr: run.lr,
+    steps: run.steps,
+    warmupSteps: run.warmupSteps,
+    minLrRatio: run.minLrRatio,
+  };
+  const flopsPerStep = trainFlopsPerToken(run.model, run.seqLen) * tokensPerStep;
+
+  let step = ctx.start.step;
+  let tokens = ctx.start.tokens;
+  const losses: { step: number; loss: number }[] = [];
+  let evalLoss: number | undefined;
+  let interrupted = false;
+  let lastGoodStep = step;
+  const t0 = performance.now();
+  const elapsed = () => ctx.start.elapsed_s + (performance.now() - t0) / 1000;
+  let windowStart = { time: performance.now(), tokens };
+
+  const save = async (): Promise<void> => {
+    const state: TrainerState = {
+      version: 1,
+      step,
+      tokens,
+      run,
+      data: ctx.train.position(),
+      elapsed_s: elapsed(),
+    };
+    const contents: CheckpointContents = {
+      config: run.model,
+      params: await model.getParameters(),
+      tokenizer: {
+        tokenizerJson: ctx.tokenizer.tokenizerJson,
+        tokenizerConfigJson: ctx.tokenizer.tokenizerConfigJson,
+      },
+      special: {
+        bos: ctx.tokenizer.bosId,
+        eos: ctx.tokenizer.eosId,
+        pad: ctx.tokenizer.padId,
+      },
+      optimizer: await model.getOptimizerState(),
+      state: state as unknown as Record<string, unknown>,
+    };
+    await saveCheckpoint(run.out, contents);
+    await writePlot(run);
+    lastGoodStep = step;
+  };
+
+  /** Stops the run on a non-finite loss, keeping the last good checkpoint. */
+  const checkFinite = (loss: number, where: string) => {
+    if (Number.isFinite(loss)) return;
+    progress.clear();
+    throw new UserError(
+      `the ${where} loss became ${loss} at step ${step}: training diverged. ` +
+        (lastGoodStep > 0 || ctx.start.step > 0
+          ? `The last good checkpoint (step ${lastGoodStep}) is kept in ${run.out}. `
+          : "No checkpoint was written. ") +
+        "Try a lower --lr, a longer --warmup-steps, or --grad-clip 1.",
+    );
+  };
+
+  if (run.steps === 0 || step >= run.steps) {
+    await save();
+    return {
+      steps: step,
+      losses,
+      interrupted: false,
+      elapsed_s: elapsed(),
+      tokensPerSecond: 0,
+    };
+  }
+
+  while (step < run.steps) {
+    const lr = cosineWithWarmup(schedule, step + 1);
+    const micro = [];
+    for (let i = 0; i < run.accum; i++) {
+      const batch = await ctx.train.next();
+      if (!batch) break;
+      micro.push(batch);
+    }
+    if (micro.length === 0) break; // --epochs reached: the data ended
+    model.step(micro, { lr, ...settings }, step + 1);
+    step++;
+    tokens += micro.length * run.batchSize * run.seqLen;
+
+    const last = step === run.steps;
+    const stop = (ctx.interrupted?.() ?? false) || step === ctx.interruptAtStep;
+    if (step % run.logEvery === 0 || last || stop) {
+      const loss = await model.readLoss();
+      const gradNorm = await model.readGradNorm();
+      checkFinite(loss, "training");
+      const now = performance.now();
+      const dt = (now - windowStart.time) / 1000;
+      const tokensPerSecond = dt > 0 ? (tokens - windowStart.tokens) / dt : 0;
+      windowStart = { time: now, tokens };
+      losses.push({ step, loss });
+      const record: TrainMetrics = {
+        step,
+        split: "train",
+        loss,
+        lr,
+        grad_norm: gradNorm,
+        tokens,
+        tokens_per_s: tokensPerSecond,
+        elapsed_s: elapsed(),
+      };
+      await metrics.write(record);
+      const flopsPerSecond = (tokensPerSecond / tokensPerStep) * flopsPerStep;
+      progress.update({
+        step,
+        loss,
+        lr,
+        tokensPerSecond,
+        mfu: ctx.peakFlops ? flopsPerSecond / ctx.peakFlops : undefined,
+        gflops: flopsPerSecond / 1e9,
+        elapsed_s: elapsed() - ctx.start.elapsed_s,
+        stepsDone: step - ctx.start.step,
+      });
+    }
+    if (ctx.openEval && (step % run.evalEvery === 0 || last)) {
+      evalLoss = await evaluate(model, await ctx.openEval());
+      checkFinite(evalLoss, "eval");
+      const record: EvalMetrics = {
+        step,
+        split: "eval",
+        loss: evalLoss,
+        perplexity: Math.exp(evalLoss),
+        tokens,
+        elapsed_s: elapsed(),
+      };
+      await metrics.write(record);
+      progress.note(
+        `eval at step ${step}: loss ${evalLoss.toFixed(4)}, perplexity ${
+          Math.exp(evalLoss).toFixed(2)
+        }`,
+      );
+    }
+    if (step % run.saveEvery === 0 || last || stop) {
+      // A save writes the weights only after the loss they produced is known
+      // to be finite, so the checkpoint on disk is always a good one.
+      checkFinite(await model.readLoss(), "training");
+      checkFinite(await model.readGradNorm(), "gradient norm of the training");
+      await save();
+    }
+    if (stop) {
+      interrupted = true;
+      break;
+    }
+  }
+  progress.clear();
+  const totalTime = elapsed() - ctx.start.elapsed_s;
+  return {
+    steps: step,
+    losses,
+    firstLoss: losses[0]?.loss,
+    lastLoss: losses.at(-1)?.loss,
+    evalLoss,
+    interrupted,
+    elapsed_s: elapsed(),
+    tokensPerSecond: totalTime > 0 ? (tokens - ctx.start.tokens) / totalTime : 0,
+  };
+}
+
+/** Mean masked loss over one pass of `stream` (closed afterwards). */
+export async function evaluate(model: GpuModel, stream: DataStream): Promise<number> {
+  let lossSum = 0;
+  let count = 0;
+  try {
+    for (let batch = await stream.next(); batch; batch = await stream.next()) {
+      const r = await model.evalLoss(batch);
+      lossSum += r.lossSum;
+      count += r.count;
+    }
+  } finally {
+    stream.close();
+  }
+  if (count === 0) throw new UserError("the eval data has no token to evaluate");
+  return lossSum / count;
+}
+
+async function writePlot(run: RunConfig): Promise<void> {
+  const records = await readMetrics(`${run.out}/metrics.jsonl`);
+  const train = records.filter((r) => r.split === "train");
+  const evals = records.filter((r) => r.split === "eval");
+  const svg = lossPlotSvg(
+    train.map((r) => ({ step: r.step, loss: r.loss })),
+    evals.map((r) => ({ step: r.step, loss: r.loss })),
+    `${run.kind}: ${run.out}`,
+  );
+  const tmp = `${run.out}/loss.svg.tmp`;
+  await Deno.writeTextFile(tmp, svg);
+  await Deno.rename(tmp, `${run.out}/loss.svg`);
+}
