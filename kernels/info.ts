@@ -4,7 +4,7 @@
  */
 import type { CommandSpec } from "../util/cli.ts";
 import { flagOption } from "../util/cli.ts";
-import { formatBytes, Gpu, limitsOf } from "./runtime.ts";
+import { type AdapterSummary, formatBytes, Gpu, type GpuFeatures, limitsOf } from "./runtime.ts";
 
 /** What `trainer info --json` prints. */
 export interface GpuReport {
@@ -12,16 +12,9 @@ export interface GpuReport {
   v8: string;
   os: string;
   arch: string;
-  adapter: {
-    name: string;
-    vendor: string;
-    architecture: string;
-    description: string;
-    backend: string;
-    isFallback: boolean;
-  };
+  adapter: AdapterSummary;
   features: string[];
-  deviceFeatures: { shaderF16: boolean; timestampQuery: boolean; subgroups: boolean };
+  deviceFeatures: GpuFeatures;
   limits: Record<string, number>;
 }
 

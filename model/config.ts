@@ -114,6 +114,15 @@ const INTEGER_FIELDS = [
   "max_position_embeddings",
 ] as const;
 
+/** Every field of `ModelConfig`, for readers of config files. */
+export const MODEL_CONFIG_FIELDS: readonly (keyof ModelConfig)[] = [
+  ...INTEGER_FIELDS,
+  "rope_theta",
+  "rms_norm_eps",
+  "tie_word_embeddings",
+  "qk_norm",
+];
+
 /**
  * Checks a config and throws a `UserError` that names the field at the first
  * problem. `source` (a file name) prefixes the message when given.

@@ -5,7 +5,13 @@
  */
 import { dirname, join, resolve } from "node:path";
 import { Gpu } from "../kernels/runtime.ts";
-import { type ModelConfig, presetConfig, validateConfig } from "../model/config.ts";
+import {
+  MODEL_CONFIG_FIELDS,
+  type ModelConfig,
+  parameterCount,
+  presetConfig,
+  validateConfig,
+} from "../model/config.ts";
 import { initParameters } from "../model/params.ts";
 import { checkDeviceLimits } from "../model/gpu_model.ts";
 import { loadCheckpoint } from "../model/checkpoint.ts";
@@ -32,8 +38,8 @@ type Kind = "pretrain" | "sft";
 
 /** Defaults per kind. MiniMind: AdamW 0.9/0.999, eps 1e-8, cosine to 0.1 x lr, clip 1.0. */
 export const DEFAULTS = {
-  pretrain: { lr: 5e-4, out: "out/pretrain", steps: 300, batchSize: 16, seqLen: 128 },
-  sft: { lr: 2e-4, out: "out/sft", steps: 200, batchSize: 16, seqLen: 128 },
+  pretrain: { lr: 5e-4, out: "out/pretrain", steps: 600, batchSize: 16, seqLen: 128 },
+  sft: { lr: 2e-4, out: "out/sft", steps: 300, batchSize: 16, seqLen: 128 },
   minLrRatio: 0.1,
   warmupSteps: 0,
   weightDecay: 0.01,
@@ -189,19 +195,7 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
   };
 }
 
-const MODEL_FIELDS = new Set<keyof ModelConfig>([
-  "hidden_size",
-  "num_hidden_layers",
-  "num_attention_heads",
-  "num_key_value_heads",
-  "intermediate_size",
-  "vocab_size",
-  "max_position_embeddings",
-  "rope_theta",
-  "rms_norm_eps",
-  "tie_word_embeddings",
-  "qk_norm",
-]);
+const MODEL_FIELDS = new Set<string>(MODEL_CONFIG_FIELDS);
 
 /** Reads `--model-config FILE`: a preset's fields overridden by the file's (HF names). */
 async function readModelConfigFile(
@@ -227,7 +221,7 @@ async function readModelConfigFile(
   const base = presetConfig(typeof obj["preset"] === "string" ? obj["preset"] as string : "tiny");
   for (const [k, v] of Object.entries(obj)) {
     if (k === "preset") continue;
-    if (!MODEL_FIELDS.has(k as keyof ModelConfig)) {
+    if (!MODEL_FIELDS.has(k)) {
       throw new UserError(
         `${path}: unknown model config field "${k}"; fields: ${[...MODEL_FIELDS].join(", ")}`,
       );
@@ -548,7 +542,7 @@ async function setUpAndTrain(
       : peakFlopsFor(adapter.name);
     print(
       `${kind}: ${describe(model)} (${
-        (initParametersCount(model) / 1e6).toFixed(2)
+        (parameterCount(model).total / 1e6).toFixed(2)
       }M parameters) on ${adapter.name}${adapter.isFallback ? " (CPU fallback)" : ""}`,
     );
     print(
@@ -604,19 +598,6 @@ async function setUpAndTrain(
     train.close();
     if (listening) Deno.removeSignalListener("SIGINT", onSigint);
   }
-}
-
-function initParametersCount(config: ModelConfig): number {
-  let n = 0;
-  const h = config.hidden_size;
-  const hd = h / config.num_attention_heads;
-  const kv = config.num_key_value_heads * hd;
-  n += config.vocab_size * h;
-  n += config.num_hidden_layers *
-    (2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size + 2 * h +
-      (config.qk_norm ? 2 * hd : 0));
-  n += h + (config.tie_word_embeddings ? 0 : config.vocab_size * h);
-  return n;
 }
 
 function trainCommand(kind: Kind): CommandSpec {
