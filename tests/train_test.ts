@@ -11,7 +11,7 @@ import {
   assertStringIncludes,
 } from "./assert.ts";
 import { Gpu } from "../kernels/runtime.ts";
-import { runTraining } from "../train/commands.ts";
+import { pretrainCommand, runTraining } from "../train/commands.ts";
 import { evaluateLines } from "../train/eval.ts";
 import { readMetrics, type TrainMetrics } from "../train/metrics.ts";
 import { loadCheckpoint, saveCheckpoint } from "../model/checkpoint.ts";
@@ -20,7 +20,7 @@ import { initParameters } from "../model/params.ts";
 import { modelLossAndGrads, toFloat64Params } from "../model/reference.ts";
 import { defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream } from "../data/stream.ts";
-import type { ParsedArgs } from "../util/cli.ts";
+import { parseCommandArgs, type ParsedArgs } from "../util/cli.ts";
 import { UserError } from "../util/errors.ts";
 
 const gpu = await Gpu.request();
@@ -186,6 +186,46 @@ Deno.test({
     const pa = (await loadCheckpoint(whole)).params;
     const pb = (await loadCheckpoint(split)).params;
     for (const [name, t] of pa) assertEquals(pb.get(name), t, name);
+  },
+});
+
+Deno.test({
+  name: "a JSONC run config, --accum and --epochs: flags override the file; epochs count the data",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    const dir = `${root}/epochs`;
+    await Deno.mkdir(dir, { recursive: true });
+    // 6 documents of a few tokens each: a handful of 9-token windows per epoch.
+    const lines = Array.from({ length: 6 }, (_, i) => JSON.stringify({ text: `doc ${i} a b c` }));
+    await Deno.writeTextFile(`${dir}/tiny.jsonl`, lines.join("\n") + "\n");
+    const config = `${dir}/run.jsonc`;
+    await Deno.writeTextFile(
+      config,
+      `{ "model-config": "${modelConfig}", "data": ["${dir}/tiny.jsonl"], "batch_size": 2,
+         "seq-len": 8, "shuffle-buffer": 0, "accum": 2, "lr": 0.001, "log-every": 1 }`,
+    );
+    const printed: string[] = [];
+    const parsed = await parseCommandArgs(pretrainCommand, [
+      "--config",
+      config,
+      "--epochs",
+      "2",
+      "--out",
+      `${dir}/out`,
+    ]);
+    assertEquals(await runTraining("pretrain", parsed!, { print: (l) => printed.push(l), gpu }), 0);
+    // Count the batches of one epoch the way a user would: tokens / (T + 1) windows.
+    const tok = defaultTokenizer();
+    const tokens = lines.reduce((n, l) => n + tok.encode(JSON.parse(l).text).length + 2, 0);
+    const batches = Math.ceil(Math.floor(tokens / 9) / 2);
+    const steps = Math.ceil((batches * 2) / 2);
+    assertStringIncludes(printed.join("\n"), `${batches} batches per epoch -> ${steps} steps`);
+    const c = await loadCheckpoint(`${dir}/out`);
+    const state = c.state as { step: number; run: { accum: number; batchSize: number } };
+    assertEquals(state.step, steps);
+    assertEquals(state.run.accum, 2);
+    assertEquals(state.run.batchSize, 2); // from the file (snake_case key)
   },
 });
 
