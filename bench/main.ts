@@ -6,8 +6,11 @@
  *   deno task bench            # the full set (minutes on a CPU driver)
  *   deno task bench --quick    # smaller shapes, one timed run each
  *   deno task bench --only matmul,train --markdown
+ *   deno task bench --json results.json
  *
- * `--markdown` prints the tables as Markdown for docs/benchmarks.md.
+ * `--markdown` prints the tables as Markdown for docs/benchmarks.md; `--json
+ * FILE` also writes every row as `{date, adapter, peakFlops, suites}` (what
+ * `bench/pytorch_compare.py --ours` reads).
  */
 import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
@@ -66,6 +69,7 @@ if (import.meta.main) {
       markdown: { type: "boolean" },
       only: { type: "string" },
       "peak-tflops": { type: "string" },
+      json: { type: "string" },
     },
   });
   const only = values.only?.split(",").map((s) => s.trim());
@@ -96,16 +100,19 @@ if (import.meta.main) {
         quick ? "quick mode" : "full mode"
       }; FP32 peak ${peakFlops ? `${(peakFlops / 1e12).toFixed(1)} TFLOP/s` : "unknown (no MFU)"}`,
   );
+  const suites: Record<string, BenchRow[] | ThroughputRow[]> = {};
   for (const [name, suite] of Object.entries(GPU_SUITES)) {
     if (!want(name)) continue;
     const t0 = performance.now();
     const rows = await suite(gpu, { quick, peakFlops });
+    suites[name] = rows;
     console.log(`\n## ${name} (${((performance.now() - t0) / 1000).toFixed(0)} s)\n`);
     console.log(gpuTable(rows, values.markdown ?? false));
   }
   for (const [name, suite] of Object.entries(CPU_SUITES)) {
     if (!want(name)) continue;
     const rows: ThroughputRow[] = await suite();
+    suites[name] = rows;
     console.log(`\n## ${name} (CPU)\n`);
     console.log(
       table(
@@ -114,6 +121,18 @@ if (import.meta.main) {
         values.markdown ?? false,
       ),
     );
+  }
+  if (values.json) {
+    const report = {
+      date: new Date().toISOString(),
+      adapter: a,
+      features: gpu.features,
+      deno: Deno.version.deno,
+      quick,
+      peakFlops: peakFlops ?? null,
+      suites,
+    };
+    await Deno.writeTextFile(values.json, JSON.stringify(report, null, 2) + "\n");
   }
   gpu.destroy();
 }
