@@ -58,7 +58,12 @@
  * queries t < Tq sit at positions qPos0 + t and attend to keys 0..min(Tk, qPos0 + t + 1) - 1
  * read from k/v buffers laid out `[B, kvStride, nKV, hd]` (a cache of capacity kvStride).
  */
-import { type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import {
+  type Dispatch,
+  type Gpu,
+  isBroadcastSubgroupSize,
+  LINEAR_WORKGROUP_WGSL,
+} from "./runtime.ts";
 
 /**
  * Which kernel design runs (default: "rows" when `gpu.adapterSummary.isFallback`,
@@ -748,6 +753,29 @@ function dotChain(target: string, a: (x: number) => string, b: (x: number) => st
   return lines;
 }
 
+/**
+ * `dotChain` for each of the 4 streamed rows u: `var ${t}${u} = sum_x a(x) * ${row}${u}_${x}`,
+ * joined with `sep`.
+ */
+function dotChains4(
+  t: string,
+  a: (x: number) => string,
+  row: string,
+  H: number,
+  sep: string,
+): string {
+  return each(4, (u) => dotChain(`${t}${u}`, a, (x) => `${row}${u}_${x}`, H).join(sep), sep);
+}
+
+/**
+ * `init + sum_u w[u] * ${row}${u}_${x}` over the 4 streamed rows as nested fmas,
+ * row 0 innermost (added first).
+ */
+function fmaRows4(w: string, row: string, x: number, init: string): string {
+  return `fma(vec4f(${w}.w), ${row}3_${x}, fma(vec4f(${w}.z), ${row}2_${x}, ` +
+    `fma(vec4f(${w}.y), ${row}1_${x}, fma(vec4f(${w}.x), ${row}0_${x}, ${init}))))`;
+}
+
 function rowsHeader(hd: number, S: number): string {
   return `${LINEAR_WORKGROUP_WGSL}
 const WG = ${S || ROWS}u;
@@ -789,15 +817,7 @@ function rowsForwardWgsl(hd: number, S: number): string {
       let visible = (js <= vec4u(pos)) & (js < vec4u(kEnd));
       ${each(4, (u) => `let ko${u} = kvBase + min(js[${u}], kEnd - 1u) * kvRow;`, "\n      ")}
       ${streamRows("K", "k", (u) => `ko${u}`, H, S, "      ")}
-      ${
-    each(4, (u) =>
-      dotChain(
-        `a${u}`,
-        (x) => `qr${x}`,
-        (x) => `K${u}_${x}`,
-        H,
-      ).join("\n      "), "\n      ")
-  }
+      ${dotChains4("a", (x) => `qr${x}`, "K", H, "\n      ")}
       let sc = select(vec4f(NEG), vec4f(hsum(a0), hsum(a1), hsum(a2), hsum(a3)), visible);
       // Key 0 is visible to every query, so m is finite after the first block
       // and exp(NEG - m) = 0; a block with no visible key keeps m: alpha = 1.
@@ -810,8 +830,7 @@ function rowsForwardWgsl(hd: number, S: number): string {
       ${
     each(
       H,
-      (x) =>
-        `acc${x} = fma(vec4f(p.w), V3_${x}, fma(vec4f(p.z), V2_${x}, fma(vec4f(p.y), V1_${x}, fma(vec4f(p.x), V0_${x}, acc${x} * alpha))));`,
+      (x) => `acc${x} = ${fmaRows4("p", "V", x, `acc${x} * alpha`)};`,
       "\n      ",
     )
   }
@@ -913,24 +932,8 @@ function rowsDkvWgsl(hd: number, S: number): string {
   }
         ${streamRows("Q", "q", (u) => `qo${u}`, H, S, "        ")}
         ${streamRows("O", "dOut", (u) => `qo${u}`, H, S, "        ")}
-        ${
-    each(4, (u) =>
-      dotChain(
-        `a${u}`,
-        (x) => `kr${x}`,
-        (x) => `Q${u}_${x}`,
-        H,
-      ).join("\n        "), "\n        ")
-  }
-        ${
-    each(4, (u) =>
-      dotChain(
-        `e${u}`,
-        (x) => `vr${x}`,
-        (x) => `O${u}_${x}`,
-        H,
-      ).join("\n        "), "\n        ")
-  }
+        ${dotChains4("a", (x) => `kr${x}`, "Q", H, "\n        ")}
+        ${dotChains4("e", (x) => `vr${x}`, "O", H, "\n        ")}
         let li = lb + min(t0 + min(sl, 3u), T - 1u);
         let Lc = lse[li];
         let Dc = Dg[li];
@@ -944,8 +947,8 @@ function rowsDkvWgsl(hd: number, S: number): string {
     each(
       H,
       (x) =>
-        `dV${x} = fma(vec4f(p.w), O3_${x}, fma(vec4f(p.z), O2_${x}, fma(vec4f(p.y), O1_${x}, fma(vec4f(p.x), O0_${x}, dV${x}))));\n        ` +
-        `dK${x} = fma(vec4f(ds.w), Q3_${x}, fma(vec4f(ds.z), Q2_${x}, fma(vec4f(ds.y), Q1_${x}, fma(vec4f(ds.x), Q0_${x}, dK${x}))));`,
+        `dV${x} = ${fmaRows4("p", "O", x, `dV${x}`)};\n        ` +
+        `dK${x} = ${fmaRows4("ds", "Q", x, `dK${x}`)};`,
       "\n        ",
     )
   }
@@ -1029,32 +1032,15 @@ function rowsDqWgsl(hd: number, S: number): string {
   }
       ${streamRows("K", "k", (u) => `ko${u}`, H, S, "      ")}
       ${streamRows("V", "v", (u) => `ko${u}`, H, S, "      ")}
-      ${
-    each(4, (u) =>
-      dotChain(
-        `a${u}`,
-        (x) => `qr${x}`,
-        (x) => `K${u}_${x}`,
-        H,
-      ).join("\n      "), "\n      ")
-  }
-      ${
-    each(4, (u) =>
-      dotChain(
-        `e${u}`,
-        (x) => `dor${x}`,
-        (x) => `V${u}_${x}`,
-        H,
-      ).join("\n      "), "\n      ")
-  }
+      ${dotChains4("a", (x) => `qr${x}`, "K", H, "\n      ")}
+      ${dotChains4("e", (x) => `dor${x}`, "V", H, "\n      ")}
       let sc = vec4f(hsum(a0), hsum(a1), hsum(a2), hsum(a3));
       let dp = vec4f(hsum(e0), hsum(e1), hsum(e2), hsum(e3));
       let ds = select(vec4f(), exp(sc - vec4f(L)) * (dp - vec4f(Dt)), visible);
       ${
     each(
       H,
-      (x) =>
-        `dQ${x} = fma(vec4f(ds.w), K3_${x}, fma(vec4f(ds.z), K2_${x}, fma(vec4f(ds.y), K1_${x}, fma(vec4f(ds.x), K0_${x}, dQ${x}))));`,
+      (x) => `dQ${x} = ${fmaRows4("ds", "K", x, `dQ${x}`)};`,
       "\n      ",
     )
   }
@@ -1110,40 +1096,6 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 }`;
 }
 
-const subgroupSizes = new WeakMap<Gpu, Promise<number>>();
-
-/**
- * The subgroup size of this device's compute kernels (0 without the feature),
- * measured once per device by a probe kernel.
- */
-function subgroupSize(gpu: Gpu): Promise<number> {
-  if (!gpu.features.subgroups) return Promise.resolve(0);
-  let p = subgroupSizes.get(gpu);
-  if (!p) {
-    p = (async () => {
-      const pipeline = await gpu.pipeline(
-        "attention subgroup probe",
-        `@group(0) @binding(0) var<storage, read_write> out: array<u32>;
-        @compute @workgroup_size(64)
-        fn main(@builtin(local_invocation_index) i: u32, @builtin(subgroup_size) s: u32) {
-          if (i == 0u) { out[0] = s; }
-        }`,
-      );
-      const buf = gpu.createBuffer(4, "attention subgroup probe");
-      gpu.submit((enc) => {
-        const pass = enc.beginComputePass();
-        gpu.dispatch(pass, pipeline, gpu.bindGroup(pipeline, [buf]), 1);
-        pass.end();
-      });
-      const [size] = await gpu.readU32(buf, 0, 1);
-      buf.destroy();
-      return size;
-    })();
-    subgroupSizes.set(gpu, p);
-  }
-  return p;
-}
-
 /**
  * Rows per workgroup of the "rows" design: the subgroup size S when subgroups
  * of 4..32 lanes are there and wanted (then kernels carry the broadcast path),
@@ -1151,8 +1103,8 @@ function subgroupSize(gpu: Gpu): Promise<number> {
  */
 async function rowsLanes(gpu: Gpu, useSubgroups: boolean): Promise<number> {
   if (!useSubgroups) return 0;
-  const s = await subgroupSize(gpu);
-  return s >= 4 && s <= 32 && (s & (s - 1)) === 0 ? s : 0;
+  const s = await gpu.subgroupSize();
+  return isBroadcastSubgroupSize(s) ? s : 0;
 }
 
 function checkShape(

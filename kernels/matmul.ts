@@ -70,7 +70,13 @@
  *
  * @module
  */
-import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import {
+  type Binding,
+  type Dispatch,
+  type Gpu,
+  isBroadcastSubgroupSize,
+  LINEAR_WORKGROUP_WGSL,
+} from "./runtime.ts";
 
 /** Which kernel design runs; `auto` picks by adapter (see the module comment). */
 export type MatmulVariant = "auto" | "tiled64" | "tiled128" | "fallback" | "fallbackSubgroup";
@@ -297,6 +303,56 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 }
 
 /**
+ * Loads by one invocation of its `n` rows of A (from r0, bounded by R) or
+ * columns of B (from cb, bounded by C) for reduction offsets l + q, q < step,
+ * as `a{i}_{q}` / `b{j}_{q}`. A vec4 along l covers q = 0..3 of one row; a
+ * vec4 across rows covers 4 rows (their start is a multiple of 4 and the
+ * dimension too, so it is wholly in or out); out-of-range rows load a clamped
+ * index.
+ */
+function directLoads(
+  operand: "A" | "B",
+  contig: Contig,
+  vec: 1 | 4,
+  n: number,
+  step: 1 | 4,
+): string[] {
+  const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
+  const out: string[] = [];
+  if (contig === "red") {
+    for (let i = 0; i < n; i++) {
+      const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
+      if (vec === 4) {
+        out.push(`let v${name}${i} = ${operand}[(${r} * dims.L + l) / 4u];`);
+        for (let q = 0; q < 4; q++) out.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
+      } else {
+        out.push(`let ${name}${i}_0 = ${operand}[${r} * dims.L + l];`);
+      }
+    }
+    return out;
+  }
+  for (let q = 0; q < step; q++) {
+    if (vec === 4) {
+      for (let g = 0; g < n / 4; g++) {
+        const r = `min(${first} + ${4 * g}u, dims.${dim} - 4u)`;
+        out.push(`let v${name}${g}_${q} = ${operand}[((l + ${q}u) * dims.${dim} + ${r}) / 4u];`);
+        for (let p = 0; p < 4; p++) {
+          out.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
+        }
+      }
+    } else {
+      for (let i = 0; i < n; i++) {
+        out.push(
+          `let ${name}${i}_${q} = ${operand}[(l + ${q}u) * dims.${dim} + ` +
+            `min(${first} + ${i}u, dims.${dim} - 1u)];`,
+        );
+      }
+    }
+  }
+  return out;
+}
+
+/**
  * The CPU-driver designs: each invocation owns TM rows x TN columns and reads
  * the buffers directly. The reduction advances `step` = 4 at a time when
  * L % 4 == 0 (an operand contiguous in l is then read as vec4), else 1. A values
@@ -311,65 +367,12 @@ function fallbackWgsl(s: KernelSpec): string {
   const chunkRows = s.a === "out" && s.va === 4 ? 4 : 1;
 
   // Loads of B for this invocation's columns c0 + lane*TN + j.
-  const loadB: string[] = [];
-  if (s.b === "red") {
-    for (let j = 0; j < TN; j++) {
-      const c = `min(cb + ${j}u, dims.C - 1u)`;
-      if (s.vb === 4) {
-        loadB.push(`let vb${j} = B[(${c} * dims.L + l) / 4u];`);
-        for (let q = 0; q < 4; q++) loadB.push(`let b${j}_${q} = vb${j}[${q}];`);
-      } else {
-        loadB.push(`let b${j}_0 = B[${c} * dims.L + l];`);
-      }
-    }
-  } else {
-    for (let q = 0; q < step; q++) {
-      if (s.vb === 4) {
-        // cb is a multiple of 4 and C % 4 == 0, so a vec4 is wholly in or out.
-        for (let g = 0; g < TN / 4; g++) {
-          const c = `min(cb + ${4 * g}u, dims.C - 4u)`;
-          loadB.push(`let vb${g}_${q} = B[((l + ${q}u) * dims.C + ${c}) / 4u];`);
-          for (let p = 0; p < 4; p++) loadB.push(`let b${4 * g + p}_${q} = vb${g}_${q}[${p}];`);
-        }
-      } else {
-        for (let j = 0; j < TN; j++) {
-          loadB.push(`let b${j}_${q} = B[(l + ${q}u) * dims.C + min(cb + ${j}u, dims.C - 1u)];`);
-        }
-      }
-    }
-  }
+  const loadB = directLoads("B", s.b, s.vb, TN, step);
 
   // Loads of A: either every row by every lane (plain), or one chunk per lane.
   const loadA = (broadcast: boolean): string[] => {
+    if (!broadcast) return directLoads("A", s.a, s.va, TM, step);
     const out: string[] = [];
-    if (!broadcast) {
-      if (s.a === "red") {
-        for (let i = 0; i < TM; i++) {
-          const r = `min(r0 + ${i}u, dims.R - 1u)`;
-          if (s.va === 4) {
-            out.push(`let va${i} = A[(${r} * dims.L + l) / 4u];`);
-            for (let q = 0; q < 4; q++) out.push(`let a${i}_${q} = va${i}[${q}];`);
-          } else {
-            out.push(`let a${i}_0 = A[${r} * dims.L + l];`);
-          }
-        }
-      } else {
-        for (let q = 0; q < step; q++) {
-          if (s.va === 4) {
-            for (let g = 0; g < TM / 4; g++) {
-              const r = `min(r0 + ${4 * g}u, dims.R - 4u)`;
-              out.push(`let va${g}_${q} = A[((l + ${q}u) * dims.R + ${r}) / 4u];`);
-              for (let p = 0; p < 4; p++) out.push(`let a${4 * g + p}_${q} = va${g}_${q}[${p}];`);
-            }
-          } else {
-            for (let i = 0; i < TM; i++) {
-              out.push(`let a${i}_${q} = A[(l + ${q}u) * dims.R + min(r0 + ${i}u, dims.R - 1u)];`);
-            }
-          }
-        }
-      }
-      return out;
-    }
     // Chunk c of this lane covers rows r0 + (lane + S*c)*chunkRows ..+chunkRows.
     const chunks = TM / (S * chunkRows);
     for (let c = 0; c < chunks; c++) {
@@ -505,41 +508,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 }
 
 // ---------------------------------------------------------------------------
-// Choosing a design, and the subgroup-size probe.
-
-const subgroupSizes = new WeakMap<Gpu, Promise<number>>();
-
-/**
- * The subgroup size of this device's compute kernels (0 without subgroups),
- * measured once by a probe kernel and cached per device.
- */
-function measuredSubgroupSize(gpu: Gpu): Promise<number> {
-  if (!gpu.features.subgroups) return Promise.resolve(0);
-  let p = subgroupSizes.get(gpu);
-  if (!p) {
-    p = (async () => {
-      const pipeline = await gpu.pipeline(
-        "matmul-subgroup-probe",
-        `@group(0) @binding(0) var<storage, read_write> out: array<u32>;
-        @compute @workgroup_size(64)
-        fn main(@builtin(local_invocation_index) i: u32, @builtin(subgroup_size) s: u32) {
-          if (i == 0u) { out[0] = s; }
-        }`,
-      );
-      const buf = gpu.createBuffer(4, "matmul subgroup probe");
-      gpu.submit((enc) => {
-        const pass = enc.beginComputePass();
-        gpu.dispatch(pass, pipeline, gpu.bindGroup(pipeline, [buf]), 1);
-        pass.end();
-      });
-      const [size] = await gpu.readU32(buf, 0, 1);
-      buf.destroy();
-      return size;
-    })();
-    subgroupSizes.set(gpu, p);
-  }
-  return p;
-}
+// Choosing a design.
 
 /** Multiply-adds up to which the CPU-driver designs use their small register tile. */
 export const SMALL_PROBLEM = 2 ** 18;
@@ -553,11 +522,11 @@ async function chooseSpec(
   let variant = opts?.variant ?? "auto";
   const sgSize = (variant === "auto" && gpu.adapterSummary.isFallback) ||
       variant === "fallbackSubgroup"
-    ? await measuredSubgroupSize(gpu)
+    ? await gpu.subgroupSize()
     : 0;
   // A subgroup of 4..32 lanes in one workgroup of that size; beyond that the
   // chunked broadcast would need more rows than a tile holds.
-  const sgUsable = sgSize >= 4 && sgSize <= 32 && (sgSize & (sgSize - 1)) === 0;
+  const sgUsable = isBroadcastSubgroupSize(sgSize);
   if (variant === "auto") {
     if (gpu.adapterSummary.isFallback) variant = sgUsable ? "fallbackSubgroup" : "fallback";
     else {

@@ -36,15 +36,20 @@ export type MatvecDesign = "split" | "rows";
 const WG = 64;
 const ROWS = 4;
 
-function splitWgsl(vec: 1 | 4): string {
-  const T = vec === 4 ? "vec4<f32>" : "f32";
-  const dot = vec === 4 ? "dot(a, b)" : "a * b";
+/** What both designs bind: x `[K]` and W `[N, K]` as arrays of `T`, y `[N]`. */
+function bindingsWgsl(T: string): string {
   return `${LINEAR_WORKGROUP_WGSL}
 struct Params { K: u32, N: u32 }
 @group(0) @binding(0) var<storage, read> x: array<${T}>;
 @group(0) @binding(1) var<storage, read> w: array<${T}>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> params: Params;
+@group(0) @binding(3) var<uniform> params: Params;`;
+}
+
+function splitWgsl(vec: 1 | 4): string {
+  const T = vec === 4 ? "vec4<f32>" : "f32";
+  const dot = vec === 4 ? "dot(a, b)" : "a * b";
+  return `${bindingsWgsl(T)}
 
 var<workgroup> partial: array<vec4<f32>, ${WG}>;
 
@@ -77,12 +82,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 function rowsWgsl(vec: 1 | 4): string {
   const T = vec === 4 ? "vec4<f32>" : "f32";
   const sum = vec === 4 ? "(v.x + v.y) + (v.z + v.w)" : "v";
-  return `${LINEAR_WORKGROUP_WGSL}
-struct Params { K: u32, N: u32 }
-@group(0) @binding(0) var<storage, read> x: array<${T}>;
-@group(0) @binding(1) var<storage, read> w: array<${T}>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> params: Params;
+  return `${bindingsWgsl(T)}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,

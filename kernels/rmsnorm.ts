@@ -239,6 +239,26 @@ function checkRows(N: number, H: number): void {
   if (!Number.isInteger(H) || H < 1) throw new RangeError(`rmsnorm: bad H ${H}`);
 }
 
+/** Arguments of `rmsnormForward` (and, with `delta`, of `addRmsnormForward`). */
+export interface RmsnormForwardArgs {
+  /** `[N, H]` input rows (the residual stream; updated in place by the fused add). */
+  x: Binding;
+  /** `[H]` weight. */
+  w: Binding;
+  /** `[N, H]` output, overwritten. */
+  y: Binding;
+  /** `[N]` 1 / rms of each row, kept for the backward. */
+  rstd: Binding;
+  /** Rows. */
+  N: number;
+  /** Row length (hidden size). */
+  H: number;
+  /** Added to mean(x^2) under the square root. */
+  eps: number;
+  /** Tuning overrides (tests of both designs). */
+  options?: RmsnormOptions;
+}
+
 /**
  * RMSNorm forward: y `[N, H]` = x * rstd * w, rstd `[N]` = 1 / sqrt(mean(x^2) + eps).
  *
@@ -252,70 +272,39 @@ function checkRows(N: number, H: number): void {
  * });
  * ```
  */
-export async function rmsnormForward(
-  gpu: Gpu,
-  args: {
-    x: Binding;
-    w: Binding;
-    y: Binding;
-    rstd: Binding;
-    N: number;
-    H: number;
-    eps: number;
-    options?: RmsnormOptions;
-  },
-): Promise<Dispatch> {
-  const { N, H } = args;
-  checkRows(N, H);
-  const s = rowShape(H, tuningOf(gpu, args.options), args.options);
-  const pipeline = await gpu.pipeline(
-    `rmsnorm-fwd-H${H}-v${s.vec}-wg${s.wg}`,
-    forwardWgsl(s, H, false),
-  );
-  const bindGroup = gpu.bindGroup(pipeline, [
-    params(gpu, N, args.eps),
-    args.x,
-    args.w,
-    args.y,
-    args.rstd,
-  ], "rmsnorm forward");
-  return { label: `rmsnorm forward N=${N} H=${H}`, pipeline, bindGroup, workgroups: N };
+export function rmsnormForward(gpu: Gpu, args: RmsnormForwardArgs): Promise<Dispatch> {
+  return forward(gpu, args, undefined);
 }
 
 /**
  * Residual add fused with RMSNorm: x += delta (in place, x is the residual
  * stream), then y = rmsnorm(x) with rstd as in `rmsnormForward`.
  */
-export async function addRmsnormForward(
+export function addRmsnormForward(
   gpu: Gpu,
-  args: {
-    x: Binding;
-    delta: Binding;
-    w: Binding;
-    y: Binding;
-    rstd: Binding;
-    N: number;
-    H: number;
-    eps: number;
-    options?: RmsnormOptions;
-  },
+  args: RmsnormForwardArgs & { delta: Binding },
+): Promise<Dispatch> {
+  return forward(gpu, args, args.delta);
+}
+
+/** Both forwards: the fused residual add when `delta` is given (bound last). */
+async function forward(
+  gpu: Gpu,
+  args: RmsnormForwardArgs,
+  delta: Binding | undefined,
 ): Promise<Dispatch> {
   const { N, H } = args;
   checkRows(N, H);
   const s = rowShape(H, tuningOf(gpu, args.options), args.options);
+  const fused = delta !== undefined;
   const pipeline = await gpu.pipeline(
-    `rmsnorm-add-fwd-H${H}-v${s.vec}-wg${s.wg}`,
-    forwardWgsl(s, H, true),
+    `rmsnorm-${fused ? "add-" : ""}fwd-H${H}-v${s.vec}-wg${s.wg}`,
+    forwardWgsl(s, H, fused),
   );
-  const bindGroup = gpu.bindGroup(pipeline, [
-    params(gpu, N, args.eps),
-    args.x,
-    args.w,
-    args.y,
-    args.rstd,
-    args.delta,
-  ], "add+rmsnorm forward");
-  return { label: `add+rmsnorm forward N=${N} H=${H}`, pipeline, bindGroup, workgroups: N };
+  const name = fused ? "add+rmsnorm forward" : "rmsnorm forward";
+  const bindings = [params(gpu, N, args.eps), args.x, args.w, args.y, args.rstd];
+  const bindGroup = gpu.bindGroup(pipeline, fused ? [...bindings, delta] : bindings, name);
+  return { label: `${name} N=${N} H=${H}`, pipeline, bindGroup, workgroups: N };
 }
 
 /**

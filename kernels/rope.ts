@@ -21,15 +21,13 @@
  */
 import { type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
 
-/** Arguments of `ropeForward`: x `[B, T, nHeads, hd]` is rotated in place. */
-export interface RopeArgs {
-  /** `[B, T, nHeads, hd]`, rotated in place. */
-  x: GPUBuffer;
+/** Shape and positions of a RoPE call, the same for the forward and its backward. */
+export interface RopeShape {
   /** Batch size. */
   B: number;
   /** Sequence length. */
   T: number;
-  /** Heads in x (query or key/value heads). */
+  /** Heads in the tensor (query or key/value heads). */
   nHeads: number;
   /** Head dimension (even). */
   hd: number;
@@ -39,22 +37,16 @@ export interface RopeArgs {
   pos0?: number;
 }
 
+/** Arguments of `ropeForward`: x `[B, T, nHeads, hd]` is rotated in place. */
+export interface RopeArgs extends RopeShape {
+  /** `[B, T, nHeads, hd]`, rotated in place. */
+  x: GPUBuffer;
+}
+
 /** Arguments of `ropeBackward`: dx `[B, T, nHeads, hd]` (the gradient w.r.t. the output) in place. */
-export interface RopeBackwardArgs {
+export interface RopeBackwardArgs extends RopeShape {
   /** `[B, T, nHeads, hd]`: dL/d(rotated x) in, dL/dx out (in place). */
   dx: GPUBuffer;
-  /** Batch size. */
-  B: number;
-  /** Sequence length. */
-  T: number;
-  /** Heads in dx. */
-  nHeads: number;
-  /** Head dimension (even). */
-  hd: number;
-  /** RoPE base, as in the forward. */
-  theta: number;
-  /** Position of token t = 0 (default 0), as in the forward. */
-  pos0?: number;
 }
 
 const WORKGROUP = 64;
@@ -125,7 +117,7 @@ function check(B: number, T: number, nHeads: number, hd: number, theta: number, 
 async function rope(
   gpu: Gpu,
   x: GPUBuffer,
-  a: { B: number; T: number; nHeads: number; hd: number; theta: number; pos0?: number },
+  a: RopeShape,
   sign: 1 | -1,
 ): Promise<Dispatch> {
   const pos0 = a.pos0 ?? 0;

@@ -161,6 +161,7 @@ export class Gpu {
   /** The device's limits (raised to what the adapter offers). */
   readonly limits: GPUSupportedLimits;
   #pipelines = new Map<string, Promise<GPUComputePipeline>>();
+  #subgroupSize: Promise<number> | undefined;
   #destroyed = false;
 
   private constructor(adapter: GPUAdapter, device: GPUDevice, features: GpuFeatures) {
@@ -364,6 +365,36 @@ export class Gpu {
     return pipeline;
   }
 
+  /**
+   * The subgroup size of this device's compute kernels (0 without the
+   * `subgroups` feature), measured once by a probe kernel and cached. WebGPU
+   * only bounds it (`subgroupMinSize..subgroupMaxSize`), so kernels that are
+   * generated for one size ask the device what it actually runs.
+   */
+  subgroupSize(): Promise<number> {
+    if (!this.features.subgroups) return Promise.resolve(0);
+    this.#subgroupSize ??= (async () => {
+      const pipeline = await this.pipeline(
+        "subgroup-size-probe",
+        `@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+        @compute @workgroup_size(64)
+        fn main(@builtin(local_invocation_index) i: u32, @builtin(subgroup_size) s: u32) {
+          if (i == 0u) { out[0] = s; }
+        }`,
+      );
+      const buf = this.createBuffer(4, "subgroup size probe");
+      this.submit((enc) => {
+        const pass = enc.beginComputePass();
+        this.dispatch(pass, pipeline, this.bindGroup(pipeline, [buf]), 1);
+        pass.end();
+      });
+      const [size] = await this.readU32(buf, 0, 1);
+      buf.destroy();
+      return size;
+    })();
+    return this.#subgroupSize;
+  }
+
   /** A bind group for group 0 of `pipeline`, binding `bindings[i]` at binding `i`. */
   bindGroup(pipeline: GPUComputePipeline, bindings: Binding[], label?: string): GPUBindGroup {
     return this.device.createBindGroup({
@@ -416,6 +447,15 @@ export class Gpu {
     this.#destroyed = true;
     this.device.destroy();
   }
+}
+
+/**
+ * Whether kernels that hand values round a subgroup with `subgroupBroadcast`
+ * can be generated for `size` lanes: a power of two in 4..32 (fewer lanes do
+ * not pay for the broadcasts; more would need more rows than a tile holds).
+ */
+export function isBroadcastSubgroupSize(size: number): boolean {
+  return size >= 4 && size <= 32 && (size & (size - 1)) === 0;
 }
 
 /**

@@ -24,7 +24,12 @@ function checkN(n: number): void {
   if (!Number.isInteger(n) || n < 0) throw new RangeError(`swiglu: bad element count ${n}`);
 }
 
-function shaderHeader(vec: 1 | 4): string {
+/**
+ * A kernel with one invocation per lane i < p.count (a vec4 or a scalar):
+ * \`buffers\` bound from 1 on (after the uniform), \`body\` run for lane i with
+ * \`g = gate[i]\` loaded.
+ */
+function laneKernelWgsl(vec: 1 | 4, buffers: string, body: string): string {
   return `${LINEAR_WORKGROUP_WGSL}
 alias T = ${vec === 4 ? "vec4<f32>" : "f32"};
 struct Params { count: u32 }  // lanes (vec4 or scalars)
@@ -32,53 +37,41 @@ struct Params { count: u32 }  // lanes (vec4 or scalars)
 fn sigmoid(g: T) -> T { return 1.0 / (1.0 + exp(-g)); }
 fn lane(wid: vec3u, nwg: vec3u, lid: u32) -> u32 {
   return linear_workgroup(wid, nwg) * ${WG}u + lid;
+}
+${buffers}
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = lane(wid, nwg, lid);
+  if (i >= p.count) { return; }
+  let g = gate[i];
+  ${body}
 }`;
 }
 
 function forwardWgsl(vec: 1 | 4): string {
-  return `${shaderHeader(vec)}
-@group(0) @binding(1) var<storage, read> gate: array<T>;
+  return laneKernelWgsl(
+    vec,
+    `@group(0) @binding(1) var<storage, read> gate: array<T>;
 @group(0) @binding(2) var<storage, read> up: array<T>;
-@group(0) @binding(3) var<storage, read_write> h: array<T>;
-@compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let i = lane(wid, nwg, lid);
-  if (i >= p.count) { return; }
-  let g = gate[i];
-  h[i] = g * sigmoid(g) * up[i];
-}`;
+@group(0) @binding(3) var<storage, read_write> h: array<T>;`,
+    `h[i] = g * sigmoid(g) * up[i];`,
+  );
 }
 
 function backwardWgsl(vec: 1 | 4): string {
-  return `${shaderHeader(vec)}
-@group(0) @binding(1) var<storage, read> dh: array<T>;
+  return laneKernelWgsl(
+    vec,
+    `@group(0) @binding(1) var<storage, read> dh: array<T>;
 @group(0) @binding(2) var<storage, read> gate: array<T>;
 @group(0) @binding(3) var<storage, read> up: array<T>;
 @group(0) @binding(4) var<storage, read_write> dgate: array<T>;
-@group(0) @binding(5) var<storage, read_write> dup: array<T>;
-@compute @workgroup_size(${WG})
-fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-        @builtin(local_invocation_index) lid: u32) {
-  let i = lane(wid, nwg, lid);
-  if (i >= p.count) { return; }
-  let g = gate[i];
-  let d = dh[i];
+@group(0) @binding(5) var<storage, read_write> dup: array<T>;`,
+    `let d = dh[i];
   let s = sigmoid(g);
   dgate[i] = d * up[i] * s * (1.0 + g * (1.0 - s));
-  dup[i] = d * g * s;
-}`;
-}
-
-function lanes(gpu: Gpu, n: number, force?: 1 | 4): { vec: 1 | 4; count: number; u: GPUBuffer } {
-  checkN(n);
-  let vec: 1 | 4 = n % 4 === 0 ? 4 : 1;
-  if (force !== undefined) {
-    if (force === 4 && n % 4 !== 0) throw new RangeError("swiglu: vec4 needs n % 4 == 0");
-    vec = force;
-  }
-  const count = n / vec;
-  return { vec, count, u: gpu.createUniform(new Uint32Array([count]), "swiglu params") };
+  dup[i] = d * g * s;`,
+  );
 }
 
 /** Tuning overrides, for tests of both load paths. */
@@ -95,22 +88,15 @@ export interface SwigluOptions {
  * const d = await swigluForward(gpu, { gate, up, h, n: 4096 * 1408 });
  * ```
  */
-export async function swigluForward(
+export function swigluForward(
   gpu: Gpu,
   args: { gate: Binding; up: Binding; h: Binding; n: number; options?: SwigluOptions },
 ): Promise<Dispatch> {
-  const { vec, count, u } = lanes(gpu, args.n, args.options?.vec);
-  const pipeline = await gpu.pipeline(`swiglu-fwd-v${vec}`, forwardWgsl(vec));
-  return {
-    label: `swiglu forward n=${args.n}`,
-    pipeline,
-    bindGroup: gpu.bindGroup(pipeline, [u, args.gate, args.up, args.h], "swiglu forward"),
-    workgroups: Math.ceil(count / WG),
-  };
+  return laneDispatch(gpu, "forward", args.n, args.options?.vec, [args.gate, args.up, args.h]);
 }
 
 /** SwiGLU backward: dgate and dup (overwritten) from dh, gate and up. */
-export async function swigluBackward(
+export function swigluBackward(
   gpu: Gpu,
   args: {
     dh: Binding;
@@ -122,16 +108,38 @@ export async function swigluBackward(
     options?: SwigluOptions;
   },
 ): Promise<Dispatch> {
-  const { vec, count, u } = lanes(gpu, args.n, args.options?.vec);
-  const pipeline = await gpu.pipeline(`swiglu-bwd-v${vec}`, backwardWgsl(vec));
+  return laneDispatch(gpu, "backward", args.n, args.options?.vec, [
+    args.dh,
+    args.gate,
+    args.up,
+    args.dgate,
+    args.dup,
+  ]);
+}
+
+/** One lane per vec4 when n % 4 == 0 (or as `force` says), else per element. */
+async function laneDispatch(
+  gpu: Gpu,
+  direction: "forward" | "backward",
+  n: number,
+  force: 1 | 4 | undefined,
+  buffers: Binding[],
+): Promise<Dispatch> {
+  checkN(n);
+  let vec: 1 | 4 = n % 4 === 0 ? 4 : 1;
+  if (force !== undefined) {
+    if (force === 4 && n % 4 !== 0) throw new RangeError("swiglu: vec4 needs n % 4 == 0");
+    vec = force;
+  }
+  const count = n / vec;
+  const u = gpu.createUniform(new Uint32Array([count]), "swiglu params");
+  const pipeline = direction === "forward"
+    ? await gpu.pipeline(`swiglu-fwd-v${vec}`, forwardWgsl(vec))
+    : await gpu.pipeline(`swiglu-bwd-v${vec}`, backwardWgsl(vec));
   return {
-    label: `swiglu backward n=${args.n}`,
+    label: `swiglu ${direction} n=${n}`,
     pipeline,
-    bindGroup: gpu.bindGroup(
-      pipeline,
-      [u, args.dh, args.gate, args.up, args.dgate, args.dup],
-      "swiglu backward",
-    ),
+    bindGroup: gpu.bindGroup(pipeline, [u, ...buffers], `swiglu ${direction}`),
     workgroups: Math.ceil(count / WG),
   };
 }

@@ -19,7 +19,6 @@ import {
   toHfConfig,
 } from "../model/hf_config.ts";
 import { initParameters, parameterSpecs } from "../model/params.ts";
-import { modelForward, toFloat64Params } from "../model/reference.ts";
 import {
   bf16BitsToFloat,
   f16BitsToFloat,
@@ -39,6 +38,7 @@ import {
   assertStringIncludes,
   assertThrows,
 } from "./assert.ts";
+import { referenceLogits } from "./helpers.ts";
 
 const FIXTURE = "../shared/fixtures/minimind-tokenizer";
 
@@ -895,13 +895,7 @@ Deno.test({
         }).output();
         assert(out.success, new TextDecoder().decode(out.stderr));
         const theirs: number[] = JSON.parse(new TextDecoder().decode(out.stdout));
-        const ours = modelForward(config, toFloat64Params(c.params), {
-          ids,
-          targets: ids,
-          mask: ids.map(() => 1),
-          B: 1,
-          T: ids.length,
-        }).logits;
+        const ours = referenceLogits(config, c.params, ids);
         // PyTorch computes in float32 (rounding ~6e-8 relative per op, a few
         // hundred ops deep), the reference in float64; logits are O(0.1-1).
         // 1e-5 absolute is ~100x that error and far below the O(0.1) change any

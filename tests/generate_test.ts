@@ -30,6 +30,13 @@ import {
   assertRejects,
   assertStringIncludes,
 } from "./assert.ts";
+import {
+  GPU_TEST,
+  randomF32,
+  referenceLogits,
+  submitPassAndWait,
+  tinyConfig as sharedTinyConfig,
+} from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
 import { generate, InferenceModel } from "../model/generate.ts";
 import { argmax, GREEDY } from "../model/sampling.ts";
@@ -38,10 +45,7 @@ import { parameterSpecs } from "../model/params.ts";
 import {
   attentionForward as referenceAttention,
   matmulXWt as referenceMatmul,
-  modelForward,
-  toFloat64Params,
 } from "../model/reference.ts";
-import { recordDispatches } from "../kernels/runtime.ts";
 import { matvecXWt } from "../kernels/matvec.ts";
 import { attentionDecode, greedyAdvance } from "../kernels/attention_decode.ts";
 import { loadCheckpoint, saveCheckpoint } from "../model/checkpoint.ts";
@@ -56,24 +60,10 @@ import { Rng } from "../util/random.ts";
 import { UserError } from "../util/errors.ts";
 
 const gpu = await Gpu.request();
-const GPU_TEST = { sanitizeOps: false, sanitizeResources: false };
 const tokenizer = defaultTokenizer();
 
 function tinyConfig(o: Partial<ModelConfig> = {}): ModelConfig {
-  return {
-    hidden_size: 32,
-    num_hidden_layers: 2,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    intermediate_size: 48,
-    vocab_size: 67,
-    max_position_embeddings: 160,
-    rope_theta: 10000,
-    rms_norm_eps: 1e-5,
-    tie_word_embeddings: true,
-    qk_norm: false,
-    ...o,
-  };
+  return sharedTinyConfig({ max_position_embeddings: 160, ...o });
 }
 
 /** Parameters with more spread than the default init (see the file comment). */
@@ -92,17 +82,6 @@ function spreadParameters(
     out.set(s.name, t);
   }
   return out;
-}
-
-/** Reference logits `[T, V]` of the sequence `ids` (float64). */
-function referenceLogits(config: ModelConfig, params: Map<string, Float32Array>, ids: number[]) {
-  return modelForward(config, toFloat64Params(params), {
-    ids,
-    targets: ids,
-    mask: ids.map(() => 1),
-    B: 1,
-    T: ids.length,
-  }).logits;
 }
 
 // Float32 GPU vs float64 reference: each logit is a sum of H = 32 products
@@ -209,19 +188,6 @@ Deno.test({
 
 // ---- The decode kernels on their own.
 
-function randomF32(rng: Rng, n: number): Float32Array {
-  return Float32Array.from({ length: n }, () => rng.normal());
-}
-
-async function run(dispatches: Parameters<typeof recordDispatches>[2]): Promise<void> {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, dispatches);
-    pass.end();
-  });
-  await gpu.finish();
-}
-
 Deno.test({
   name: "kernels: matvec (both designs, vec4 and scalar) equals the reference X W^T at M = 1",
   ...GPU_TEST,
@@ -236,7 +202,10 @@ Deno.test({
       const yb = gpu.createBuffer(N * 4, "y");
       for (const design of ["rows", "split"] as const) {
         for (const vec of K % 4 === 0 ? [1, 4] as const : [1] as const) {
-          await run(await matvecXWt(gpu, { x: xb, w: wb, y: yb, K, N, design, vec }));
+          await submitPassAndWait(
+            gpu,
+            await matvecXWt(gpu, { x: xb, w: wb, y: yb, K, N, design, vec }),
+          );
           // A K-term f32 dot product of N(0,1) values: rounding error grows
           // like sqrt(K) 2^-24 |terms|; 1e-5 (1 + |y|) is over 10x that at K = 512.
           assertClose(
@@ -283,7 +252,8 @@ Deno.test({
       const vb = gpu.createBuffer(vc, "v cache");
       const ob = gpu.createBuffer(Tq * nH * hd * 4, "out");
       const pb = gpu.createBuffer(new Uint32Array([pos]), "pos");
-      await run(
+      await submitPassAndWait(
+        gpu,
         await attentionDecode(gpu, {
           q: qb,
           k: kb,
@@ -322,7 +292,10 @@ Deno.test({
     const ids = gpu.createBuffer(new Uint32Array([0]), "ids");
     const pos = gpu.createBuffer(new Uint32Array([6]), "pos");
     const tokens = gpu.createBuffer(new Uint32Array(10), "tokens");
-    await run(await greedyAdvance(gpu, { logits: lb, ids, pos, tokens, V, capacity: 10 }));
+    await submitPassAndWait(
+      gpu,
+      await greedyAdvance(gpu, { logits: lb, ids, pos, tokens, V, capacity: 10 }),
+    );
     assertEquals(argmax(logits), 401);
     assertEquals((await gpu.readU32(ids, 0, 1))[0], 401);
     assertEquals((await gpu.readU32(pos, 0, 1))[0], 7);

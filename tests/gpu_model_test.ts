@@ -16,6 +16,7 @@
  * design (the device is destroyed at the end of the file).
  */
 import { assert, assertClose, assertEquals, assertThrows } from "./assert.ts";
+import { GPU_TEST, tinyConfig as sharedTinyConfig } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
 import {
   type AdamWSettings,
@@ -38,22 +39,9 @@ import { Rng } from "../util/random.ts";
 import { UserError } from "../util/errors.ts";
 
 const gpu = await Gpu.request();
-const GPU_TEST = { sanitizeOps: false, sanitizeResources: false };
 
 function tinyConfig(qkNorm: boolean, tied: boolean): ModelConfig {
-  return {
-    hidden_size: 32,
-    num_hidden_layers: 2,
-    num_attention_heads: 4,
-    num_key_value_heads: 2,
-    intermediate_size: 48,
-    vocab_size: 67,
-    max_position_embeddings: 64,
-    rope_theta: 10000,
-    rms_norm_eps: 1e-5,
-    tie_word_embeddings: tied,
-    qk_norm: qkNorm,
-  };
+  return sharedTinyConfig({ qk_norm: qkNorm, tie_word_embeddings: tied });
 }
 
 /** Parameters with more spread than the default init (see the file comment). */

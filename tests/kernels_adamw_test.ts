@@ -14,8 +14,8 @@
  * p by ~lr * wd ~ 1e-3 or more; a wrong gradScale changes m by its ratio.
  */
 import { assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, gpuTest, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { adamw, adamwHyper } from "../kernels/adamw.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
@@ -24,19 +24,6 @@ const gpu = await Gpu.request();
 const P_TOL = { atol: 1e-6, rtol: 1e-6 };
 const M_TOL = { atol: 1e-7, rtol: 1e-5 };
 const V_TOL = { atol: 1e-9, rtol: 1e-5 };
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
-
-// The device outlives each test (one Gpu per file), so its async ops and
-// resources are not this test's leaks.
-const gpuTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
 
 Deno.test("adamwHyper computes the bias corrections in float64", () => {
   const h = adamwHyper({
@@ -110,7 +97,7 @@ for (const c of cases) {
       };
       gpu.write(grad, g);
       gpu.write(hyper, adamwHyper({ ...o, weightDecay: 0.1 })); // ignored without decay
-      run(d);
+      submitPass(gpu, d);
       const gScaled = Float64Array.from(g, (x) => x * Math.fround(c.gradScale));
       ref.adamwStep(pRef, gScaled, mRef, vRef, o);
     }
@@ -139,7 +126,7 @@ gpuTest("adamw with beta2 = 0.999 uses the float64 1 - beta2", async () => {
     hyper: gpu.createBuffer(adamwHyper(o)),
     gradScale: gpu.createBuffer(new Float32Array([1])),
   });
-  run(d);
+  submitPass(gpu, d);
   const pRef = new Float64Array(n);
   const mRef = new Float64Array(n);
   const vRef = new Float64Array(n);
@@ -150,7 +137,6 @@ gpuTest("adamw with beta2 = 0.999 uses the float64 1 - beta2", async () => {
 
 Deno.test({
   name: "adamw: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

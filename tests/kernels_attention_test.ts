@@ -20,7 +20,8 @@
  * O(0.1..1), four orders above these bounds.
  */
 import { assert, assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { GPU_TEST, randomF32, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import {
   attentionBackward,
   type AttentionDesign,
@@ -33,20 +34,6 @@ import { Rng } from "../util/random.ts";
 const gpu = await Gpu.request();
 const FWD_TOL = { atol: 1e-5, rtol: 1e-5 };
 const BWD_TOL = { atol: 5e-5, rtol: 5e-5 };
-
-function randomF32(rng: Rng, n: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = rng.normal();
-  return a;
-}
-
-function run(dispatches: Parameters<typeof recordDispatches>[2]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, dispatches);
-    pass.end();
-  });
-}
 
 interface Case {
   B: number;
@@ -84,8 +71,7 @@ for (const { name: variant, design, subgroups } of variants) {
     // One device for the whole file: its async ops and resources outlive each test.
     Deno.test({
       name: `attention forward and backward match the reference: ${name}`,
-      sanitizeOps: false,
-      sanitizeResources: false,
+      ...GPU_TEST,
       fn: async () => {
         const { B, T, nH, nKV, hd } = c;
         const rng = new Rng(99 + T * 13 + hd + nH);
@@ -128,7 +114,7 @@ for (const { name: variant, design, subgroups } of variants) {
           design,
           subgroups,
         });
-        run([fwd, ...bwd]);
+        submitPass(gpu, [fwd, ...bwd]);
         const [out, lse, dq, dk, dv] = await Promise.all(
           [outB, lseB, dqB, dkB, dvB].map((b) => gpu.readF32(b)),
         );
@@ -165,7 +151,7 @@ for (const { name: variant, design, subgroups } of variants) {
 
         // Re-recording the same dispatches gives bitwise the same results (no
         // atomics, every output element has one owner).
-        run([fwd, ...bwd]);
+        submitPass(gpu, [fwd, ...bwd]);
         assertEquals(await gpu.readF32(outB), out, "out rerun");
         assertEquals(await gpu.readF32(dkB), dk, "dk rerun");
         for (const b of [qB, kB, vB, outB, lseB, dOutB, dqB, dkB, dvB]) b.destroy();
@@ -176,8 +162,7 @@ for (const { name: variant, design, subgroups } of variants) {
 
 Deno.test({
   name: "attention forward with a KV cache: Tq queries at qPos0 over a cache of capacity kvStride",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: async () => {
     // The cache holds Tk = qPos0 + Tq valid rows of kvStride; the result must
     // equal the last Tq rows of full causal attention over Tk tokens.
@@ -241,7 +226,7 @@ Deno.test({
         kvStride,
         design,
       });
-      run(fwd);
+      submitPass(gpu, fwd);
       assertClose(await gpu.readF32(outB), outExp, FWD_TOL, `${design} out`);
       assertClose(await gpu.readF32(lseB), lseExp, FWD_TOL, `${design} lse`);
       for (const b of [qB, kB, vB, outB, lseB]) b.destroy();
@@ -264,7 +249,6 @@ Deno.test("attention tiles fit 16 KiB and 32 KiB of workgroup memory for head_di
 
 Deno.test({
   name: "attention: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

@@ -17,26 +17,13 @@
  * O(c m) or more.
  */
 import { assert, assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, gpuTest, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { crossEntropy } from "../kernels/cross_entropy.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 
 const gpu = await Gpu.request();
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
-
-// The device outlives each test (one Gpu per file), so its async ops and
-// resources are not this test's leaks.
-const gpuTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
 
 interface Case {
   N: number;
@@ -90,7 +77,7 @@ for (
       V,
       options: { vec: c.vec, tuning: c.tuning },
     });
-    run(ds);
+    submitPass(gpu, ds);
 
     const z = Float64Array.from(logits);
     const m64 = Float64Array.from(mask);
@@ -115,7 +102,7 @@ for (
     if (inPlace) return;
     // Bitwise determinism: the same inputs again give the same bits.
     gpu.write(lossBuf, new Float32Array([0.5]));
-    run(ds);
+    submitPass(gpu, ds);
     assertEquals(await gpu.readF32(rowLossBuf), rowLoss, "rowLoss bits");
     assertEquals((await gpu.readF32(lossBuf))[0], loss, "loss bits");
     assertEquals(await gpu.readF32(dlogitsBuf), dz, "dlogits bits");
@@ -143,8 +130,8 @@ gpuTest("cross-entropy loss adds across micro-batches and flags bad targets", as
     N,
     V,
   });
-  run(ds);
-  run(ds);
+  submitPass(gpu, ds);
+  submitPass(gpu, ds);
   const fwd = ref.crossEntropyForward(Float64Array.from(logits), targets, mask, N, V);
   // Two micro-batches of 4 masked targets each, scale 1/8: the mean over 8.
   assertClose(await gpu.readF32(lossBuf), [fwd.loss], { atol: 2e-5, rtol: 1e-6 });
@@ -152,16 +139,15 @@ gpuTest("cross-entropy loss adds across micro-batches and flags bad targets", as
   // on a masked-out row it is ignored.
   gpu.write(targetsBuf, new Uint32Array([1, 2, 99, 4, 5]));
   gpu.write(lossBuf, new Float32Array([0]));
-  run(ds);
+  submitPass(gpu, ds);
   assert(Number.isFinite((await gpu.readF32(lossBuf))[0]), "masked-out bad target ignored");
   gpu.write(targetsBuf, new Uint32Array([1, 2, 3, 4, 11]));
-  run(ds);
+  submitPass(gpu, ds);
   assert(Number.isNaN((await gpu.readF32(lossBuf))[0]), "bad target gives NaN");
 });
 
 Deno.test({
   name: "cross-entropy: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

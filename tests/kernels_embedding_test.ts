@@ -10,28 +10,14 @@
  * atol 2e-6, rtol 1e-6 for the O(1) values and k <= ~20 used here.
  */
 import { assertClose, assertEquals, assertThrows } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, gpuTest, randomF32, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { embeddingBackward, embeddingForward, groupByToken } from "../kernels/embedding.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 
 const gpu = await Gpu.request();
 const TOL = { atol: 2e-6, rtol: 1e-6 };
-
-function randomF32(rng: Rng, n: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = rng.normal();
-  return a;
-}
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
 
 /** old + (sum of rows in increasing n), each addition rounded to f32: the kernel's order. */
 function f32Accumulate(
@@ -49,11 +35,6 @@ function f32Accumulate(
   }
   return old.map((v, i) => Math.fround(v + sums[i]));
 }
-
-// The device outlives each test (one Gpu per file), so its async ops and
-// resources are not this test's leaks.
-const gpuTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
 
 Deno.test("groupByToken sorts positions by token, stably, and rejects bad ids", () => {
   const g = groupByToken([3, 1, 3, 3, 0, 1], 5);
@@ -85,7 +66,7 @@ for (const [N, H, V] of [[1, 16, 3], [7, 130, 50], [33, 64, 40], [300, 20, 7]]) 
     const fwd = await embeddingForward(gpu, { weight: weightBuf, ids: idsBuf, out: outBuf, N, H });
     const bwd = await embeddingBackward(gpu, { dOut: dOutBuf, dWeight: dWBuf, N, H });
     bwd.upload(groupByToken(ids, V));
-    run([fwd, bwd.dispatch]);
+    submitPass(gpu, [fwd, bwd.dispatch]);
 
     const out = await gpu.readF32(outBuf);
     assertEquals(Float64Array.from(out), ref.embeddingForward(Float64Array.from(weight), ids, H));
@@ -101,7 +82,7 @@ for (const [N, H, V] of [[1, 16, 3], [7, 130, 50], [33, 64, 40], [300, 20, 7]]) 
     // tokens than before, so stale segments in the buffer must be ignored.
     const ids2 = new Uint32Array(N).fill(V - 1);
     bwd.upload(groupByToken(ids2, V));
-    run(bwd.dispatch);
+    submitPass(gpu, bwd.dispatch);
     const dW2 = await gpu.readF32(dWBuf);
     assertEquals(dW2, f32Accumulate(dW, dOut, ids2, H), "accumulates into the same rows");
   });
@@ -119,10 +100,10 @@ gpuTest(
     const dWBuf = gpu.createBuffer(V * H * 4, "dWeight");
     const bwd = await embeddingBackward(gpu, { dOut: dOutBuf, dWeight: dWBuf, N, H });
     bwd.upload(groupByToken(ids, V));
-    run(bwd.dispatch);
+    submitPass(gpu, bwd.dispatch);
     const first = await gpu.readF32(dWBuf);
     gpu.write(dWBuf, new Float32Array(V * H));
-    run(bwd.dispatch);
+    submitPass(gpu, bwd.dispatch);
     const second = await gpu.readF32(dWBuf);
     assertEquals(second, first, "bits");
     // Only the first N - 5 rows of dOut count.
@@ -144,7 +125,6 @@ gpuTest(
 
 Deno.test({
   name: "embedding: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

@@ -12,26 +12,13 @@
  * against a total of ~300).
  */
 import { assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, gpuTest, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { clipScale, gradNormPartialsSize, gradNormSquared } from "../kernels/grad_norm.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 
 const gpu = await Gpu.request();
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
-
-// The device outlives each test (one Gpu per file), so its async ops and
-// resources are not this test's leaks.
-const gpuTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
 
 Deno.test("gradNormPartialsSize counts 4096-entry blocks per tensor", () => {
   assertEquals(gradNormPartialsSize([]), 0);
@@ -57,12 +44,12 @@ gpuTest(
     const partials = gpu.createBuffer(gradNormPartialsSize(tensors) * 4, "partials");
     const total = gpu.createBuffer(4, "total");
     const ds = await gradNormSquared(gpu, { tensors, partials, total });
-    run(ds);
+    submitPass(gpu, ds);
     const first = (await gpu.readF32(total))[0];
     const norm = ref.gradNorm(grads.map((g) => Float64Array.from(g)));
     assertClose([first], [norm * norm], { atol: 0, rtol: 1e-5 }, "sum of squares");
     gpu.write(total, new Float32Array([123]));
-    run(ds);
+    submitPass(gpu, ds);
     const second = await gpu.readF32(total);
     assertEquals(
       new Uint32Array(second.buffer)[0],
@@ -85,7 +72,7 @@ gpuTest("clip scale on the GPU matches the reference (clipping, no clipping, off
       await clipScale(gpu, { total, maxNorm, scale }),
     ];
     gpu.write(scale, new Float32Array([-1]));
-    run(ds);
+    submitPass(gpu, ds);
     const s = await gpu.readF32(scale);
     assertClose(s, [ref.clipScale(norm, maxNorm)], { atol: 0, rtol: 1e-5 }, `maxNorm ${maxNorm}`);
   }
@@ -93,7 +80,6 @@ gpuTest("clip scale on the GPU matches the reference (clipping, no clipping, off
 
 Deno.test({
   name: "grad-norm: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

@@ -18,8 +18,8 @@
  * row or column, a stale tile) is off by O(1).
  */
 import { assert, assertClose } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import {
   matmulDyTX,
   matmulDyW,
@@ -43,21 +43,6 @@ const VARIANTS: MatmulVariant[] = [
 
 function tolerance(L: number) {
   return { atol: 4 * 2 ** -24 * L + 1e-6, rtol: 1e-6 };
-}
-
-function randomF32(rng: Rng, n: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = rng.normal();
-  return a;
-}
-
-async function run(d: Dispatch): Promise<void> {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-  await gpu.finish();
 }
 
 function addInto(a: Float64Array, init: Float32Array): Float64Array {
@@ -119,7 +104,7 @@ async function checkForm(
       : form === "dyW"
       ? await matmulDyW(gpu, { dy: aBuf, w: bBuf, dx: outBuf, M, N, K, accumulate, options })
       : await matmulDyTX(gpu, { dy: aBuf, x: bBuf, dw: outBuf, M, N, K, accumulate, options });
-    await run(d);
+    await submitPassAndWait(gpu, d);
     const got = await gpu.readF32(outBuf, 0, outLen);
     assertClose(got, expected, tolerance(L), `${what} [${d.label}]`);
   } finally {
@@ -150,14 +135,10 @@ const SHAPES: [number, number, number][] = [
 // register tile): checked on shapes that cover each of those.
 const ACCUMULATE_SHAPES = new Set(["7x33x65", "4x4x4", "257x129x33", "132x68x36"]);
 
-// WebGPU resolves device promises outside the test's own ops, which Deno's op
-// sanitizer reports as leaks; the device is shared and destroyed at unload.
-const opts = { sanitizeOps: false, sanitizeResources: false };
-
 for (const variant of VARIANTS) {
   Deno.test({
     name: `matmul ${variant}: three forms, odd and aligned shapes, overwrite and accumulate`,
-    ...opts,
+    ...GPU_TEST,
     fn: async () => {
       let seed = 1;
       for (const [M, K, N] of SHAPES) {
@@ -174,7 +155,7 @@ for (const variant of VARIANTS) {
 for (const variant of VARIANTS) {
   Deno.test({
     name: `matmul ${variant}: 512x384x1408 (M x K x N), all three forms`,
-    ...opts,
+    ...GPU_TEST,
     fn: async () => {
       // Forms take turns accumulating to keep the file fast.
       await checkForm("xWt", 512, 384, 1408, variant, false, 100);
@@ -187,7 +168,7 @@ for (const variant of VARIANTS) {
 Deno.test({
   name: "matmul fallbackSubgroup: a subgroup size other than the kernel's takes the plain path",
   ignore: !gpu.features.subgroups,
-  ...opts,
+  ...GPU_TEST,
   fn: async () => {
     // Generated for 4 lanes, run where subgroups are wider (llvmpipe: 8) or, on
     // a 4-lane device, for 16: either way subgroup_size differs from the
@@ -215,7 +196,7 @@ Deno.test({
 
 Deno.test({
   name: "matmul: scalar loads forced on aligned shapes (vec: 1)",
-  ...opts,
+  ...GPU_TEST,
   fn: async () => {
     let seed = 300;
     for (const variant of ["auto", "tiled64"] as MatmulVariant[]) {
@@ -228,7 +209,7 @@ Deno.test({
 
 Deno.test({
   name: "matmul: more output tiles than one grid dimension allows (65535) are all computed",
-  ...opts,
+  ...GPU_TEST,
   fn: async () => {
     // x W^T with 64·65536 + 7 rows: 65537 tiles of 64 rows for tiled64, more for
     // the CPU designs; the 1-D count is split into a 2-D grid and the kernel
@@ -252,7 +233,7 @@ Deno.test({
           options: { variant },
         });
         assert(typeof d.workgroups === "number" && d.workgroups > 65535, "grid must need a split");
-        await run(d);
+        await submitPassAndWait(gpu, d);
         const got = await gpu.readF32(yBuf, 0, M);
         // One product by 2 per output: exact in float32.
         const expected = ref.matmulXWt(Float64Array.from(x), Float64Array.from(w), M, 1, 1);
@@ -268,7 +249,7 @@ Deno.test({
 
 Deno.test({
   name: "matmul: the same inputs give bitwise the same outputs",
-  ...opts,
+  ...GPU_TEST,
   fn: async () => {
     const rng = new Rng(3);
     const [M, K, N] = [70, 96, 50];
@@ -277,9 +258,9 @@ Deno.test({
     const y = gpu.createBuffer(M * N * 4, "y");
     try {
       const d = await matmulXWt(gpu, { x, w, y, M, K, N });
-      await run(d);
+      await submitPassAndWait(gpu, d);
       const first = await gpu.readF32(y);
-      await run(d);
+      await submitPassAndWait(gpu, d);
       const second = await gpu.readF32(y);
       assert(first.every((v, i) => Object.is(v, second[i])), "outputs differ between runs");
     } finally {

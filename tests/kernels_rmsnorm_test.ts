@@ -16,8 +16,8 @@
  * A real mistake (a missing r, a wrong mean, a wrong row) is off by O(0.1).
  */
 import { assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, gpuTest, randomF32, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { addRmsnormForward, rmsnormBackward, rmsnormForward } from "../kernels/rmsnorm.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
@@ -27,26 +27,7 @@ const FWD_TOL = { atol: 1e-6, rtol: 1e-5 };
 const BWD_TOL = { atol: 1e-5, rtol: 1e-5 };
 const EPS = 1e-5;
 
-function randomF32(rng: Rng, n: number, scale = 1, offset = 0): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = offset + scale * rng.normal();
-  return a;
-}
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
-
 const f64 = (a: Float32Array) => Float64Array.from(a);
-
-// The device outlives each test (one Gpu per file), so its async ops and
-// resources are not this test's leaks.
-const gpuTest = (name: string, fn: () => Promise<void>) =>
-  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
 
 for (const H of [16, 96, 130, 512]) {
   for (const N of [1, 7, 33]) {
@@ -93,7 +74,7 @@ for (const H of [16, 96, 130, 512]) {
           accumulateDx: false,
           options,
         });
-        run([fwd, ...bwd]);
+        submitPass(gpu, [fwd, ...bwd]);
         const expected = ref.rmsnormForward(f64(x), f64(w), N, H, EPS);
         assertClose(await gpu.readF32(yBuf), expected.y, FWD_TOL, "y");
         assertClose(await gpu.readF32(rstdBuf), expected.rstd, FWD_TOL, "rstd");
@@ -150,7 +131,7 @@ gpuTest("fused residual add + rmsnorm, dx accumulation, and bitwise determinism"
       accumulateDx: true,
       options,
     });
-    run([fwd, ...bwd]);
+    submitPass(gpu, [fwd, ...bwd]);
     // x + delta is one f32 rounding, exactly what the kernel stores in place.
     const sum = x.map((v, i) => v + delta[i]);
     assertEquals(await gpu.readF32(xBuf), sum, "x += delta in place");
@@ -167,7 +148,7 @@ gpuTest("fused residual add + rmsnorm, dx accumulation, and bitwise determinism"
     gpu.write(xBuf, x);
     gpu.write(dxBuf, dx0);
     gpu.write(dwBuf, new Float32Array(H));
-    run([fwd, ...bwd]);
+    submitPass(gpu, [fwd, ...bwd]);
     assertEquals(await gpu.readF32(yBuf), y1, "y bits");
     assertEquals(await gpu.readF32(dxBuf), dx1, "dx bits");
     assertEquals(await gpu.readF32(dwBuf), dw1, "dw bits");
@@ -210,7 +191,7 @@ gpuTest(
       H,
       accumulateDx: false,
     });
-    run([fwd, ...bwd]);
+    submitPass(gpu, [fwd, ...bwd]);
     const expected = ref.rmsnormForward(f64(x), f64(w), N, H, EPS);
     const g = ref.rmsnormBackward(f64(dy), f64(x), f64(w), expected.rstd, N, H);
     assertClose(await gpu.readF32(dxBuf), g.dx, BWD_TOL, "dx");
@@ -221,7 +202,6 @@ gpuTest(
 
 Deno.test({
   name: "rmsnorm: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

@@ -10,6 +10,7 @@
  * so the large-pos0 cases check that the table really is float64-derived.
  */
 import { assertClose } from "./assert.ts";
+import { GPU_TEST, randomF32 } from "./helpers.ts";
 import { Gpu, recordDispatches } from "../kernels/runtime.ts";
 import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import * as ref from "../model/reference.ts";
@@ -17,12 +18,6 @@ import { Rng } from "../util/random.ts";
 
 const gpu = await Gpu.request();
 const TOL = { atol: 2e-6, rtol: 1e-6 };
-
-function randomF32(rng: Rng, n: number): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = rng.normal();
-  return a;
-}
 
 const cases = [
   { B: 1, T: 1, nHeads: 1, hd: 16, theta: 1e4, pos0: 0 },
@@ -39,8 +34,7 @@ for (const c of cases) {
   // resources are not this test's leaks.
   Deno.test({
     name: `rope forward and backward match the reference: ${name}`,
-    sanitizeOps: false,
-    sanitizeResources: false,
+    ...GPU_TEST,
     fn: async () => {
       const rng = new Rng(1234 + c.T * 7 + c.hd);
       const n = c.B * c.T * c.nHeads * c.hd;
@@ -68,8 +62,7 @@ for (const c of cases) {
 
 Deno.test({
   name: "rope: re-recording the same dispatch rotates again (forward then backward is identity)",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: async () => {
     const c = { B: 1, T: 9, nHeads: 2, hd: 32, theta: 1e6, pos0: 100 };
     const x = randomF32(new Rng(7), c.B * c.T * c.nHeads * c.hd);
@@ -89,7 +82,6 @@ Deno.test({
 
 Deno.test({
   name: "rope: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });

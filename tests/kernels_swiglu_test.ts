@@ -10,28 +10,14 @@
  * missing up) is off by O(1).
  */
 import { assertClose, assertEquals } from "./assert.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import type { Dispatch } from "../kernels/runtime.ts";
+import { GPU_TEST, randomF32, submitPass } from "./helpers.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 
 const gpu = await Gpu.request();
 const TOL = { atol: 1e-6, rtol: 1e-5 };
-
-function randomF32(rng: Rng, n: number, scale = 1): Float32Array {
-  const a = new Float32Array(n);
-  for (let i = 0; i < n; i++) a[i] = scale * rng.normal();
-  return a;
-}
-
-function run(d: Dispatch | Dispatch[]): void {
-  gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, d);
-    pass.end();
-  });
-}
 
 const f64 = (a: Float32Array) => Float64Array.from(a);
 
@@ -51,8 +37,7 @@ for (const { n, vec } of cases) {
   // resources are not this test's leaks.
   Deno.test({
     name: `swiglu forward and backward match the reference: n=${n}${vec ? " scalar" : ""}`,
-    sanitizeOps: false,
-    sanitizeResources: false,
+    ...GPU_TEST,
     fn: async () => {
       const rng = new Rng(3 + n);
       const gate = randomF32(rng, n, 3);
@@ -78,7 +63,7 @@ for (const { n, vec } of cases) {
         n,
         options,
       });
-      run([fwd, bwd]);
+      submitPass(gpu, [fwd, bwd]);
       const h = await gpu.readF32(hBuf);
       assertClose(h, ref.swigluForward(f64(gate), f64(up)), TOL, "h");
       const g = ref.swigluBackward(f64(dh), f64(gate), f64(up));
@@ -91,7 +76,6 @@ for (const { n, vec } of cases) {
 
 Deno.test({
   name: "swiglu: destroy the shared device",
-  sanitizeOps: false,
-  sanitizeResources: false,
+  ...GPU_TEST,
   fn: () => gpu.destroy(),
 });
