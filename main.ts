@@ -7,6 +7,7 @@ import { UsageError, UserError } from "./util/errors.ts";
 import { infoCommand } from "./kernels/info.ts";
 import { pretrainCommand, sftCommand } from "./train/commands.ts";
 import { evalCommand } from "./train/eval.ts";
+import { experimentCommand } from "./train/experiment.ts";
 import { chatCommand, generateCommand } from "./train/generate.ts";
 import { dataPrepareCommand, tokenizeCommand } from "./data/commands.ts";
 import { tokenizerTrainCommand } from "./data/bpe_command.ts";
@@ -18,6 +19,7 @@ export const COMMANDS: CommandSpec[] = [
   generateCommand,
   chatCommand,
   evalCommand,
+  experimentCommand,
   tokenizeCommand,
   dataPrepareCommand,
   tokenizerTrainCommand,
