@@ -379,6 +379,7 @@ export const CORPUS_FILES = {
 /**
  * Writes the corpus as JSONL files into `dir` (created if needed), one record
  * per line, so it can be read, edited and trained on like any other data.
+ * Files that already hold exactly this content are not rewritten.
  * Returns the paths by part.
  */
 export async function writeEmbeddedCorpus(
@@ -391,7 +392,15 @@ export async function writeEmbeddedCorpus(
   for (const [part, name] of Object.entries(CORPUS_FILES)) {
     const records = corpus[part as keyof EmbeddedCorpus] as unknown[];
     const path = `${dir.replace(/\/+$/, "")}/${name}`;
-    await Deno.writeTextFile(path, records.map((r) => JSON.stringify(r)).join("\n") + "\n");
+    const text = records.map((r) => JSON.stringify(r)).join("\n") + "\n";
+    // Another run may be reading these files right now: leave identical files
+    // alone, and replace changed ones whole (write aside, then rename).
+    const current = await Deno.readTextFile(path).catch(() => undefined);
+    if (current !== text) {
+      const tmp = `${path}.tmp-${crypto.randomUUID()}`;
+      await Deno.writeTextFile(tmp, text);
+      await Deno.rename(tmp, path);
+    }
     files[part] = path;
   }
   return { files };

@@ -506,8 +506,9 @@ async function setUpAndTrain(
       print(`note: replacing the previous run in ${out} (use --resume to continue it)`);
     }
   }
-  await Deno.mkdir(out, { recursive: true });
 
+  // Open the data before creating --out, so bad data leaves nothing behind.
+  const train = await DataStream.open(streamOptions, state?.data);
   let interrupted = false;
   const onSigint = () => {
     if (interrupted) Deno.exit(130); // a second Ctrl-C: stop now
@@ -516,11 +517,11 @@ async function setUpAndTrain(
   };
   let listening = false;
   try {
-    Deno.addSignalListener("SIGINT", onSigint);
-    listening = true;
-  } catch { /* no signals here (Windows without a console): Ctrl-C just ends the process */ }
-  const train = await DataStream.open(streamOptions, state?.data);
-  try {
+    try {
+      Deno.addSignalListener("SIGINT", onSigint);
+      listening = true;
+    } catch { /* no signals here (Windows without a console): Ctrl-C just ends the process */ }
+    await Deno.mkdir(out, { recursive: true });
     const evalOpen = evalData.length > 0
       ? () =>
         DataStream.open({
