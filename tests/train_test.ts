@@ -326,6 +326,29 @@ Deno.test({
       UserError,
       "holds no checkpoint to resume",
     );
+    // Resuming (or --init) with a different model config names the field.
+    const done = `${root}/resume-other-model`;
+    assertEquals(await runTraining("pretrain", small(done, { steps: "0" }), quiet), 0);
+    await assertRejects(
+      () =>
+        runTraining(
+          "pretrain",
+          args({ out: done, resume: true, steps: "2", preset: "minimind2-small" }),
+          quiet,
+        ),
+      UserError,
+      "--preset asks for hidden_size = 512, but the run in",
+    );
+    await assertRejects(
+      () =>
+        runTraining(
+          "sft",
+          args({ init: done, out: `${root}/sft-other`, preset: "tiny", data: [corpus.sft] }),
+          quiet,
+        ),
+      UserError,
+      "--preset asks for hidden_size = 128, but the --init checkpoint",
+    );
   },
 });
 

@@ -247,6 +247,46 @@ function describe(config: ModelConfig): string {
   }${config.tie_word_embeddings ? ", tied head" : ""}`;
 }
 
+/**
+ * The model `--preset` or `--model-config` asks for (default `tiny`), with
+ * `vocab_size` following the tokenizer unless the file sets it, in which case
+ * the two must agree.
+ */
+async function requestedModel(args: ParsedArgs, vocabSize: number): Promise<ModelConfig> {
+  const file = stringOption(args, "model-config");
+  const { config, setsVocab } = file
+    ? await readModelConfigFile(file)
+    : { config: presetConfig(stringOption(args, "preset", "tiny")), setsVocab: false };
+  if (setsVocab && config.vocab_size !== vocabSize) {
+    throw new UserError(
+      `vocab_size ${config.vocab_size} in ${file} does not match the tokenizer's ${vocabSize} tokens; remove vocab_size from the config to follow the tokenizer`,
+    );
+  }
+  config.vocab_size = vocabSize;
+  validateConfig(config);
+  return config;
+}
+
+/**
+ * With `--resume` or `--init` the model comes from the checkpoint; a
+ * `--preset` / `--model-config` given too must describe the same model, or
+ * the run is refused naming the first field that differs.
+ */
+async function checkSameModel(args: ParsedArgs, have: ModelConfig, where: string): Promise<void> {
+  if (args.values["preset"] === undefined && args.values["model-config"] === undefined) return;
+  const asked = await requestedModel(args, have.vocab_size);
+  for (const field of MODEL_CONFIG_FIELDS) {
+    if (asked[field] !== have[field]) {
+      const flag = args.values["preset"] !== undefined ? "--preset" : "--model-config";
+      throw new UserError(
+        `${flag} asks for ${field} = ${asked[field]}, but ${where} has ${field} = ${
+          have[field]
+        }; drop ${flag} to use the checkpoint's model`,
+      );
+    }
+  }
+}
+
 /** Runs pretrain or sft with parsed arguments. Exported for tests and the experiment. */
 export async function runTraining(
   kind: Kind,
@@ -318,6 +358,7 @@ async function setUpAndTrain(
       ckpt.tokenizer.tokenizerConfigJson,
       out,
     );
+    await checkSameModel(args, model, `the run in ${out} (--resume)`);
     start = {
       params: ckpt.params,
       optimizer: ckpt.optimizer,
@@ -335,6 +376,7 @@ async function setUpAndTrain(
     }
     const ckpt = await loadCheckpoint(initDir);
     model = ckpt.config;
+    await checkSameModel(args, model, `the --init checkpoint ${initDir}`);
     tokenizer = explicitTokenizer
       ? await TextTokenizer.load(explicitTokenizer)
       : TextTokenizer.fromJson(
@@ -347,22 +389,7 @@ async function setUpAndTrain(
     tokenizer = explicitTokenizer
       ? await TextTokenizer.load(explicitTokenizer)
       : defaultTokenizer();
-    const modelConfigFile = stringOption(args, "model-config");
-    let setsVocab = false;
-    if (modelConfigFile) {
-      const r = await readModelConfigFile(modelConfigFile);
-      model = r.config;
-      setsVocab = r.setsVocab;
-    } else {
-      model = presetConfig(stringOption(args, "preset", "tiny"));
-    }
-    if (setsVocab && model.vocab_size !== tokenizer.vocabSize) {
-      throw new UserError(
-        `vocab_size ${model.vocab_size} in ${modelConfigFile} does not match the tokenizer's ${tokenizer.vocabSize} tokens; remove vocab_size from the config to follow the tokenizer`,
-      );
-    }
-    model.vocab_size = tokenizer.vocabSize;
-    validateConfig(model);
+    model = await requestedModel(args, tokenizer.vocabSize);
     // Refuse a model the device cannot hold before spending time on weights.
     checkDeviceLimits(
       gpu.limits,
