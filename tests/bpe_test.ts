@@ -282,22 +282,31 @@ Deno.test("tokenizer train command writes a loadable tokenizer directory", async
   }
 });
 
-Deno.test("python tokenizers loads our files and encodes as we do (skipped without it)", async () => {
-  let hasPython = false;
+/** Whether python3 can import the Hugging Face `tokenizers` package (optional cross-check). */
+async function pythonHasTokenizers(): Promise<boolean> {
   try {
     const probe = await new Deno.Command("python3", {
       args: ["-c", "import tokenizers"],
       stdout: "null",
       stderr: "null",
     }).output();
-    hasPython = probe.success;
+    return probe.success;
   } catch {
-    hasPython = false;
+    return false;
   }
-  if (!hasPython) {
-    console.log("skipped: python3 with the `tokenizers` package is not installed here");
-    return;
-  }
+}
+
+const hasPythonTokenizers = await pythonHasTokenizers();
+if (!hasPythonTokenizers) {
+  console.log(
+    "skipped: the Python tokenizers cross-check: python3 with the `tokenizers` package is not installed here",
+  );
+}
+
+Deno.test({
+  name: "python tokenizers loads our files and encodes as we do",
+  ignore: !hasPythonTokenizers,
+}, async () => {
   const dir = await Deno.makeTempDir();
   try {
     const files = trainTokenizerOnTexts(sampleTexts(300, 6), { vocabSize: 500 });
