@@ -3,7 +3,7 @@
  * has one), the run's setup (tokenizer, model config, data, start point or
  * resume), Ctrl-C handling, and what the user is told at the end.
  */
-import { dirname, join, resolve } from "node:path";
+import { dirname, join } from "node:path";
 import { Gpu } from "../kernels/runtime.ts";
 import {
   MODEL_CONFIG_FIELDS,
@@ -14,7 +14,7 @@ import {
 } from "../model/config.ts";
 import { initParameters } from "../model/params.ts";
 import { checkDeviceLimits } from "../model/gpu_model.ts";
-import { loadCheckpoint } from "../model/checkpoint.ts";
+import { loadCheckpoint, resolveCheckpointDir } from "../model/checkpoint.ts";
 import { fromHfConfig } from "../model/hf_config.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream } from "../data/stream.ts";
@@ -185,7 +185,8 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
     },
     resume: {
       type: "boolean",
-      help: "continue the run in --out from its last checkpoint up to --steps",
+      help:
+        "continue the run in --out from its last checkpoint up to --steps (the same --steps resumes exactly)",
     },
     "peak-tflops": {
       type: "string",
@@ -340,12 +341,14 @@ async function setUpAndTrain(
   const explicitTokenizer = stringOption(args, "tokenizer");
 
   if (resume) {
-    if (!(await exists(join(out, "trainer_state.json")))) {
+    // After a crash mid-save the checkpoint may survive as `<out>.old-*`.
+    const source = await resolveCheckpointDir(out).catch(() => out);
+    if (!(await exists(join(source, "trainer_state.json")))) {
       throw new UserError(
         `--resume: ${out} holds no checkpoint to resume (no trainer_state.json); run without --resume first`,
       );
     }
-    const ckpt = await loadCheckpoint(out, { optimizer: true });
+    const ckpt = await loadCheckpoint(source, { optimizer: true });
     state = ckpt.state as unknown as TrainerState;
     if (state?.version !== 1 || state.run?.kind !== kind) {
       throw new UserError(
@@ -457,9 +460,17 @@ async function setUpAndTrain(
   let data = listOption(args, "data");
   let evalData = listOption(args, "eval-data");
   if (data.length === 0 && saved) data = state!.data.files.map((f) => f.path);
+  if (evalData.length === 0 && saved) evalData = saved.evalData ?? [];
   if (data.length === 0) {
-    const corpusDir = join(dirname(resolve(out)), "data");
-    const { files } = await writeEmbeddedCorpus(corpusDir);
+    // Beside --out (out/pretrain -> out/data); a bare --out name puts it in
+    // out/data rather than next to the user's own files.
+    const parent = dirname(out);
+    const corpusDir = parent === "." ? join("out", "data") : join(parent, "data");
+    const { files } = await writeEmbeddedCorpus(corpusDir).catch((e) => {
+      throw new UserError(
+        `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
+      );
+    });
     data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
     if (evalData.length === 0) evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
     print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
@@ -492,6 +503,7 @@ async function setUpAndTrain(
   const run: RunConfig = {
     kind,
     model,
+    evalData,
     steps,
     batchSize,
     seqLen,
@@ -515,6 +527,13 @@ async function setUpAndTrain(
   if (saved && steps < state!.step) {
     throw new UserError(
       `--resume: the run in ${out} is already at step ${state!.step}, past --steps ${steps}`,
+    );
+  }
+  if (saved && steps !== saved.steps) {
+    // The cosine schedule is a function of the total: a new total moves the
+    // learning rate of the remaining steps (exact resume needs the same --steps).
+    print(
+      `note: --steps ${steps} differs from the run's ${saved.steps}; the cosine schedule now spans ${steps} steps, so the learning rate continues from the new curve`,
     );
   }
 
@@ -548,7 +567,9 @@ async function setUpAndTrain(
       Deno.addSignalListener("SIGINT", onSigint);
       listening = true;
     } catch { /* no signals here (Windows without a console): Ctrl-C just ends the process */ }
-    await Deno.mkdir(out, { recursive: true });
+    await Deno.mkdir(out, { recursive: true }).catch((e) => {
+      throw new UserError(`cannot create --out ${out}: ${(e as Error).message}`);
+    });
     const evalOpen = evalData.length > 0
       ? () =>
         DataStream.open({

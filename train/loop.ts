@@ -46,6 +46,8 @@ export interface RunConfig {
   evalEvery: number;
   saveEvery: number;
   out: string;
+  /** Held-out data evaluated during the run (kept so a resume evaluates the same). */
+  evalData: string[];
 }
 
 /** What `trainer_state.json` holds. */
@@ -280,6 +282,7 @@ async function loop(
       checkFinite(await model.readLoss(), "training");
       checkFinite(await model.readGradNorm(), "gradient norm of the training");
       await save();
+      windowStart = { time: performance.now(), tokens };
     }
     if (stop) {
       interrupted = true;
