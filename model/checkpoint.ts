@@ -41,6 +41,7 @@ import { type ModelConfig, validateConfig } from "./config.ts";
 import {
   fromHfConfig,
   type ParsedGenerationConfig,
+  type SamplingDefaults,
   parseGenerationConfig,
   type SpecialTokenIds,
   toGenerationConfig,
@@ -70,6 +71,8 @@ export interface CheckpointContents {
   optimizer?: { m: Map<string, Float32Array>; v: Map<string, Float32Array> };
   /** The training loop's state (step, schedule, data position, RNG state, run config). */
   state?: Record<string, unknown>;
+  /** Sampling defaults for `generation_config.json` (then `do_sample: true`); none: greedy. */
+  sampling?: SamplingDefaults;
 }
 
 /** The steps of the save protocol, for `SaveCheckpointOptions.onStep`. */
@@ -348,7 +351,7 @@ export async function saveCheckpoint(
     const put = (name: string, bytes: Uint8Array) =>
       writeFileSynced(join(tmp, name), bytes, hook(name));
     await put(FILES.config, jsonBytes(toHfConfig(c.config, c.special)));
-    await put(FILES.generation, jsonBytes(toGenerationConfig(c.special)));
+    await put(FILES.generation, jsonBytes(toGenerationConfig(c.special, c.sampling)));
     const specs = parameterSpecs(c.config);
     const tensorsOf = (m: Map<string, Float32Array>, suffix = "") =>
       new Map<string, TensorToWrite>(

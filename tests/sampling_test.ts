@@ -14,6 +14,7 @@ import {
   type SamplingOptions,
 } from "../model/sampling.ts";
 import { Rng } from "../util/random.ts";
+import { samplingFrom } from "../train/generate.ts";
 import { UserError } from "../util/errors.ts";
 
 const opts = (o: Partial<SamplingOptions>): SamplingOptions => ({
@@ -119,4 +120,16 @@ Deno.test("sampling: settings out of range are user errors naming the setting", 
     UserError,
     "repetition penalty",
   );
+});
+
+Deno.test("generation_config.json: do_sample false means greedy unless --temperature is given", () => {
+  const none = { values: {}, positionals: [] };
+  const greedy = samplingFrom(none, { generation: { do_sample: false, temperature: 0.9 } });
+  assertEquals(greedy.temperature, 0);
+  const sampled = samplingFrom(none, { generation: { do_sample: true, temperature: 0.9 } });
+  assertEquals(sampled.temperature, 0.9);
+  const flag = samplingFrom({ values: { temperature: "0.5" }, positionals: [] }, {
+    generation: { do_sample: false },
+  });
+  assertEquals(flag.temperature, 0.5);
 });

@@ -247,6 +247,9 @@ Deno.test({
     const expected = initParameters(c.config, 5);
     for (const [name, t] of expected) assertEquals(c.params.get(name), t, name);
     assertEquals((c.state as { step: number }).step, 0);
+    // generation_config.json says what `trainer generate` samples with, for Transformers too.
+    const gen = JSON.parse(await Deno.readTextFile(`${out}/generation_config.json`));
+    assertEquals([gen.do_sample, gen.temperature, gen.top_p], [true, 0.7, 0.9]);
   },
 });
 

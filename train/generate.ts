@@ -89,18 +89,19 @@ const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
     type: "string",
     valueName: "T",
     help:
-      `softmax temperature; 0 = greedy, deterministic (default: generation_config.json, else ${DEFAULT_SAMPLING.temperature})`,
+      `softmax temperature; 0 = greedy, deterministic (default: generation_config.json, greedy when it says do_sample: false, else ${DEFAULT_SAMPLING.temperature})`,
   },
   "top-k": {
     type: "string",
     valueName: "K",
-    help: "sample among the K most likely tokens only; 0 = off (default 0)",
+    help:
+      `sample among the K most likely tokens only; 0 = off (default: generation_config.json, else ${DEFAULT_SAMPLING.topK})`,
   },
   "top-p": {
     type: "string",
     valueName: "P",
     help:
-      `nucleus sampling: the smallest set of likely tokens with mass >= P; 1 = off (default ${DEFAULT_SAMPLING.topP})`,
+      `nucleus sampling: the smallest set of likely tokens with mass >= P; 1 = off (default: generation_config.json, else ${DEFAULT_SAMPLING.topP})`,
   },
   "repetition-penalty": {
     type: "string",
@@ -146,12 +147,19 @@ async function loadModel(args: ParsedArgs): Promise<Loaded> {
 }
 
 /** Sampling settings: command line, else `generation_config.json`, else the defaults. */
-function samplingFrom(args: ParsedArgs, ckpt: LoadedCheckpoint): SamplingOptions {
+export function samplingFrom(
+  args: ParsedArgs,
+  ckpt: Pick<LoadedCheckpoint, "generation">,
+): SamplingOptions {
   const g = ckpt.generation;
   const s: SamplingOptions = {
-    temperature: numberOption(args, "temperature", g.temperature ?? DEFAULT_SAMPLING.temperature, {
-      min: 0,
-    }),
+    // `do_sample: false` means greedy decoding in Transformers; follow it.
+    temperature: numberOption(
+      args,
+      "temperature",
+      g.do_sample === false ? 0 : g.temperature ?? DEFAULT_SAMPLING.temperature,
+      { min: 0 },
+    ),
     topK: numberOption(args, "top-k", g.top_k ?? DEFAULT_SAMPLING.topK, { integer: true, min: 0 }),
     topP: numberOption(args, "top-p", g.top_p ?? DEFAULT_SAMPLING.topP, { max: 1 }),
     repetitionPenalty: numberOption(

@@ -23,6 +23,7 @@ import { UserError } from "../util/errors.ts";
 import { cosineWithWarmup } from "./schedule.ts";
 import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from "./metrics.ts";
 import { lossPlotSvg } from "./plot.ts";
+import { DEFAULT_SAMPLING } from "./generate.ts";
 import { Progress } from "./progress.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
@@ -181,6 +182,8 @@ async function loop(
       },
       optimizer: await model.getOptimizerState(),
       state: state as unknown as Record<string, unknown>,
+      // What `trainer generate` samples with by default, so Transformers does the same.
+      sampling: { temperature: DEFAULT_SAMPLING.temperature, top_p: DEFAULT_SAMPLING.topP },
     };
     await saveCheckpoint(run.out, contents);
     await writePlot(run);
