@@ -41,8 +41,8 @@ import { type ModelConfig, validateConfig } from "./config.ts";
 import {
   fromHfConfig,
   type ParsedGenerationConfig,
-  type SamplingDefaults,
   parseGenerationConfig,
+  type SamplingDefaults,
   type SpecialTokenIds,
   toGenerationConfig,
   toHfConfig,
