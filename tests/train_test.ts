@@ -23,6 +23,7 @@ import { defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream } from "../data/stream.ts";
 import { parseCommandArgs, type ParsedArgs } from "../util/cli.ts";
 import { UserError } from "../util/errors.ts";
+import { tinyConfig } from "./helpers.ts";
 
 const gpu = await Gpu.request();
 const root = await Deno.makeTempDir({ prefix: "trainer-train-test-" });
@@ -120,19 +121,12 @@ Deno.test({
   sanitizeOps: false,
   async fn() {
     const tok = defaultTokenizer();
-    const config = {
-      hidden_size: 32,
+    const config = tinyConfig({
       num_hidden_layers: 2,
-      num_attention_heads: 4,
-      num_key_value_heads: 2,
       intermediate_size: 64,
       vocab_size: tok.vocabSize,
-      max_position_embeddings: 64,
       rope_theta: 1e6,
-      rms_norm_eps: 1e-5,
-      tie_word_embeddings: true,
-      qk_norm: false,
-    };
+    });
     const stream = await DataStream.open({
       data: [corpus.sft],
       kind: "sft",
@@ -376,19 +370,12 @@ Deno.test({
       `${dir}/pre.jsonl`,
       ['{"text": "a b c"}', '{"text": "hello"}', ""].join("\n"),
     );
-    const config = {
-      hidden_size: 32,
+    const config = tinyConfig({
       num_hidden_layers: 1,
-      num_attention_heads: 4,
-      num_key_value_heads: 2,
       intermediate_size: 64,
       vocab_size: tok.vocabSize,
-      max_position_embeddings: 64,
       rope_theta: 1e6,
-      rms_norm_eps: 1e-5,
-      tie_word_embeddings: true,
-      qk_norm: false,
-    };
+    });
     const model = await GpuModel.create(gpu, config, {
       batchSize: 2,
       seqLen: 16,
