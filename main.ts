@@ -1,16 +1,16 @@
 /**
  * `trainer`: the command line. Parses arguments, dispatches subcommands,
- * nothing else — every command lives in its folder as a `CommandSpec`.
+ * nothing else — every command lives in `cli/` as a `CommandSpec`.
  */
-import { type CommandSpec, formatHelp, parseCommandArgs } from "./util/cli.ts";
+import { type CommandSpec, formatHelp, parseCommandArgs } from "./cli/args.ts";
 import { UsageError, UserError } from "./util/errors.ts";
-import { infoCommand } from "./kernels/info.ts";
-import { pretrainCommand, sftCommand } from "./train/commands.ts";
-import { evalCommand } from "./train/eval.ts";
-import { experimentCommand } from "./train/experiment.ts";
-import { chatCommand, generateCommand } from "./train/generate.ts";
-import { dataPrepareCommand, tokenizeCommand } from "./data/commands.ts";
-import { tokenizerTrainCommand } from "./data/bpe_command.ts";
+import { infoCommand } from "./cli/info.ts";
+import { pretrainCommand, sftCommand } from "./cli/train.ts";
+import { evalCommand } from "./cli/eval.ts";
+import { experimentCommand } from "./cli/experiment.ts";
+import { chatCommand, generateCommand } from "./cli/generate.ts";
+import { dataPrepareCommand, tokenizeCommand } from "./cli/data.ts";
+import { tokenizerTrainCommand } from "./cli/tokenizer.ts";
 
 /** Every command, in the order `trainer --help` lists them. */
 export const COMMANDS: CommandSpec[] = [

@@ -7,19 +7,19 @@
  *
  * @example Train the tiny preset for one step on a batch of token ids
  * ```ts
- * import { GpuModel, Gpu, presetConfig } from "./mod.ts";
+ * import { AdamW, emptyBatch, Gpu, presetConfig, setRow, TrainingModel } from "./mod.ts";
  * const gpu = await Gpu.request();
  * const config = presetConfig("tiny");
- * const model = await GpuModel.create(gpu, config, { batchSize: 1, seqLen: 4 });
- * const batch = {
- *   ids: new Int32Array([1, 5, 6, 7]),
- *   targets: new Int32Array([5, 6, 7, 2]),
- *   mask: new Float32Array([1, 1, 1, 1]),
- * };
- * model.step([batch], {
- *   lr: 5e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, gradClip: 1,
- * }, 1);
+ * const model = await TrainingModel.create(gpu, config, { batchSize: 1, seqLen: 4 });
+ * const adamw = await AdamW.create(gpu, model.trainable(), {
+ *   beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, gradClip: 1,
+ * });
+ * const batch = emptyBatch(1, 4, 0);
+ * setRow(batch, 0, { ids: [1, 5, 6, 7, 2] }, 0);
+ * model.forwardBackward([batch]);
+ * adamw.step(5e-4);
  * console.log(await model.readLoss());
+ * adamw.destroy();
  * model.destroy();
  * gpu.destroy();
  * ```
@@ -48,22 +48,39 @@ export {
   trainFlopsPerToken,
   validateConfig,
 } from "./model/config.ts";
-/** Parameter layout (Hugging Face names) and seeded initialization. */
-export { initParameters, parameterSpecs, type ParamInit, type ParamSpec } from "./model/params.ts";
+/** Parameter layout (Hugging Face names, by role) and seeded initialization. */
+export {
+  initParameters,
+  type LayerTensors,
+  mapTensors,
+  type ModelTensors,
+  parameterSpecs,
+  type ParamInit,
+  type ParamSpec,
+  tensorNames,
+} from "./model/params.ts";
 /** The CPU reference model (float64): the oracle every kernel is tested against. */
+export { modelForward, modelLossAndGrads } from "./model/reference.ts";
+/** The GPU model for training: forward, loss and backward of the whole network. */
 export {
-  type Batch as ReferenceBatch,
-  modelForward,
-  modelLossAndGrads,
-} from "./model/reference.ts";
-/** The GPU model: forward, backward and AdamW of the whole network. */
+  type TrainableTensor,
+  TrainingModel,
+  type TrainingModelOptions,
+} from "./model/train_model.ts";
+/** What a model and batch need of the device, checked before allocating. */
+export { checkDeviceLimits, LOGITS_CHUNK_BYTES, logitsChunkRows } from "./model/plan.ts";
+/** The GPU model for generation, with its KV cache, and the generation loop. */
+export { InferenceModel, type InferenceModelOptions } from "./model/inference.ts";
+export { generate, type GenerateOptions, type GenerateResult } from "./model/generate.ts";
+/** Sampling: settings, defaults, and one token from logits. */
+export { DEFAULT_SAMPLING, GREEDY, sampleToken, type SamplingOptions } from "./model/sampling.ts";
+/** AdamW with global-norm clipping on the GPU. */
 export {
-  type AdamWSettings,
-  checkDeviceLimits,
-  type GpuBatch,
-  GpuModel,
-  type GpuModelOptions,
-} from "./model/gpu_model.ts";
+  AdamW,
+  type AdamWHyperparameters,
+  type AdamWState,
+  type OptimizedTensor,
+} from "./optim/adamw.ts";
 /** Checkpoints that Hugging Face Transformers loads as they are. */
 export {
   type CheckpointContents,
@@ -73,13 +90,13 @@ export {
   saveCheckpoint,
   type SaveCheckpointOptions,
   type SaveStep,
-} from "./model/checkpoint.ts";
+} from "./io/checkpoint.ts";
 /** Special token ids and `generation_config.json` contents, as checkpoints carry them. */
 export {
   type ParsedGenerationConfig,
   type SamplingDefaults,
   type SpecialTokenIds,
-} from "./model/hf_config.ts";
+} from "./io/hf_config.ts";
 /** Safetensors files: untrusted-input-safe reader, writer. */
 export {
   type Float32Tensor,
@@ -92,7 +109,7 @@ export {
   type WriteDtype,
   writeSafetensors,
   type WriteSafetensorsOptions,
-} from "./model/safetensors.ts";
+} from "./io/safetensors.ts";
 /** Tokenizers and chat templates (Hugging Face files), streaming detokenization. */
 export {
   type ChatMessage,
@@ -101,9 +118,10 @@ export {
   StreamingDecoder,
   TextTokenizer,
 } from "./data/tokenizer.ts";
+/** The one batch type and the next-token shift of a token row. */
+export { type Batch, emptyBatch, type RowTokens, setRow } from "./data/batch.ts";
 /** The training data stream: JSONL or token shards to shuffled, resumable batches. */
 export {
-  type Batch,
   type DataCounters,
   type DataPosition,
   type DataStats,
@@ -140,7 +158,24 @@ export {
   writeEmbeddedCorpus,
 } from "./data/corpus.ts";
 /** The learning-rate schedule. */
-export { cosineWithWarmup, type Schedule } from "./train/schedule.ts";
+export { cosineWithWarmup, type Schedule } from "./optim/schedule.ts";
+/** A training run: typed options, setup, the loop. */
+export {
+  type PreparedRun,
+  prepareRun,
+  TRAIN_DEFAULTS,
+  type TrainKind,
+  type TrainOptions,
+} from "./train/setup.ts";
+export { type RunIo, runPrepared } from "./train/run.ts";
+export {
+  type RunConfig,
+  type RunStart,
+  type TrainContext,
+  type TrainerState,
+  trainLoop,
+  type TrainResult,
+} from "./train/loop.ts";
 /** The PRNG every random choice uses. */
 export { Rng, type RngState } from "./util/random.ts";
 /** Errors that carry a user-facing message. */

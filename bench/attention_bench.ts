@@ -9,7 +9,11 @@
  */
 import { type BenchRow, rates, timeGpu } from "./harness.ts";
 import { Gpu, recordDispatches } from "../kernels/runtime.ts";
-import { attentionBackward, type AttentionDesign, attentionForward } from "../kernels/attention.ts";
+import {
+  attentionBackward,
+  type AttentionDesign,
+  attentionForward,
+} from "../kernels/attention/mod.ts";
 import { Rng } from "../util/random.ts";
 
 interface Shape {

@@ -17,7 +17,7 @@
  */
 import { type BenchRow, median, rates } from "./harness.ts";
 import { Gpu } from "../kernels/runtime.ts";
-import { InferenceModel } from "../model/generate.ts";
+import { InferenceModel } from "../model/inference.ts";
 import { argmax } from "../model/sampling.ts";
 import { headDim, presetConfig } from "../model/config.ts";
 import { initParameters, parameterSpecs, totalParameters } from "../model/params.ts";

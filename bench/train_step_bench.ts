@@ -25,18 +25,21 @@
  */
 import { Gpu } from "../kernels/runtime.ts";
 import { type BenchRow, median, rates } from "./harness.ts";
-import { type GpuBatch, GpuModel } from "../model/gpu_model.ts";
+import { TrainingModel } from "../model/train_model.ts";
+import { AdamW } from "../optim/adamw.ts";
+import type { Batch } from "../data/batch.ts";
 import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
 
-function randomBatch(rng: Rng, N: number, V: number): GpuBatch {
+function randomBatch(rng: Rng, B: number, T: number, V: number): Batch {
+  const N = B * T;
   const ids = new Int32Array(N);
   const targets = new Int32Array(N);
   for (let i = 0; i < N; i++) {
     ids[i] = rng.nextInt(V);
     targets[i] = rng.nextInt(V);
   }
-  return { ids, targets, mask: new Float32Array(N).fill(1) };
+  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
 }
 
 /**
@@ -60,26 +63,20 @@ export async function benchTrainStep(
       steps: 2,
     },
   ];
-  const settings = {
-    lr: 1e-4,
-    beta1: 0.9,
-    beta2: 0.95,
-    eps: 1e-8,
-    weightDecay: 0.1,
-    gradClip: 1,
-  };
+  const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
   const rows: BenchRow[] = [];
   for (const c of cases) {
     const config = presetConfig(c.preset);
-    const model = await GpuModel.create(gpu, config, { batchSize: c.B, seqLen: c.T, seed: 1 });
+    const model = await TrainingModel.create(gpu, config, { batchSize: c.B, seqLen: c.T, seed: 1 });
+    const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
     try {
       const rng = new Rng(2);
       const N = c.B * c.T;
-      let step = 0;
       const runStep = async () => {
-        const batch = randomBatch(rng, N, config.vocab_size);
+        const batch = randomBatch(rng, c.B, c.T, config.vocab_size);
         const t0 = performance.now();
-        model.step([batch], settings, ++step);
+        model.forwardBackward([batch]);
+        optimizer.step(1e-4);
         await gpu.finish();
         return performance.now() - t0;
       };
@@ -100,6 +97,7 @@ export async function benchTrainStep(
         extra,
       });
     } finally {
+      optimizer.destroy();
       model.destroy();
     }
   }

@@ -35,20 +35,7 @@ import {
   resolveDataPaths,
 } from "./sources.ts";
 import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
-
-/** One training batch. Row b, position t is at index `b * T + t`. */
-export interface Batch {
-  /** `[B, T]` input token ids. */
-  ids: Int32Array;
-  /** `[B, T]` target ids: the input sequence shifted left by one. */
-  targets: Int32Array;
-  /** `[B, T]` loss weight per target: 1 trained, 0 not (all 1 for pretrain). */
-  mask: Float32Array;
-  /** Rows. */
-  B: number;
-  /** Tokens per row. */
-  T: number;
-}
+import { type Batch, emptyBatch, setRow } from "./batch.ts";
 
 /** How to build a `DataStream`. */
 export interface DataStreamOptions {
@@ -700,14 +687,7 @@ export class DataStream {
    */
   async next(): Promise<Batch | undefined> {
     const B = this.batchSize;
-    const T = this.seqLen;
-    const batch: Batch = {
-      ids: new Int32Array(B * T),
-      targets: new Int32Array(B * T),
-      mask: new Float32Array(B * T),
-      B,
-      T,
-    };
+    const batch = emptyBatch(B, this.seqLen, this.#padId);
     let rows = 0;
     for (; rows < B; rows++) {
       let entry: Entry | undefined;
@@ -718,18 +698,10 @@ export class DataStream {
         throw e;
       }
       if (!entry) break;
-      const { ids, mask } = entry.sample;
-      const o = rows * T;
-      batch.ids.set(ids.subarray(0, T), o);
-      batch.targets.set(ids.subarray(1, T + 1), o);
-      if (mask) { for (let t = 0; t < T; t++) batch.mask[o + t] = mask[t + 1]; }
-      else batch.mask.fill(1, o, o + T);
+      // Samples are T + 1 tokens (SFT rows padded, with mask 0 on the padding).
+      setRow(batch, rows, entry.sample, this.#padId);
     }
     if (rows === 0) return undefined;
-    if (rows < B) {
-      batch.ids.fill(this.#padId, rows * T);
-      batch.targets.fill(this.#padId, rows * T);
-    }
     this.#batches++;
     return batch;
   }

@@ -37,12 +37,16 @@ export interface AdamWHyperParams {
   eps: number;
   weightDecay: number;
   step: number;
+  /** Global-norm clipping threshold read by `clipScale` (0 = off; default 0). */
+  gradClip?: number;
 }
 
 /**
  * The contents of the `hyper` buffer for one step: `[lr, beta1, beta2, eps,
- * weightDecay, 1 - beta1^step, 1 - beta2^step, 1 - beta1, 1 - beta2, 0]` as
- * f32, everything derived computed in float64 and rounded once.
+ * weightDecay, 1 - beta1^step, 1 - beta2^step, 1 - beta1, 1 - beta2, gradClip]`
+ * as f32, everything derived computed in float64 and rounded once. The clip
+ * threshold rides along for `clipScale` (kernels/grad_norm.ts), so one buffer
+ * carries all of an optimizer step's settings.
  *
  * @example
  * ```ts
@@ -62,6 +66,9 @@ export function adamwHyper(o: AdamWHyperParams): Float32Array {
   if (!(Number.isInteger(o.step) && o.step >= 1)) {
     throw new RangeError(`adamwHyper: step must be an integer >= 1, got ${o.step}`);
   }
+  if (!((o.gradClip ?? 0) >= 0)) {
+    throw new RangeError(`adamwHyper: gradClip must be >= 0 (0 = off), got ${o.gradClip}`);
+  }
   return new Float32Array([
     o.lr,
     o.beta1,
@@ -72,7 +79,7 @@ export function adamwHyper(o: AdamWHyperParams): Float32Array {
     1 - Math.pow(o.beta2, o.step),
     1 - o.beta1,
     1 - o.beta2,
-    0,
+    o.gradClip ?? 0,
   ]);
 }
 
@@ -85,7 +92,7 @@ struct Params { count: u32 }  // lanes (vec4 or scalars)
 @group(0) @binding(2) var<storage, read> grad: array<${T}>;
 @group(0) @binding(3) var<storage, read_write> m: array<${T}>;
 @group(0) @binding(4) var<storage, read_write> v: array<${T}>;
-// [lr, beta1, beta2, eps, weightDecay, 1 - beta1^t, 1 - beta2^t, 1 - beta1, 1 - beta2, 0]
+// [lr, beta1, beta2, eps, weightDecay, 1 - beta1^t, 1 - beta2^t, 1 - beta1, 1 - beta2, gradClip]
 @group(0) @binding(5) var<storage, read> hyper: array<f32, ${ADAMW_HYPER_FLOATS}>;
 @group(0) @binding(6) var<storage, read> gradScale: array<f32>;
 @compute @workgroup_size(${WG})
@@ -164,5 +171,6 @@ export async function adamw(
       "adamw",
     ),
     workgroups: Math.ceil(count / WG),
+    owned: [u],
   };
 }

@@ -228,6 +228,7 @@ export async function crossEntropy(
       pipeline: rowPipeline,
       bindGroup: gpu.bindGroup(rowPipeline, rowBindings, "cross-entropy rows"),
       workgroups: N,
+      owned: [u],
     },
     {
       label: `cross-entropy loss sum N=${N}`,

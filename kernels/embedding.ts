@@ -165,6 +165,7 @@ export async function embeddingForward(
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [u, args.weight, args.ids, args.out], "embedding forward"),
     workgroups: Math.ceil((N * lanes) / FWD_WG),
+    owned: [u],
   };
 }
 
@@ -190,6 +191,7 @@ export async function embeddingBackward(
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [u, groups, args.dOut, args.dWeight], "embedding backward"),
     workgroups: N,
+    owned: [u, groups],
   };
   const upload = (g: EmbeddingGroups): void => {
     if (g.order.length > N) {

@@ -150,6 +150,7 @@ export async function gradNormSquared(
       pipeline,
       bindGroup: gpu.bindGroup(pipeline, [u, g, args.partials]),
       workgroups: blocks,
+      owned: [u],
     });
     offset += blocks;
   }
@@ -159,38 +160,43 @@ export async function gradNormSquared(
     pipeline: final,
     bindGroup: gpu.bindGroup(final, [u, args.partials, args.total]),
     workgroups: 1,
+    owned: [u],
   });
   return dispatches;
 }
 
+/** Where the clip threshold sits in the optimizer's hyperparameter buffer (`adamwHyper`). */
+export const CLIP_THRESHOLD_INDEX = 9;
+
 const clipWgsl = `
-struct Params { max_norm: f32 }
-@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<storage, read> hyper: array<f32>;
 @group(0) @binding(1) var<storage, read> total: array<f32>;
 @group(0) @binding(2) var<storage, read_write> scale: array<f32>;
 @compute @workgroup_size(1)
 fn main() {
+  let max_norm = hyper[${CLIP_THRESHOLD_INDEX}];
   var s = 1.0;
-  if (p.max_norm > 0.0) { s = min(1.0, p.max_norm / (sqrt(total[0]) + 1e-6)); }
+  if (max_norm > 0.0) { s = min(1.0, max_norm / (sqrt(total[0]) + 1e-6)); }
   scale[0] = s;
 }`;
 
 /**
  * The clipping factor on the GPU: scale[0] = maxNorm > 0 ?
  * min(1, maxNorm / (sqrt(total[0]) + 1e-6)) : 1, where total[0] is the sum of
- * squares from `gradNormSquared`. maxNorm 0 turns clipping off.
+ * squares from `gradNormSquared` and maxNorm is float `CLIP_THRESHOLD_INDEX`
+ * of `hyper` (the buffer `adamwHyper` fills: the threshold is written with
+ * the step's other settings, so one prepared dispatch serves any threshold).
+ * maxNorm 0 turns clipping off.
  */
 export async function clipScale(
   gpu: Gpu,
-  args: { total: Binding; maxNorm: number; scale: Binding },
+  args: { total: Binding; hyper: Binding; scale: Binding },
 ): Promise<Dispatch> {
-  if (!(args.maxNorm >= 0)) throw new RangeError(`clipScale: bad maxNorm ${args.maxNorm}`);
   const pipeline = await gpu.pipeline("grad-norm-clip-scale", clipWgsl);
-  const u = gpu.createUniform(new Float32Array([args.maxNorm]), "clip params");
   return {
-    label: `clip scale maxNorm=${args.maxNorm}`,
+    label: "clip scale",
     pipeline,
-    bindGroup: gpu.bindGroup(pipeline, [u, args.total, args.scale]),
+    bindGroup: gpu.bindGroup(pipeline, [args.hyper, args.total, args.scale]),
     workgroups: 1,
   };
 }

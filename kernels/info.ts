@@ -2,9 +2,13 @@
  * `trainer info`: the adapter, its limits and features, and the Deno version —
  * the first thing a user runs when something is wrong.
  */
-import type { CommandSpec } from "../util/cli.ts";
-import { flagOption } from "../util/cli.ts";
-import { type AdapterSummary, formatBytes, Gpu, type GpuFeatures, limitsOf } from "./runtime.ts";
+import {
+  type AdapterSummary,
+  formatBytes,
+  type Gpu,
+  type GpuFeatures,
+  limitsOf,
+} from "./runtime.ts";
 
 /** What `trainer info --json` prints. */
 export interface GpuReport {
@@ -59,25 +63,3 @@ export function formatGpuReport(r: GpuReport): string {
   }
   return lines.join("\n");
 }
-
-/** The `info` command. */
-export const infoCommand: CommandSpec = {
-  name: "info",
-  summary: "Show the GPU adapter, its limits and features, and the Deno version",
-  description:
-    "Run this first when something is wrong: it names the adapter WebGPU picked, whether it is a CPU fallback (Mesa lavapipe/llvmpipe), the backend, the limits that bound model and batch sizes, and the optional features (shader-f16, timestamp-query, subgroups).",
-  options: {
-    json: { type: "boolean", help: "print one JSON object instead of text" },
-  },
-  async run(args) {
-    const gpu = await Gpu.request();
-    try {
-      const report = gpuReport(gpu);
-      console.log(
-        flagOption(args, "json") ? JSON.stringify(report, null, 2) : formatGpuReport(report),
-      );
-    } finally {
-      gpu.destroy();
-    }
-  },
-};

@@ -674,6 +674,7 @@ async function matmulDispatch(
     pipeline,
     bindGroup,
     workgroups: tiles,
+    owned: [dims],
   };
 }
 

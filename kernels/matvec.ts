@@ -143,5 +143,6 @@ export async function matvecXWt(
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [args.x, args.w, args.y, params]),
     workgroups: design === "rows" ? Math.ceil(N / ROWS / WG) : Math.ceil(N / ROWS),
+    owned: [params],
   };
 }

@@ -302,9 +302,10 @@ async function forward(
     forwardWgsl(s, H, fused),
   );
   const name = fused ? "add+rmsnorm forward" : "rmsnorm forward";
-  const bindings = [params(gpu, N, args.eps), args.x, args.w, args.y, args.rstd];
+  const u = params(gpu, N, args.eps);
+  const bindings = [u, args.x, args.w, args.y, args.rstd];
   const bindGroup = gpu.bindGroup(pipeline, fused ? [...bindings, delta] : bindings, name);
-  return { label: `${name} N=${N} H=${H}`, pipeline, bindGroup, workgroups: N };
+  return { label: `${name} N=${N} H=${H}`, pipeline, bindGroup, workgroups: N, owned: [u] };
 }
 
 /**
@@ -360,6 +361,7 @@ export async function rmsnormBackward(
       pipeline: p1,
       bindGroup: gpu.bindGroup(p1, [u, args.dy, args.x, args.w, args.rstd, args.dx, partials]),
       workgroups: chunks,
+      owned: [u, partials],
     },
     {
       label: `rmsnorm backward dw H=${H}`,

@@ -125,13 +125,18 @@ async function rope(
   const half = a.hd / 2;
   const count = a.B * a.T * a.nHeads * half;
   const pipeline = await gpu.pipeline("rope", ROPE_WGSL, "main", { SIGN: sign });
-  const params = gpu.createUniform(new Uint32Array([a.nHeads, half, count, Math.max(1, a.T)]));
+  const params = gpu.createUniform(
+    new Uint32Array([a.nHeads, half, count, Math.max(1, a.T)]),
+    "rope params",
+  );
   const table = ropeTable(gpu, Math.max(1, a.T), a.hd, a.theta, pos0);
   return {
     label: sign > 0 ? "rope forward" : "rope backward",
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [x, table, params]),
     workgroups: Math.ceil(count / WORKGROUP),
+    // The table is shared (cached per device, freed with it); the uniform is this dispatch's.
+    owned: [params],
   };
 }
 

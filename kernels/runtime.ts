@@ -502,6 +502,20 @@ export interface Dispatch {
   bindGroup: GPUBindGroup;
   /** A 1-D count (split by `Gpu.dispatch` when beyond 65535) or an explicit grid. */
   workgroups: number | [number, number?, number?];
+  /**
+   * Buffers the kernel wrapper created for this dispatch alone (its uniform,
+   * scratch such as partial sums): released by `releaseDispatches` when the
+   * model that holds the dispatch is destroyed.
+   */
+  owned?: GPUBuffer[];
+}
+
+/** Destroys the buffers `dispatches` own (see `Dispatch.owned`); the dispatches are dead after. */
+export function releaseDispatches(dispatches: Iterable<Dispatch>): void {
+  for (const d of dispatches) {
+    for (const b of d.owned ?? []) b.destroy();
+    d.owned = [];
+  }
 }
 
 /** Records `dispatches` in order into `pass`. */

@@ -141,5 +141,6 @@ async function laneDispatch(
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [u, ...buffers], `swiglu ${direction}`),
     workgroups: Math.ceil(count / WG),
+    owned: [u],
   };
 }

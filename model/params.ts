@@ -11,6 +11,7 @@
 
 import { headDim, type ModelConfig } from "./config.ts";
 import { Rng } from "../util/random.ts";
+import { UserError } from "../util/errors.ts";
 
 /** How a tensor is initialized (see `initStd`). */
 export type ParamInit = "normal" | "residual" | "ones";
@@ -59,6 +60,100 @@ function spec(name: string, shape: number[], init: ParamInit): ParamSpec {
   };
 }
 
+/** The weight tensors of one decoder layer, by role (values: names, buffers, arrays...). */
+export interface LayerTensors<T> {
+  /** RMSNorm weight before attention `[H]`. */
+  inputNorm: T;
+  /** Projections: q `[nH*hd, H]`, k and v `[nKV*hd, H]`, o `[H, nH*hd]`. */
+  q: T;
+  k: T;
+  v: T;
+  o: T;
+  /** Per-head RMSNorm weights `[hd]` (QK-norm models only). */
+  qNorm?: T;
+  kNorm?: T;
+  /** RMSNorm weight before the MLP `[H]`. */
+  postNorm: T;
+  /** MLP: gate and up `[I, H]`, down `[H, I]`. */
+  gate: T;
+  up: T;
+  down: T;
+}
+
+/** Every weight tensor of a model, by role. */
+export interface ModelTensors<T> {
+  /** Token embedding `[V, H]`. */
+  embed: T;
+  layers: LayerTensors<T>[];
+  /** Final RMSNorm weight `[H]`. */
+  norm: T;
+  /** The output head `[V, H]`: the embedding itself when the head is tied. */
+  head: T;
+}
+
+/**
+ * The Hugging Face name of every tensor, by role: the one place where
+ * `model.layers.{l}.*` names are spelled. `head` is `model.embed_tokens.weight`
+ * when the head is tied.
+ *
+ * @example
+ * ```ts
+ * import { tensorNames } from "./params.ts";
+ * import { presetConfig } from "./config.ts";
+ * const names = tensorNames(presetConfig("tiny"));
+ * if (names.layers[1].q !== "model.layers.1.self_attn.q_proj.weight") throw new Error("name");
+ * ```
+ */
+export function tensorNames(config: ModelConfig): ModelTensors<string> {
+  const layers: LayerTensors<string>[] = [];
+  for (let l = 0; l < config.num_hidden_layers; l++) {
+    const p = `model.layers.${l}.`;
+    layers.push({
+      inputNorm: `${p}input_layernorm.weight`,
+      q: `${p}self_attn.q_proj.weight`,
+      k: `${p}self_attn.k_proj.weight`,
+      v: `${p}self_attn.v_proj.weight`,
+      o: `${p}self_attn.o_proj.weight`,
+      qNorm: config.qk_norm ? `${p}self_attn.q_norm.weight` : undefined,
+      kNorm: config.qk_norm ? `${p}self_attn.k_norm.weight` : undefined,
+      postNorm: `${p}post_attention_layernorm.weight`,
+      gate: `${p}mlp.gate_proj.weight`,
+      up: `${p}mlp.up_proj.weight`,
+      down: `${p}mlp.down_proj.weight`,
+    });
+  }
+  const embed = "model.embed_tokens.weight";
+  return {
+    embed,
+    layers,
+    norm: "model.norm.weight",
+    head: config.tie_word_embeddings ? embed : "lm_head.weight",
+  };
+}
+
+/** `names` with every name replaced by `lookup(name)` (e.g. its GPU buffer). */
+export function mapTensors<A, B>(names: ModelTensors<A>, lookup: (value: A) => B): ModelTensors<B> {
+  const opt = (v: A | undefined) => (v === undefined ? undefined : lookup(v));
+  return {
+    embed: lookup(names.embed),
+    layers: names.layers.map((l) => ({
+      inputNorm: lookup(l.inputNorm),
+      q: lookup(l.q),
+      k: lookup(l.k),
+      v: lookup(l.v),
+      o: lookup(l.o),
+      qNorm: opt(l.qNorm),
+      kNorm: opt(l.kNorm),
+      postNorm: lookup(l.postNorm),
+      gate: lookup(l.gate),
+      up: lookup(l.up),
+      down: lookup(l.down),
+    })),
+    norm: lookup(names.norm),
+    head: lookup(names.head),
+  };
+}
+
 /**
  * Every parameter tensor of a model, in the canonical order: embedding; per
  * layer input norm, q, k, v, o, (q_norm, k_norm), post-attention norm, gate,
@@ -80,26 +175,48 @@ export function parameterSpecs(config: ModelConfig): ParamSpec[] {
   const hd = headDim(config);
   const qDim = config.num_attention_heads * hd;
   const kvDim = config.num_key_value_heads * hd;
-  const specs: ParamSpec[] = [spec("model.embed_tokens.weight", [V, H], "normal")];
-  for (let i = 0; i < config.num_hidden_layers; i++) {
-    const p = `model.layers.${i}.`;
-    specs.push(spec(`${p}input_layernorm.weight`, [H], "ones"));
-    specs.push(spec(`${p}self_attn.q_proj.weight`, [qDim, H], "normal"));
-    specs.push(spec(`${p}self_attn.k_proj.weight`, [kvDim, H], "normal"));
-    specs.push(spec(`${p}self_attn.v_proj.weight`, [kvDim, H], "normal"));
-    specs.push(spec(`${p}self_attn.o_proj.weight`, [H, qDim], "residual"));
-    if (config.qk_norm) {
-      specs.push(spec(`${p}self_attn.q_norm.weight`, [hd], "ones"));
-      specs.push(spec(`${p}self_attn.k_norm.weight`, [hd], "ones"));
+  const n = tensorNames(config);
+  const specs: ParamSpec[] = [spec(n.embed, [V, H], "normal")];
+  for (const l of n.layers) {
+    specs.push(spec(l.inputNorm, [H], "ones"));
+    specs.push(spec(l.q, [qDim, H], "normal"));
+    specs.push(spec(l.k, [kvDim, H], "normal"));
+    specs.push(spec(l.v, [kvDim, H], "normal"));
+    specs.push(spec(l.o, [H, qDim], "residual"));
+    if (l.qNorm && l.kNorm) {
+      specs.push(spec(l.qNorm, [hd], "ones"));
+      specs.push(spec(l.kNorm, [hd], "ones"));
     }
-    specs.push(spec(`${p}post_attention_layernorm.weight`, [H], "ones"));
-    specs.push(spec(`${p}mlp.gate_proj.weight`, [I, H], "normal"));
-    specs.push(spec(`${p}mlp.up_proj.weight`, [I, H], "normal"));
-    specs.push(spec(`${p}mlp.down_proj.weight`, [H, I], "residual"));
+    specs.push(spec(l.postNorm, [H], "ones"));
+    specs.push(spec(l.gate, [I, H], "normal"));
+    specs.push(spec(l.up, [I, H], "normal"));
+    specs.push(spec(l.down, [H, I], "residual"));
   }
-  specs.push(spec("model.norm.weight", [H], "ones"));
-  if (!config.tie_word_embeddings) specs.push(spec("lm_head.weight", [V, H], "normal"));
+  specs.push(spec(n.norm, [H], "ones"));
+  if (!config.tie_word_embeddings) specs.push(spec(n.head, [V, H], "normal"));
   return specs;
+}
+
+/**
+ * Checks that `tensors` holds every tensor of `specs` with its size; throws a
+ * `UserError` naming the first missing or mis-sized one (`what` says whose).
+ */
+export function checkTensorSizes(
+  specs: readonly ParamSpec[],
+  tensors: ReadonlyMap<string, ArrayLike<number>>,
+  what: string,
+): void {
+  for (const s of specs) {
+    const t = tensors.get(s.name);
+    if (!t) throw new UserError(`${what}: missing tensor ${s.name}`);
+    if (t.length !== s.size) {
+      throw new UserError(
+        `${what}: tensor ${s.name} has ${t.length} values, expected ${s.size} ([${
+          s.shape.join(", ")
+        }])`,
+      );
+    }
+  }
 }
 
 /** Sum of the specs' sizes. */

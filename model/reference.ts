@@ -18,6 +18,8 @@
  */
 
 import { headDim, type ModelConfig } from "./config.ts";
+import { tensorNames } from "./params.ts";
+import type { Batch } from "../data/batch.ts";
 
 // ---------------------------------------------------------------------------
 // Linear layers: the three matmuls a linear layer needs.
@@ -554,20 +556,6 @@ export function clipScale(norm: number, maxNorm: number): number {
 // ---------------------------------------------------------------------------
 // The whole model.
 
-/** One batch: ids, targets and mask are `[B, T]`, row-major. */
-export interface Batch {
-  /** Input token ids `[B, T]`, each in `[0, vocab_size)`. */
-  ids: ArrayLike<number>;
-  /** Next-token targets `[B, T]`, each in `[0, vocab_size)`, masked positions included. */
-  targets: ArrayLike<number>;
-  /** Per-token loss weights (0 = not trained on). */
-  mask: ArrayLike<number>;
-  /** Batch size: rows. */
-  B: number;
-  /** Sequence length: tokens per row. */
-  T: number;
-}
-
 /** Float64 copies of float32 parameters (exact: every float32 is a float64). */
 export function toFloat64Params(m: Map<string, Float32Array>): Map<string, Float64Array> {
   const out = new Map<string, Float64Array>();
@@ -632,10 +620,6 @@ function added(a: Float64Array, b: Float64Array): Float64Array {
   return c;
 }
 
-function headWeightName(config: ModelConfig): string {
-  return config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
-}
-
 function forwardWithActivations(
   config: ModelConfig,
   params: Map<string, Float64Array>,
@@ -652,22 +636,24 @@ function forwardWithActivations(
   const eps = config.rms_norm_eps;
   const theta = config.rope_theta;
 
-  let x = embeddingForward(param(params, "model.embed_tokens.weight"), batch.ids, H); // [N, H]
+  const names = tensorNames(config);
+  let x = embeddingForward(param(params, names.embed), batch.ids, H); // [N, H]
   const layers: LayerActivations[] = [];
   for (let l = 0; l < config.num_hidden_layers; l++) {
-    const p = (s: string) => param(params, `model.layers.${l}.${s}`);
-    const n1 = rmsnormForward(x, p("input_layernorm.weight"), N, H, eps);
-    const qProj = matmulXWt(n1.y, p("self_attn.q_proj.weight"), N, H, nH * hd); // [B, T, nH, hd]
-    const kProj = matmulXWt(n1.y, p("self_attn.k_proj.weight"), N, H, nKV * hd); // [B, T, nKV, hd]
-    const v = matmulXWt(n1.y, p("self_attn.v_proj.weight"), N, H, nKV * hd); // [B, T, nKV, hd]
+    const w = names.layers[l];
+    const p = (name: string | undefined) => param(params, name!);
+    const n1 = rmsnormForward(x, p(w.inputNorm), N, H, eps);
+    const qProj = matmulXWt(n1.y, p(w.q), N, H, nH * hd); // [B, T, nH, hd]
+    const kProj = matmulXWt(n1.y, p(w.k), N, H, nKV * hd); // [B, T, nKV, hd]
+    const v = matmulXWt(n1.y, p(w.v), N, H, nKV * hd); // [B, T, nKV, hd]
     let qn = qProj;
     let kn = kProj;
     let rstdQ: Float64Array = new Float64Array(0);
     let rstdK: Float64Array = new Float64Array(0);
     if (config.qk_norm) {
       // Per-head RMSNorm: each (token, head) vector of hd is a row.
-      const nq = rmsnormForward(qProj, p("self_attn.q_norm.weight"), N * nH, hd, eps);
-      const nk = rmsnormForward(kProj, p("self_attn.k_norm.weight"), N * nKV, hd, eps);
+      const nq = rmsnormForward(qProj, p(w.qNorm), N * nH, hd, eps);
+      const nk = rmsnormForward(kProj, p(w.kNorm), N * nKV, hd, eps);
       qn = nq.y;
       kn = nk.y;
       rstdQ = nq.rstd;
@@ -676,12 +662,12 @@ function forwardWithActivations(
     const q = ropeForward(qn, B, T, nH, hd, theta);
     const k = ropeForward(kn, B, T, nKV, hd, theta);
     const a = attentionForward(q, k, v, B, T, nH, nKV, hd);
-    const xMid = added(x, matmulXWt(a.out, p("self_attn.o_proj.weight"), N, nH * hd, H));
-    const n2 = rmsnormForward(xMid, p("post_attention_layernorm.weight"), N, H, eps);
-    const gate = matmulXWt(n2.y, p("mlp.gate_proj.weight"), N, H, I); // [N, I]
-    const up = matmulXWt(n2.y, p("mlp.up_proj.weight"), N, H, I); // [N, I]
+    const xMid = added(x, matmulXWt(a.out, p(w.o), N, nH * hd, H));
+    const n2 = rmsnormForward(xMid, p(w.postNorm), N, H, eps);
+    const gate = matmulXWt(n2.y, p(w.gate), N, H, I); // [N, I]
+    const up = matmulXWt(n2.y, p(w.up), N, H, I); // [N, I]
     const act = swigluForward(gate, up);
-    const xOut = added(xMid, matmulXWt(act, p("mlp.down_proj.weight"), N, I, H));
+    const xOut = added(xMid, matmulXWt(act, p(w.down), N, I, H));
     layers.push({
       x,
       h1: n1.y,
@@ -704,8 +690,8 @@ function forwardWithActivations(
     });
     x = xOut;
   }
-  const nf = rmsnormForward(x, param(params, "model.norm.weight"), N, H, eps);
-  const logits = matmulXWt(nf.y, param(params, headWeightName(config)), N, H, V); // [N, V]
+  const nf = rmsnormForward(x, param(params, names.norm), N, H, eps);
+  const logits = matmulXWt(nf.y, param(params, names.head), N, H, V); // [N, V]
   const { loss } = crossEntropyForward(logits, batch.targets, batch.mask, N, V);
   return { layers, xLast: x, xFinal: nf.y, rstdFinal: nf.rstd, logits, loss };
 }
@@ -745,62 +731,60 @@ export function modelLossAndGrads(
   const theta = config.rope_theta;
   const s = forwardWithActivations(config, params, batch);
   const grads = new Map<string, Float64Array>();
+  const names = tensorNames(config);
 
   const dlogits = crossEntropyBackward(s.logits, batch.targets, batch.mask, N, V); // [N, V]
-  const headW = param(params, headWeightName(config));
+  const headW = param(params, names.head);
   const dHead = matmulDyTX(dlogits, s.xFinal, N, V, H); // [V, H]
   const nf = rmsnormBackward(
     matmulDyW(dlogits, headW, N, V, H),
     s.xLast,
-    param(params, "model.norm.weight"),
+    param(params, names.norm),
     s.rstdFinal,
     N,
     H,
   );
-  grads.set("model.norm.weight", nf.dw);
+  grads.set(names.norm, nf.dw);
   let dx = nf.dx; // gradient of the residual stream, [N, H]
 
   for (let l = config.num_hidden_layers - 1; l >= 0; l--) {
     const a = s.layers[l];
-    const name = (n: string) => `model.layers.${l}.${n}`;
-    const p = (n: string) => param(params, name(n));
+    const w = names.layers[l];
+    const p = (name: string | undefined) => param(params, name!);
 
     // MLP: x_out = x_mid + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x_mid).
-    grads.set(name("mlp.down_proj.weight"), matmulDyTX(dx, a.act, N, H, I));
-    const dact = matmulDyW(dx, p("mlp.down_proj.weight"), N, H, I); // [N, I]
+    grads.set(w.down, matmulDyTX(dx, a.act, N, H, I));
+    const dact = matmulDyW(dx, p(w.down), N, H, I); // [N, I]
     const { dgate, dup } = swigluBackward(dact, a.gate, a.up);
-    grads.set(name("mlp.gate_proj.weight"), matmulDyTX(dgate, a.h2, N, I, H));
-    grads.set(name("mlp.up_proj.weight"), matmulDyTX(dup, a.h2, N, I, H));
-    const dh2 = added(
-      matmulDyW(dgate, p("mlp.gate_proj.weight"), N, I, H),
-      matmulDyW(dup, p("mlp.up_proj.weight"), N, I, H),
-    );
-    const n2 = rmsnormBackward(dh2, a.xMid, p("post_attention_layernorm.weight"), a.rstd2, N, H);
-    grads.set(name("post_attention_layernorm.weight"), n2.dw);
+    grads.set(w.gate, matmulDyTX(dgate, a.h2, N, I, H));
+    grads.set(w.up, matmulDyTX(dup, a.h2, N, I, H));
+    const dh2 = added(matmulDyW(dgate, p(w.gate), N, I, H), matmulDyW(dup, p(w.up), N, I, H));
+    const n2 = rmsnormBackward(dh2, a.xMid, p(w.postNorm), a.rstd2, N, H);
+    grads.set(w.postNorm, n2.dw);
     dx = added(dx, n2.dx); // residual: d x_mid = d x_out + through the MLP branch
 
     // Attention: x_mid = x + o(attn(rope(qknorm(q(h1))), rope(qknorm(k(h1))), v(h1))).
-    grads.set(name("self_attn.o_proj.weight"), matmulDyTX(dx, a.attn, N, H, nH * hd));
-    const dattn = matmulDyW(dx, p("self_attn.o_proj.weight"), N, H, nH * hd);
+    grads.set(w.o, matmulDyTX(dx, a.attn, N, H, nH * hd));
+    const dattn = matmulDyW(dx, p(w.o), N, H, nH * hd);
     const g = attentionBackward(dattn, a.q, a.k, a.v, a.attn, a.lse, B, T, nH, nKV, hd);
     let dq = ropeBackward(g.dq, B, T, nH, hd, theta);
     let dk = ropeBackward(g.dk, B, T, nKV, hd, theta);
     if (config.qk_norm) {
-      const nq = rmsnormBackward(dq, a.qProj, p("self_attn.q_norm.weight"), a.rstdQ, N * nH, hd);
-      const nk = rmsnormBackward(dk, a.kProj, p("self_attn.k_norm.weight"), a.rstdK, N * nKV, hd);
-      grads.set(name("self_attn.q_norm.weight"), nq.dw);
-      grads.set(name("self_attn.k_norm.weight"), nk.dw);
+      const nq = rmsnormBackward(dq, a.qProj, p(w.qNorm), a.rstdQ, N * nH, hd);
+      const nk = rmsnormBackward(dk, a.kProj, p(w.kNorm), a.rstdK, N * nKV, hd);
+      grads.set(w.qNorm!, nq.dw);
+      grads.set(w.kNorm!, nk.dw);
       dq = nq.dx;
       dk = nk.dx;
     }
-    grads.set(name("self_attn.q_proj.weight"), matmulDyTX(dq, a.h1, N, nH * hd, H));
-    grads.set(name("self_attn.k_proj.weight"), matmulDyTX(dk, a.h1, N, nKV * hd, H));
-    grads.set(name("self_attn.v_proj.weight"), matmulDyTX(g.dv, a.h1, N, nKV * hd, H));
-    const dh1 = matmulDyW(dq, p("self_attn.q_proj.weight"), N, nH * hd, H);
-    addInto(dh1, matmulDyW(dk, p("self_attn.k_proj.weight"), N, nKV * hd, H));
-    addInto(dh1, matmulDyW(g.dv, p("self_attn.v_proj.weight"), N, nKV * hd, H));
-    const n1 = rmsnormBackward(dh1, a.x, p("input_layernorm.weight"), a.rstd1, N, H);
-    grads.set(name("input_layernorm.weight"), n1.dw);
+    grads.set(w.q, matmulDyTX(dq, a.h1, N, nH * hd, H));
+    grads.set(w.k, matmulDyTX(dk, a.h1, N, nKV * hd, H));
+    grads.set(w.v, matmulDyTX(g.dv, a.h1, N, nKV * hd, H));
+    const dh1 = matmulDyW(dq, p(w.q), N, nH * hd, H);
+    addInto(dh1, matmulDyW(dk, p(w.k), N, nKV * hd, H));
+    addInto(dh1, matmulDyW(g.dv, p(w.v), N, nKV * hd, H));
+    const n1 = rmsnormBackward(dh1, a.x, p(w.inputNorm), a.rstd1, N, H);
+    grads.set(w.inputNorm, n1.dw);
     dx = added(dx, n1.dx);
   }
 
@@ -808,8 +792,8 @@ export function modelLossAndGrads(
   if (config.tie_word_embeddings) {
     addInto(dEmbed, dHead);
   } else {
-    grads.set("lm_head.weight", dHead);
+    grads.set(names.head, dHead);
   }
-  grads.set("model.embed_tokens.weight", dEmbed);
+  grads.set(names.embed, dEmbed);
   return { loss: s.loss, grads };
 }

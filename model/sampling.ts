@@ -41,6 +41,18 @@ export const GREEDY: Readonly<SamplingOptions> = {
   repetitionPenalty: 1,
 };
 
+/**
+ * Sampling defaults when neither the caller nor the model's
+ * `generation_config.json` sets them (our checkpoints record these, so
+ * Transformers samples the same way).
+ */
+export const DEFAULT_SAMPLING: Readonly<SamplingOptions> = {
+  temperature: 0.7,
+  topK: 0,
+  topP: 0.9,
+  repetitionPenalty: 1,
+};
+
 /** Throws a `UserError` naming the first out-of-range setting. */
 export function checkSamplingOptions(o: SamplingOptions): void {
   if (!(Number.isFinite(o.temperature) && o.temperature >= 0)) {

@@ -161,10 +161,10 @@ if (Deno.args[0] === "reference") {
       for (let i = 0; i < t.length; i++) t[i] = isNorm ? 1 + 0.2 * rng.normal() : 4 * t[i];
     }
     const B = 2, T = 24;
-    const ids = Array.from({ length: B * T }, () => rng.nextInt(config.vocab_size));
-    const targets = Array.from({ length: B * T }, () => rng.nextInt(config.vocab_size));
+    const ids = Int32Array.from({ length: B * T }, () => rng.nextInt(config.vocab_size));
+    const targets = Int32Array.from({ length: B * T }, () => rng.nextInt(config.vocab_size));
     const { loss, grads } = modelLossAndGrads(config, toFloat64Params(p32), {
-      ids, targets, mask: new Array(B * T).fill(1), B, T,
+      ids, targets, mask: new Float32Array(B * T).fill(1), B, T,
     });
     const tensors: { name: string; length: number }[] = [];
     const chunks: Float32Array[] = [];

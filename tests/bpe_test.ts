@@ -14,9 +14,9 @@ import {
   trainTokenizerOnTexts,
   WordCounter,
 } from "../data/bpe.ts";
-import { tokenizerTrainCommand } from "../data/bpe_command.ts";
+import { tokenizerTrainCommand } from "../cli/tokenizer.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
-import { parseCommandArgs } from "../util/cli.ts";
+import { parseCommandArgs } from "../cli/args.ts";
 import { UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import { assert, assertEquals, assertRejects, assertThrows } from "./assert.ts";

@@ -1,5 +1,5 @@
 /**
- * Tests of `model/hf_config.ts` and `model/checkpoint.ts`: config.json both
+ * Tests of `io/hf_config.ts` and `io/checkpoint.ts`: config.json both
  * ways (and what is refused), the Hugging Face directory layout, bitwise
  * round trips, shape and name errors, the atomic save protocol under injected
  * failures, sharded F16/BF16 checkpoints from elsewhere, and (when PyTorch and
@@ -11,13 +11,13 @@ import {
   loadCheckpoint,
   resolveCheckpointDir,
   saveCheckpoint,
-} from "../model/checkpoint.ts";
+} from "../io/checkpoint.ts";
 import {
   fromHfConfig,
   parseGenerationConfig,
   toGenerationConfig,
   toHfConfig,
-} from "../model/hf_config.ts";
+} from "../io/hf_config.ts";
 import { initParameters, parameterSpecs } from "../model/params.ts";
 import {
   bf16BitsToFloat,
@@ -27,7 +27,7 @@ import {
   openSafetensors,
   type TensorToWrite,
   writeSafetensors,
-} from "../model/safetensors.ts";
+} from "../io/safetensors.ts";
 import { UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import {

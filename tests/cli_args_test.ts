@@ -1,5 +1,5 @@
 import { assertEquals, assertRejects, assertThrows } from "./assert.ts";
-import { type CommandSpec, numberOption, parseCommandArgs } from "../util/cli.ts";
+import { type CommandSpec, numberOption, parseCommandArgs } from "../cli/args.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 
 const spec: CommandSpec = {

@@ -6,9 +6,9 @@ import {
   runDataPrepare,
   runTokenize,
   tokenizeCommand,
-} from "../data/commands.ts";
-import { parseCommandArgs } from "../util/cli.ts";
-import type { CommandSpec } from "../util/cli.ts";
+} from "../cli/data.ts";
+import { parseCommandArgs } from "../cli/args.ts";
+import type { CommandSpec } from "../cli/args.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { assistantMask } from "../data/sft.ts";
 import { readShardManifest } from "../data/shards.ts";

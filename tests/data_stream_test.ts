@@ -6,12 +6,8 @@
 import { assert, assertEquals, assertNotEquals, assertRejects } from "./assert.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { defaultTokenizer } from "../data/corpus.ts";
-import {
-  type Batch,
-  type DataPosition,
-  DataStream,
-  type DataStreamOptions,
-} from "../data/stream.ts";
+import { type DataPosition, DataStream, type DataStreamOptions } from "../data/stream.ts";
+import type { Batch } from "../data/batch.ts";
 import { documentTokens, packDocuments } from "../data/pretrain.ts";
 import { assistantMask } from "../data/sft.ts";
 import { prepareShards } from "../data/shards.ts";

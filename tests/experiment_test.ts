@@ -11,6 +11,7 @@ import {
   assertStringIncludes,
 } from "./assert.ts";
 import { Gpu } from "../kernels/runtime.ts";
+import { runExperimentCommand } from "../cli/experiment.ts";
 import {
   type ArmResult,
   countSentences,
@@ -18,7 +19,6 @@ import {
   normalizeForMatch,
   replyBody,
   replyFormat,
-  runExperiment,
   sampleIndices,
   statesFact,
   summarizeArm,
@@ -215,7 +215,7 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
       out: `${root}/out`,
       report,
     };
-    const result = await runExperiment({ values, positionals: [] }, {
+    const result = await runExperimentCommand({ values, positionals: [] }, {
       gpu,
       print: (l) => lines.push(l),
     });
@@ -267,16 +267,20 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
 
 Deno.test("trainer experiment: bad options are usage errors before any training", async () => {
   await assertRejects(
-    () => runExperiment({ values: { preset: "tiny", "model-config": "x.json" }, positionals: [] }),
+    () =>
+      runExperimentCommand({
+        values: { preset: "tiny", "model-config": "x.json" },
+        positionals: [],
+      }),
     UsageError,
     "--preset or --model-config",
   );
   await assertRejects(
-    () => runExperiment({ values: { "steps-sft": "0" }, positionals: [] }),
+    () => runExperimentCommand({ values: { "steps-sft": "0" }, positionals: [] }),
     UsageError,
   );
   await assertRejects(
-    () => runExperiment({ values: {}, positionals: ["extra"] }),
+    () => runExperimentCommand({ values: {}, positionals: ["extra"] }),
     UsageError,
     "unexpected argument",
   );

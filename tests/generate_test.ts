@@ -1,6 +1,6 @@
 /**
- * Generation with the KV cache (`model/generate.ts`, `kernels/attention_decode.ts`)
- * and the `generate` / `chat` commands (`train/generate.ts`):
+ * Generation with the KV cache (`model/inference.ts`, `model/generate.ts`, `kernels/attention/decode.ts`)
+ * and the `generate` / `chat` commands (`cli/generate.ts`):
  *
  * - the cached model's logits against the float64 reference `modelForward`
  *   at every position (prefill of several lengths, then decode steps),
@@ -38,7 +38,8 @@ import {
   tinyConfig as sharedTinyConfig,
 } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
-import { generate, InferenceModel } from "../model/generate.ts";
+import { InferenceModel } from "../model/inference.ts";
+import { generate } from "../model/generate.ts";
 import { argmax, GREEDY } from "../model/sampling.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { parameterSpecs } from "../model/params.ts";
@@ -47,15 +48,16 @@ import {
   matmulXWt as referenceMatmul,
 } from "../model/reference.ts";
 import { matvecXWt } from "../kernels/matvec.ts";
-import { attentionDecode, greedyAdvance } from "../kernels/attention_decode.ts";
-import { loadCheckpoint, saveCheckpoint } from "../model/checkpoint.ts";
-import { toHfConfig } from "../model/hf_config.ts";
-import { writeSafetensors } from "../model/safetensors.ts";
+import { attentionDecode } from "../kernels/attention/decode.ts";
+import { greedyAdvance } from "../kernels/greedy.ts";
+import { loadCheckpoint, saveCheckpoint } from "../io/checkpoint.ts";
+import { toHfConfig } from "../io/hf_config.ts";
+import { writeSafetensors } from "../io/safetensors.ts";
 import { defaultTokenizer } from "../data/corpus.ts";
 import type { ChatMessage } from "../data/tokenizer.ts";
-import type { ParsedArgs } from "../util/cli.ts";
-import { parseCommandArgs } from "../util/cli.ts";
-import { chatCommand, generateCommand, runChat, runGenerate } from "../train/generate.ts";
+import type { ParsedArgs } from "../cli/args.ts";
+import { parseCommandArgs } from "../cli/args.ts";
+import { chatCommand, generateCommand, runChat, runGenerate } from "../cli/generate.ts";
 import { Rng } from "../util/random.ts";
 import { UserError } from "../util/errors.ts";
 

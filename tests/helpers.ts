@@ -75,9 +75,9 @@ export function referenceLogits(
   ids: number[],
 ): Float64Array {
   return modelForward(config, toFloat64Params(params), {
-    ids,
-    targets: ids,
-    mask: ids.map(() => 1),
+    ids: Int32Array.from(ids),
+    targets: Int32Array.from(ids),
+    mask: new Float32Array(ids.length).fill(1),
     B: 1,
     T: ids.length,
   }).logits;

@@ -1,5 +1,5 @@
 /**
- * Attention kernels (kernels/attention.ts) against the float64 reference
+ * Attention kernels (kernels/attention/) against the float64 reference
  * (model/reference.ts), with both kernel designs ("tiled" for GPUs, "rows" for CPU drivers)
  * on whatever adapter runs the tests, at shapes that are multiples of no tile.
  *
@@ -27,7 +27,7 @@ import {
   type AttentionDesign,
   attentionForward,
   attentionTiles,
-} from "../kernels/attention.ts";
+} from "../kernels/attention/mod.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 

@@ -15,6 +15,7 @@ import { assertClose, assertEquals } from "./assert.ts";
 import { GPU_TEST, gpuTest, submitPass } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
 import { clipScale, gradNormPartialsSize, gradNormSquared } from "../kernels/grad_norm.ts";
+import { ADAMW_HYPER_FLOATS, adamwHyper } from "../kernels/adamw.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
 
@@ -65,12 +66,16 @@ gpuTest("clip scale on the GPU matches the reference (clipping, no clipping, off
   const partials = gpu.createBuffer(gradNormPartialsSize(tensors) * 4);
   const total = gpu.createBuffer(4, "total");
   const scale = gpu.createBuffer(4, "scale");
+  const hyper = gpu.createBuffer(ADAMW_HYPER_FLOATS * 4, "adamw hyper");
   const norm = ref.gradNorm([Float64Array.from(g)]); // ~70
+  // One prepared dispatch serves every threshold: it reads it from the hyper buffer.
+  const ds = [
+    ...await gradNormSquared(gpu, { tensors, partials, total }),
+    await clipScale(gpu, { total, hyper, scale }),
+  ];
   for (const maxNorm of [1, 0.5 * norm, norm * 2, 0]) {
-    const ds = [
-      ...await gradNormSquared(gpu, { tensors, partials, total }),
-      await clipScale(gpu, { total, maxNorm, scale }),
-    ];
+    const settings = { lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0, step: 1 };
+    gpu.write(hyper, adamwHyper({ ...settings, gradClip: maxNorm }));
     gpu.write(scale, new Float32Array([-1]));
     submitPass(gpu, ds);
     const s = await gpu.readF32(scale);

@@ -22,7 +22,6 @@ import {
   adamwStep,
   attentionBackward,
   attentionForward,
-  type Batch,
   clipScale,
   crossEntropyBackward,
   crossEntropyForward,
@@ -45,6 +44,7 @@ import {
 import { initParameters, initStd, parameterSpecs, totalParameters } from "../model/params.ts";
 import { type ModelConfig, parameterCount, PRESETS } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
+import type { Batch } from "../data/batch.ts";
 import { assert, assertClose } from "./assert.ts";
 
 const FD_STEP = 1e-5;
@@ -537,7 +537,13 @@ function tinyBatch(config: ModelConfig): Batch {
   ids[3] = ids[7]; // a repeated token: the embedding scatter must add
   // Zeros (masked prompt tokens), and one weight that is not 0/1.
   const mask = [0, 1, 1, 0, 1, 0, 0, 1, 2, 1];
-  return { ids, targets, mask, B, T };
+  return {
+    ids: Int32Array.from(ids),
+    targets: Int32Array.from(targets),
+    mask: Float32Array.from(mask),
+    B,
+    T,
+  };
 }
 
 for (const config of VARIANTS) {
@@ -583,9 +589,10 @@ Deno.test("model: at init the loss is near log(vocab) and float32 params convert
   const p = toFloat64Params(p32);
   for (const [n, t] of p32) assertNear(p.get(n)!, t, 0, n);
   const rng = new Rng(2);
-  const ids = Array.from({ length: 16 }, () => rng.nextInt(64));
-  const targets = Array.from({ length: 16 }, () => rng.nextInt(64));
-  const { loss } = modelForward(c, p, { ids, targets, mask: new Array(16).fill(1), B: 2, T: 8 });
+  const ids = Int32Array.from({ length: 16 }, () => rng.nextInt(64));
+  const targets = Int32Array.from({ length: 16 }, () => rng.nextInt(64));
+  const mask = new Float32Array(16).fill(1);
+  const { loss } = modelForward(c, p, { ids, targets, mask, B: 2, T: 8 });
   // Weights of std 0.02 give logits of order 0.1 (the embedding rows have norm
   // ~0.08 and the final norm rescales to rms 1): the loss is log 64 = 4.159
   // within a few hundredths; 0.1 still catches a broken init scale.

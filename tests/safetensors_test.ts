@@ -1,5 +1,5 @@
 /**
- * Tests of `model/safetensors.ts`: float16 / bfloat16 conversion against
+ * Tests of `io/safetensors.ts`: float16 / bfloat16 conversion against
  * known values and a brute-force rounding reference, write/read round trips,
  * header padding and metadata, files from a "different writer", every
  * validation error, lazy reads, and a fuzz run over random and mutated files.
@@ -16,7 +16,7 @@ import {
   type SafetensorsFile,
   type TensorToWrite,
   writeSafetensors,
-} from "../model/safetensors.ts";
+} from "../io/safetensors.ts";
 import { UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import { assert, assertEquals, assertRejects, assertStringIncludes } from "./assert.ts";

@@ -14,7 +14,7 @@ import {
   type SamplingOptions,
 } from "../model/sampling.ts";
 import { Rng } from "../util/random.ts";
-import { samplingFrom } from "../train/generate.ts";
+import { samplingFrom } from "../cli/generate.ts";
 import { UserError } from "../util/errors.ts";
 
 const opts = (o: Partial<SamplingOptions>): SamplingOptions => ({

@@ -1,5 +1,5 @@
 import { assertAlmostEquals, assertEquals } from "./assert.ts";
-import { cosineWithWarmup } from "../train/schedule.ts";
+import { cosineWithWarmup } from "../optim/schedule.ts";
 
 Deno.test("cosine schedule: lr at the first step, lr*ratio at the last, monotone between", () => {
   const s = { lr: 5e-4, steps: 100, warmupSteps: 0, minLrRatio: 0.1 };

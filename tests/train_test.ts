@@ -12,16 +12,16 @@ import {
   assertStringIncludes,
 } from "./assert.ts";
 import { Gpu } from "../kernels/runtime.ts";
-import { pretrainCommand, runTraining } from "../train/commands.ts";
+import { pretrainCommand, runTraining } from "../cli/train.ts";
 import { evaluateLines } from "../train/eval.ts";
 import { readMetrics, type TrainMetrics } from "../train/metrics.ts";
-import { loadCheckpoint, saveCheckpoint } from "../model/checkpoint.ts";
-import { GpuModel } from "../model/gpu_model.ts";
+import { loadCheckpoint, saveCheckpoint } from "../io/checkpoint.ts";
+import { TrainingModel } from "../model/train_model.ts";
 import { initParameters } from "../model/params.ts";
 import { modelLossAndGrads, toFloat64Params } from "../model/reference.ts";
 import { defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream } from "../data/stream.ts";
-import { parseCommandArgs, type ParsedArgs } from "../util/cli.ts";
+import { parseCommandArgs, type ParsedArgs } from "../cli/args.ts";
 import { UserError } from "../util/errors.ts";
 import { tinyConfig } from "./helpers.ts";
 
@@ -140,7 +140,7 @@ Deno.test({
     const ones = batch.mask.reduce((a, b) => a + b, 0);
     assert(ones > 0 && ones < batch.mask.length, `mask has ${ones} of ${batch.mask.length}`);
     const params = initParameters(config, 3);
-    const model = await GpuModel.create(gpu, config, { batchSize: 3, seqLen: 48, params });
+    const model = await TrainingModel.create(gpu, config, { batchSize: 3, seqLen: 48, params });
     try {
       const gpuEval = await model.evalLoss(batch);
       const ref = modelLossAndGrads(config, toFloat64Params(params), { ...batch, B: 3, T: 48 });
@@ -376,7 +376,7 @@ Deno.test({
       vocab_size: tok.vocabSize,
       rope_theta: 1e6,
     });
-    const model = await GpuModel.create(gpu, config, {
+    const model = await TrainingModel.create(gpu, config, {
       batchSize: 2,
       seqLen: 16,
       params: initParameters(config, 1),

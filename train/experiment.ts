@@ -23,20 +23,15 @@
  */
 import { dirname, join } from "node:path";
 import { Gpu } from "../kernels/runtime.ts";
-import { loadCheckpoint } from "../model/checkpoint.ts";
-import { generate, InferenceModel } from "../model/generate.ts";
+import { loadCheckpoint } from "../io/checkpoint.ts";
+import { InferenceModel } from "../model/inference.ts";
+import { generate } from "../model/generate.ts";
 import { GREEDY } from "../model/sampling.ts";
 import { embeddedCorpus, type HeldOutFact } from "../data/corpus.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
-import {
-  type CommandSpec,
-  numberOption,
-  type OptionValues,
-  type ParsedArgs,
-  stringOption,
-} from "../util/cli.ts";
 import { UsageError, UserError } from "../util/errors.ts";
-import { DEFAULTS, runTraining } from "./commands.ts";
+import { prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
+import { runPrepared } from "./run.ts";
 import { formatDuration } from "./progress.ts";
 import { readMetrics } from "./metrics.ts";
 
@@ -290,11 +285,35 @@ export const EXPERIMENT_DEFAULTS = {
   preset: "tiny",
   stepsPretrain: 500,
   stepsSft: 250,
-  batchSize: DEFAULTS.pretrain.batchSize,
-  seqLen: DEFAULTS.pretrain.seqLen,
+  batchSize: TRAIN_DEFAULTS.pretrain.batchSize,
+  seqLen: TRAIN_DEFAULTS.pretrain.seqLen,
   maxNewTokens: 48,
-  seed: DEFAULTS.seed,
+  seed: TRAIN_DEFAULTS.seed,
 } as const;
+
+/** What the experiment runs; absent fields take `EXPERIMENT_DEFAULTS`. */
+export interface ExperimentOptions {
+  /** Model shape by preset name, or ... */
+  preset?: string;
+  /** ... from a model config file (as `pretrain --model-config`). */
+  modelConfig?: string;
+  /** Pretraining steps of A (and so of C). */
+  stepsPretrain?: number;
+  /** SFT steps of B and of C. */
+  stepsSft?: number;
+  batchSize?: number;
+  seqLen?: number;
+  /** Ask only the first N held-out questions (default all). */
+  questions?: number;
+  maxNewTokens?: number;
+  seed?: number;
+  /** Directory of the checkpoints and the corpus. */
+  out?: string;
+  /** Where the Markdown report goes (default `<out>/experiment.md`). */
+  report?: string;
+  /** The command line, as the report shows it (default: `trainer experiment`). */
+  command?: string;
+}
 
 /** Where the commands print; tests replace it. */
 export interface ExperimentIo {
@@ -313,21 +332,6 @@ export interface ExperimentResult {
   reportPath: string;
   /** Wall time of the whole experiment (training, generation, report). */
   seconds: number;
-}
-
-/** `--flag value` pairs of the given options, for the report's command line. */
-function commandLine(values: OptionValues): string {
-  const parts = ["trainer", "experiment"];
-  for (const [name, v] of Object.entries(values)) {
-    if (v === undefined || v === false) continue;
-    if (v === true) parts.push(`--${name}`);
-    else for (const one of Array.isArray(v) ? v : [v]) parts.push(`--${name}`, quote(one));
-  }
-  return parts.join(" ");
-}
-
-function quote(s: string): string {
-  return /^[\w./:=@%+-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
 }
 
 /** The 1-minute load average, where the system shows it (Linux), else undefined. */
@@ -403,38 +407,41 @@ async function askAll(
   }
 }
 
-/** Runs `trainer experiment` with injectable output; resolves to the results. */
+/** Runs the experiment with injectable output; resolves to the results. */
 export async function runExperiment(
-  args: ParsedArgs,
+  opts: ExperimentOptions,
   io: ExperimentIo = {},
 ): Promise<ExperimentResult> {
   const print = io.print ?? ((line: string) => console.log(line));
-  if (args.positionals.length > 0) {
-    throw new UsageError(`unexpected argument '${args.positionals[0]}'`);
-  }
-  if (args.values["preset"] !== undefined && args.values["model-config"] !== undefined) {
+  if (opts.preset !== undefined && opts.modelConfig !== undefined) {
     throw new UsageError("give --preset or --model-config, not both");
   }
   const d = EXPERIMENT_DEFAULTS;
-  const int = (name: string, fallback: number, min: number) =>
-    numberOption(args, name, fallback, { integer: true, min });
-  const stepsPretrain = int("steps-pretrain", d.stepsPretrain, 1);
-  const stepsSft = int("steps-sft", d.stepsSft, 1);
-  const batchSize = int("batch-size", d.batchSize, 1);
-  const seqLen = int("seq-len", d.seqLen, 1);
-  const maxNewTokens = int("max-new-tokens", d.maxNewTokens, 1);
-  const seed = int("seed", d.seed, 0);
-  const out = stringOption(args, "out", d.out).replace(/\/+$/, "");
-  const reportPath = stringOption(args, "report", join(out, d.reportName));
-  const modelConfig = stringOption(args, "model-config");
-  const preset = stringOption(args, "preset", d.preset);
+  const stepsPretrain = opts.stepsPretrain ?? d.stepsPretrain;
+  const stepsSft = opts.stepsSft ?? d.stepsSft;
+  const batchSize = opts.batchSize ?? d.batchSize;
+  const seqLen = opts.seqLen ?? d.seqLen;
+  const maxNewTokens = opts.maxNewTokens ?? d.maxNewTokens;
+  const seed = opts.seed ?? d.seed;
+  for (
+    const [name, v] of Object.entries({ stepsPretrain, stepsSft, batchSize, seqLen, maxNewTokens })
+  ) {
+    if (!Number.isInteger(v) || v < 1) {
+      throw new UsageError(`experiment: ${name} must be a whole number >= 1, got ${v}`);
+    }
+  }
+  const out = (opts.out ?? d.out).replace(/\/+$/, "");
+  const reportPath = opts.report ?? join(out, d.reportName);
+  const modelConfig = opts.modelConfig;
+  const preset = opts.preset ?? d.preset;
 
   const allFacts = embeddedCorpus().heldOut;
-  const questions = numberOption(args, "questions", allFacts.length, {
-    integer: true,
-    min: 1,
-    max: allFacts.length,
-  });
+  const questions = opts.questions ?? allFacts.length;
+  if (!Number.isInteger(questions) || questions < 1 || questions > allFacts.length) {
+    throw new UsageError(
+      `--questions must be a whole number from 1 to ${allFacts.length}, got ${questions}`,
+    );
+  }
   const facts = allFacts.slice(0, questions);
 
   const started = performance.now();
@@ -446,17 +453,16 @@ export async function runExperiment(
     const adapterName = `${adapter.name}${adapter.isFallback ? " (CPU fallback)" : ""}${
       adapter.backend ? `, ${adapter.backend}` : ""
     }`;
-    const shape: Record<string, string> = modelConfig !== undefined
-      ? { "model-config": modelConfig }
+    const shape: Pick<TrainOptions, "preset" | "modelConfig"> = modelConfig !== undefined
+      ? { modelConfig }
       : { preset };
-    const common = (steps: number, dir: string, lr: number): Record<string, string> => ({
-      ...shape,
-      steps: String(steps),
-      "batch-size": String(batchSize),
-      "seq-len": String(seqLen),
-      seed: String(seed),
-      lr: String(lr),
-      out: dir,
+    const common = (steps: number, out: string, lr: number) => ({
+      steps,
+      batchSize,
+      seqLen,
+      seed,
+      lr,
+      out,
     });
     const dirs = {
       A: join(out, "A-pretrain"),
@@ -468,57 +474,39 @@ export async function runExperiment(
     // (pretraining) rate; C's SFT fine-tunes a trained model at the lower SFT
     // rate, as MiniMind does. A fine-tuning rate would handicap B, which has
     // everything (language and format) to learn from its budget.
-    const lrScratch = DEFAULTS.pretrain.lr;
-    const lrFinetune = DEFAULTS.sft.lr;
-    const stages: {
-      arm: string;
-      label: string;
-      kind: "pretrain" | "sft";
-      values: Record<string, string>;
-    }[] = [
+    const lrScratch = TRAIN_DEFAULTS.pretrain.lr;
+    const lrFinetune = TRAIN_DEFAULTS.sft.lr;
+    const stages: { arm: string; label: string; options: TrainOptions }[] = [
       {
         arm: "A",
         label: "pretrain only",
-        kind: "pretrain",
-        values: common(stepsPretrain, dirs.A, lrScratch),
+        options: { kind: "pretrain", ...shape, ...common(stepsPretrain, dirs.A, lrScratch) },
       },
       {
         arm: "B",
         label: "SFT only, random init",
-        kind: "sft",
-        values: { ...common(stepsSft, dirs.B, lrScratch), init: "none" },
+        options: { kind: "sft", ...shape, ...common(stepsSft, dirs.B, lrScratch), init: null },
       },
       {
         arm: "C",
         label: "pretrain + SFT",
-        kind: "sft",
         // The shape comes from A's checkpoint.
-        values: {
-          steps: String(stepsSft),
-          "batch-size": String(batchSize),
-          "seq-len": String(seqLen),
-          seed: String(seed),
-          lr: String(lrFinetune),
-          out: dirs.C,
-          init: dirs.A,
-        },
+        options: { kind: "sft", ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
       },
     ];
 
     const trainSeconds: Record<string, number> = {};
     const losses: Record<string, StageLosses | undefined> = {};
     for (const stage of stages) {
-      print(`\n== arm ${stage.arm}: ${stage.label} (${stage.kind}) ==`);
+      print(`\n== arm ${stage.arm}: ${stage.label} (${stage.options.kind}) ==`);
       const t0 = performance.now();
-      const status = await runTraining(stage.kind, { values: stage.values, positionals: [] }, {
-        gpu,
-        print: (line) => print(`  [${stage.arm}] ${line}`),
-      });
+      const armIo = { gpu, print: (line: string) => print(`  [${stage.arm}] ${line}`) };
+      const { status } = await runPrepared(await prepareRun(stage.options, armIo), armIo);
       if (status !== 0) {
         throw new UserError(`arm ${stage.arm} stopped before its last step (exit ${status})`);
       }
       trainSeconds[stage.arm] = (performance.now() - t0) / 1000;
-      losses[stage.arm] = await stageLosses(join(stage.values.out, "metrics.jsonl"));
+      losses[stage.arm] = await stageLosses(join(stage.options.out!, "metrics.jsonl"));
     }
 
     print(
@@ -564,7 +552,7 @@ export async function runExperiment(
     const seconds = (performance.now() - started) / 1000;
     const loadAtEnd = await loadAverage();
     const report = renderReport({
-      command: commandLine(args.values),
+      command: opts.command ?? "trainer experiment",
       date,
       seconds,
       adapterName,
@@ -720,82 +708,9 @@ function renderReport(r: ReportInput): string {
     }; the rest is generation).${load}`,
     `- model: ${r.shape}; seed ${r.seed}`,
     `- budget per stage: pretraining ${r.stepsPretrain} steps, SFT ${r.stepsSft} steps; batch ${r.batchSize} x ${r.seqLen} tokens`,
-    `- learning rates (peak, cosine to x${DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning, MiniMind's lower SFT rate)`,
+    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning, MiniMind's lower SFT rate)`,
     `- checkpoints: ${r.out}/A-pretrain, ${r.out}/B-sft-only, ${r.out}/C-pretrain-sft (each with metrics.jsonl and loss.svg)`,
     "",
   );
   return lines.join("\n");
 }
-
-/** `trainer experiment`. */
-export const experimentCommand: CommandSpec = {
-  name: "experiment",
-  summary: "Pretrain vs SFT vs both, measured on held-out questions",
-  usage: "[options]",
-  description:
-    `Trains three arms on the embedded corpus with the same budget per stage: A pretrain only, B SFT only from random weights, C pretrain then SFT (A's checkpoint fine-tuned). Each arm answers the corpus's held-out questions (facts that only the pretraining prose states) greedily from the chat template; prints, per arm, the share of replies in the assistant format (closed with <|im_end|>, no new turn, not a question, not a document) and the share that state the fact, with three sample replies, and writes a Markdown report (to <out>/experiment.md unless --report says where). The defaults took 10.5 minutes on a 2-core CPU (Mesa lavapipe) shared with other work (load average 4 to 7).`,
-  options: {
-    preset: {
-      type: "string",
-      valueName: "NAME",
-      help:
-        `model shape: tiny, minimind2-small, minimind-3 (default ${EXPERIMENT_DEFAULTS.preset})`,
-    },
-    "model-config": {
-      type: "string",
-      valueName: "FILE",
-      help: "model shape from a JSON/JSONC file (as in pretrain), instead of --preset",
-    },
-    "steps-pretrain": {
-      type: "string",
-      valueName: "N",
-      help: `pretraining steps of A (and so of C) (default ${EXPERIMENT_DEFAULTS.stepsPretrain})`,
-    },
-    "steps-sft": {
-      type: "string",
-      valueName: "N",
-      help: `SFT steps of B and of C (default ${EXPERIMENT_DEFAULTS.stepsSft})`,
-    },
-    "batch-size": {
-      type: "string",
-      valueName: "B",
-      help: `sequences per step, every stage (default ${EXPERIMENT_DEFAULTS.batchSize})`,
-    },
-    "seq-len": {
-      type: "string",
-      valueName: "T",
-      help: `tokens per sequence, every stage (default ${EXPERIMENT_DEFAULTS.seqLen})`,
-    },
-    questions: {
-      type: "string",
-      valueName: "N",
-      help: "ask only the first N held-out questions (default: all 50)",
-    },
-    "max-new-tokens": {
-      type: "string",
-      valueName: "N",
-      help: `most tokens per reply (default ${EXPERIMENT_DEFAULTS.maxNewTokens})`,
-    },
-    seed: {
-      type: "string",
-      valueName: "N",
-      help: `seed of initialization and data order (default ${EXPERIMENT_DEFAULTS.seed})`,
-    },
-    out: {
-      type: "string",
-      valueName: "DIR",
-      help:
-        `directory of the three checkpoints and the corpus (default ${EXPERIMENT_DEFAULTS.out})`,
-    },
-    report: {
-      type: "string",
-      valueName: "FILE",
-      help:
-        `where the Markdown report goes (default <out>/${EXPERIMENT_DEFAULTS.reportName}; the project's docs/experiment.md is written with --report docs/experiment.md)`,
-    },
-  },
-  run: async (args) => {
-    await runExperiment(args);
-    return 0;
-  },
-};

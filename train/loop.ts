@@ -5,7 +5,8 @@
  *   for step in 1..steps:
  *     lr = cosineWithWarmup(step)
  *     batches = accum micro-batches from the data stream
- *     model.step(batches, lr)      // forward, backward, clip, AdamW on the GPU
+ *     model.forwardBackward(batches)   // loss and gradients on the GPU
+ *     optimizer.step(lr)               // global norm, clip, AdamW on the GPU
  *     log / eval / save when due
  *
  * with the data, schedule, logging and checkpointing as small helpers around
@@ -15,15 +16,17 @@
 import type { Gpu } from "../kernels/runtime.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { trainFlopsPerToken } from "../model/config.ts";
-import { GpuModel } from "../model/gpu_model.ts";
-import { type CheckpointContents, saveCheckpoint } from "../model/checkpoint.ts";
+import { TrainingModel } from "../model/train_model.ts";
+import { DEFAULT_SAMPLING } from "../model/sampling.ts";
+import { AdamW, type AdamWState } from "../optim/adamw.ts";
+import { cosineWithWarmup } from "../optim/schedule.ts";
+import { type CheckpointContents, saveCheckpoint } from "../io/checkpoint.ts";
 import type { DataPosition, DataStream } from "../data/stream.ts";
 import type { TextTokenizer } from "../data/tokenizer.ts";
 import { UserError } from "../util/errors.ts";
-import { cosineWithWarmup } from "./schedule.ts";
+import { evaluate } from "./eval.ts";
 import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from "./metrics.ts";
 import { lossPlotSvg } from "./plot.ts";
-import { DEFAULT_SAMPLING } from "./generate.ts";
 import { Progress } from "./progress.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
@@ -67,7 +70,8 @@ export interface TrainerState {
 /** Where a run starts from. */
 export interface RunStart {
   params: Map<string, Float32Array>;
-  optimizer?: { m: Map<string, Float32Array>; v: Map<string, Float32Array> };
+  /** AdamW's moments after `step` updates (resume); fresh zeros otherwise. */
+  optimizer?: AdamWState;
   /** Steps already done (0 for a fresh run). */
   step: number;
   tokens: number;
@@ -108,16 +112,24 @@ export interface TrainResult {
 /** Runs `run.steps` optimizer steps from `ctx.start`; saves checkpoints into `run.out`. */
 export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<TrainResult> {
   const print = ctx.print ?? ((line: string) => console.log(line));
-  const model = await GpuModel.create(ctx.gpu, run.model, {
+  const model = await TrainingModel.create(ctx.gpu, run.model, {
     batchSize: run.batchSize,
     seqLen: run.seqLen,
     params: ctx.start.params,
-    gradClip: run.gradClip,
   });
+  let optimizer: AdamW | undefined;
   try {
-    if (ctx.start.optimizer) model.setOptimizerState(ctx.start.optimizer);
-    return await loop(run, ctx, model, print);
+    optimizer = await AdamW.create(ctx.gpu, model.trainable(), {
+      beta1: run.beta1,
+      beta2: run.beta2,
+      eps: run.adamEps,
+      weightDecay: run.weightDecay,
+      gradClip: run.gradClip,
+    }, { steps: ctx.start.step });
+    if (ctx.start.optimizer) optimizer.setState(ctx.start.optimizer, ctx.start.step);
+    return await loop(run, ctx, model, optimizer, print);
   } finally {
+    optimizer?.destroy();
     model.destroy();
   }
 }
@@ -125,7 +137,8 @@ export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<Trai
 async function loop(
   run: RunConfig,
   ctx: TrainContext,
-  model: GpuModel,
+  model: TrainingModel,
+  optimizer: AdamW,
   print: (line: string) => void,
 ): Promise<TrainResult> {
   const metricsPath = `${run.out}/metrics.jsonl`;
@@ -134,13 +147,6 @@ async function loop(
   });
   const tokensPerStep = run.batchSize * run.seqLen * run.accum;
   const progress = new Progress(run.steps, print);
-  const settings = {
-    beta1: run.beta1,
-    beta2: run.beta2,
-    eps: run.adamEps,
-    weightDecay: run.weightDecay,
-    gradClip: run.gradClip,
-  };
   const schedule = {
     lr: run.lr,
     steps: run.steps,
@@ -180,7 +186,7 @@ async function loop(
         eos: ctx.tokenizer.eosId,
         pad: ctx.tokenizer.padId,
       },
-      optimizer: await model.getOptimizerState(),
+      optimizer: await optimizer.getState(),
       state: state as unknown as Record<string, unknown>,
       // What `trainer generate` samples with by default, so Transformers does the same.
       sampling: { temperature: DEFAULT_SAMPLING.temperature, top_p: DEFAULT_SAMPLING.topP },
@@ -223,7 +229,8 @@ async function loop(
       micro.push(batch);
     }
     if (micro.length === 0) break; // --epochs reached: the data ended
-    model.step(micro, { lr, ...settings }, step + 1);
+    model.forwardBackward(micro);
+    optimizer.step(lr);
     step++;
     tokens += micro.length * run.batchSize * run.seqLen;
 
@@ -231,7 +238,7 @@ async function loop(
     const stop = (ctx.interrupted?.() ?? false) || step === ctx.interruptAtStep;
     if (step % run.logEvery === 0 || last || stop) {
       const loss = await model.readLoss();
-      const gradNorm = await model.readGradNorm();
+      const gradNorm = await optimizer.readGradNorm();
       checkFinite(loss, "training");
       const now = performance.now();
       const dt = (now - windowStart.time) / 1000;
@@ -283,7 +290,7 @@ async function loop(
       // A save writes the weights only after the loss they produced is known
       // to be finite, so the checkpoint on disk is always a good one.
       checkFinite(await model.readLoss(), "training");
-      checkFinite(await model.readGradNorm(), "gradient norm of the training");
+      checkFinite(await optimizer.readGradNorm(), "gradient norm of the training");
       await save();
       windowStart = { time: performance.now(), tokens };
     }
@@ -304,23 +311,6 @@ async function loop(
     elapsed_s: elapsed(),
     tokensPerSecond: totalTime > 0 ? (tokens - ctx.start.tokens) / totalTime : 0,
   };
-}
-
-/** Mean masked loss over one pass of `stream` (closed afterwards). */
-export async function evaluate(model: GpuModel, stream: DataStream): Promise<number> {
-  let lossSum = 0;
-  let count = 0;
-  try {
-    for (let batch = await stream.next(); batch; batch = await stream.next()) {
-      const r = await model.evalLoss(batch);
-      lossSum += r.lossSum;
-      count += r.count;
-    }
-  } finally {
-    stream.close();
-  }
-  if (count === 0) throw new UserError("the eval data has no token to evaluate");
-  return lossSum / count;
 }
 
 async function writePlot(run: RunConfig): Promise<void> {

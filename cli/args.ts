@@ -8,7 +8,7 @@
  */
 import { parseArgs } from "node:util";
 import { parse as parseJsonc, type ParseError, printParseErrorCode } from "jsonc-parser";
-import { UsageError, UserError } from "./errors.ts";
+import { UsageError, UserError } from "../util/errors.ts";
 
 /** One `--flag` of a command. */
 export interface OptionSpec {

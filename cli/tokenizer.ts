@@ -9,9 +9,9 @@ import {
   numberOption,
   type ParsedArgs,
   stringOption,
-} from "../util/cli.ts";
+} from "./args.ts";
 import { UsageError } from "../util/errors.ts";
-import { trainTokenizerOnJsonl, writeTokenizerFiles } from "./bpe.ts";
+import { trainTokenizerOnJsonl, writeTokenizerFiles } from "../data/bpe.ts";
 
 /** The `tokenizer train` command. */
 export const tokenizerTrainCommand: CommandSpec = {

@@ -27,16 +27,10 @@
  * 8 hd nH sum_t (p_t + 1) (from cache across the heads of a group on a GPU).
  * Decode is bound by these loads and by the weights' matmuls, not by math.
  *
- * `greedyAdvance`: the greedy choice on the GPU, so that several decode steps
- * run in one submit (each readback costs a fixed ~11 ms in Deno's WebGPU,
- * which polls mapped buffers every 10 ms). One workgroup finds
- * t = argmax(logits) (lowest index on a tie: the CPU's `argmax`), then
- * writes tokens[p + 1] = t, ids[0] = t and pos[0] = p + 1, so the next
- * step's dispatches embed t at position p + 1. Reads V floats once.
- *
  * @module
  */
-import { type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "../runtime.ts";
+import { ropeTable } from "../rope.ts";
 
 /** Arguments of `kvCacheAppend`. */
 export interface KvCacheAppendArgs {
@@ -128,30 +122,6 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
 }`;
 
-/** Cos/sin table `[capacity, hd/2]` in float64 rounded once (see `kernels/rope.ts` for why not f32). */
-function ropeTableFor(gpu: Gpu, capacity: number, hd: number, theta: number): GPUBuffer {
-  let perGpu = tables.get(gpu);
-  if (!perGpu) tables.set(gpu, perGpu = new Map());
-  const key = `${capacity}/${hd}/${theta}`;
-  let buf = perGpu.get(key);
-  if (!buf) {
-    const half = hd / 2;
-    const data = new Float32Array(capacity * half * 2);
-    for (let p = 0; p < capacity; p++) {
-      for (let i = 0; i < half; i++) {
-        const a = p * Math.pow(theta, -2 * i / hd);
-        data[(p * half + i) * 2] = Math.cos(a);
-        data[(p * half + i) * 2 + 1] = Math.sin(a);
-      }
-    }
-    buf = gpu.createBuffer(data, `kv-cache rope table capacity=${capacity} hd=${hd}`);
-    perGpu.set(key, buf);
-  }
-  return buf;
-}
-
-const tables = new WeakMap<Gpu, Map<string, GPUBuffer>>();
-
 function checkCounts(what: string, counts: Record<string, number>): void {
   for (const [name, v] of Object.entries(counts)) {
     if (!Number.isInteger(v) || v < 1) throw new RangeError(`${what}: ${name} = ${v} is not >= 1`);
@@ -174,7 +144,8 @@ export async function kvCacheAppend(gpu: Gpu, args: KvCacheAppendArgs): Promise<
     new Uint32Array([Tq, nH, nKV, half, capacity, count]),
     "kv cache append params",
   );
-  const table = ropeTableFor(gpu, capacity, hd, theta);
+  // The training kernels' table: positions 0 .. capacity - 1, one per device.
+  const table = ropeTable(gpu, capacity, hd, theta);
   return {
     label: `kv cache append Tq=${Tq}`,
     pipeline,
@@ -189,86 +160,7 @@ export async function kvCacheAppend(gpu: Gpu, args: KvCacheAppendArgs): Promise<
       params,
     ]),
     workgroups: Math.ceil(count / APPEND_WG),
-  };
-}
-
-/** Arguments of `greedyAdvance`. */
-export interface GreedyAdvanceArgs {
-  /** `[V]`: the logits predicting position pos + 1. */
-  logits: GPUBuffer;
-  /** `u32[>= 1]`: ids[0] becomes the chosen token. */
-  ids: GPUBuffer;
-  /** `u32[1]`: the position p of the step that made the logits; becomes p + 1. */
-  pos: GPUBuffer;
-  /** `u32[capacity]`: tokens[p + 1] = the chosen token (ignored past the end). */
-  tokens: GPUBuffer;
-  V: number;
-  capacity: number;
-}
-
-const ARGMAX_WG = 256;
-
-const ARGMAX_WGSL = `
-struct Params { V: u32, capacity: u32 }
-@group(0) @binding(0) var<storage, read> logits: array<f32>;
-@group(0) @binding(1) var<storage, read_write> ids: array<u32>;
-@group(0) @binding(2) var<storage, read_write> pos: array<u32>;
-@group(0) @binding(3) var<storage, read_write> tokens: array<u32>;
-@group(0) @binding(4) var<uniform> params: Params;
-
-var<workgroup> bestValue: array<f32, ${ARGMAX_WG}>;
-var<workgroup> bestIndex: array<u32, ${ARGMAX_WG}>;
-
-@compute @workgroup_size(${ARGMAX_WG})
-fn main(@builtin(local_invocation_index) lid: u32) {
-  // Each invocation scans a strided slice; on a tie the lower index wins, in
-  // the scan and in the tree, so the result is the first maximum. NaN never
-  // compares greater, as in the CPU argmax.
-  var bv = -3.4028235e38;
-  var bi = 0xffffffffu;
-  for (var i = lid; i < params.V; i += ${ARGMAX_WG}u) {
-    let v = logits[i];
-    if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-  }
-  bestValue[lid] = bv;
-  bestIndex[lid] = bi;
-  workgroupBarrier();
-  for (var s = ${ARGMAX_WG / 2}u; s > 0u; s = s / 2u) {
-    if (lid < s) {
-      let v = bestValue[lid + s];
-      let i = bestIndex[lid + s];
-      if (v > bestValue[lid] || (v == bestValue[lid] && i < bestIndex[lid])) {
-        bestValue[lid] = v;
-        bestIndex[lid] = i;
-      }
-    }
-    workgroupBarrier();
-  }
-  if (lid == 0u) {
-    let t = select(bestIndex[0], 0u, bestIndex[0] == 0xffffffffu); // all NaN / -inf: token 0
-    let p = pos[0] + 1u;
-    if (p < params.capacity) { tokens[p] = t; }
-    ids[0] = t;
-    pos[0] = p;
-  }
-}`;
-
-/**
- * The greedy token from `logits` into `tokens[pos + 1]` and `ids[0]`, and
- * pos += 1: what chains decode steps on the GPU without a readback.
- */
-export async function greedyAdvance(gpu: Gpu, args: GreedyAdvanceArgs): Promise<Dispatch> {
-  checkCounts("greedyAdvance", { V: args.V, capacity: args.capacity });
-  const pipeline = await gpu.pipeline("greedy advance", ARGMAX_WGSL);
-  const params = gpu.createUniform(
-    new Uint32Array([args.V, args.capacity]),
-    "greedy advance params",
-  );
-  return {
-    label: `greedy advance V=${args.V}`,
-    pipeline,
-    bindGroup: gpu.bindGroup(pipeline, [args.logits, args.ids, args.pos, args.tokens, params]),
-    workgroups: 1,
+    owned: [params],
   };
 }
 
@@ -388,5 +280,6 @@ export async function attentionDecode(gpu: Gpu, args: AttentionDecodeArgs): Prom
     pipeline,
     bindGroup: gpu.bindGroup(pipeline, [args.q, args.k, args.v, args.out, args.pos, params]),
     workgroups: [nH, Tq, 1],
+    owned: [params],
   };
 }

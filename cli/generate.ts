@@ -12,11 +12,24 @@
  * @module
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { loadCheckpoint, type LoadedCheckpoint } from "../model/checkpoint.ts";
-import { generate, type GenerateResult, InferenceModel } from "../model/generate.ts";
-import { checkSamplingOptions, type SamplingOptions } from "../model/sampling.ts";
-import { type ChatMessage, StreamingDecoder, TextTokenizer } from "../data/tokenizer.ts";
+import type { LoadedCheckpoint } from "../io/checkpoint.ts";
+import { InferenceModel } from "../model/inference.ts";
+import { generate, type GenerateResult } from "../model/generate.ts";
+import { DEFAULT_SAMPLING, type SamplingOptions } from "../model/sampling.ts";
+import type { ChatMessage } from "../data/tokenizer.ts";
 import { LineSplitStream } from "../data/lines.ts";
+import {
+  chatPromptIds,
+  DEFAULT_CHAT_CONTEXT,
+  DEFAULT_MAX_NEW_TOKENS,
+  DEFAULT_MODEL_DIR,
+  fitConversation,
+  loadGenerationModel,
+  resolveMaxNewTokens,
+  resolveSampling,
+  stopIds,
+  TokenStreamer,
+} from "../infer/session.ts";
 import {
   type CommandSpec,
   flagOption,
@@ -24,26 +37,9 @@ import {
   type OptionSpec,
   type ParsedArgs,
   stringOption,
-} from "../util/cli.ts";
+} from "./args.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
-
-/** Where `generate` and `chat` look for a model by default: the result of `deno task sft`. */
-export const DEFAULT_MODEL_DIR = "out/sft";
-
-/** Sampling defaults when neither the command line nor `generation_config.json` sets them. */
-export const DEFAULT_SAMPLING: Readonly<SamplingOptions> = {
-  temperature: 0.7,
-  topK: 0,
-  topP: 0.9,
-  repetitionPenalty: 1,
-};
-
-/** Default `--max-new-tokens`. */
-export const DEFAULT_MAX_NEW_TOKENS = 256;
-
-/** Default cap of the chat context (`--context`), below `max_position_embeddings`. */
-export const DEFAULT_CHAT_CONTEXT = 2048;
 
 /** Where the commands write and read; tests replace these. */
 export interface GenerationIo {
@@ -112,69 +108,24 @@ const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
   verbose: { type: "boolean", help: "print prefill time and decode speed on stderr" },
 };
 
-/** A loaded model and its tokenizer, ready to generate. */
-interface Loaded {
-  ckpt: LoadedCheckpoint;
-  tokenizer: TextTokenizer;
-  dir: string;
-}
-
-async function loadModel(args: ParsedArgs): Promise<Loaded> {
-  const given = stringOption(args, "model");
-  const dir = given ?? DEFAULT_MODEL_DIR;
-  if (given === undefined) {
-    try {
-      await Deno.stat(dir);
-    } catch (e) {
-      if (!(e instanceof Deno.errors.NotFound)) throw e;
-      throw new UserError(
-        `no model at ${DEFAULT_MODEL_DIR} (the default): make one with \`deno task pretrain\` then \`deno task sft\`, or pass --model DIR (a checkpoint or Hugging Face model directory)`,
-      );
-    }
-  }
-  const ckpt = await loadCheckpoint(dir);
-  const tokenizer = TextTokenizer.fromJson(
-    ckpt.tokenizer.tokenizerJson,
-    ckpt.tokenizer.tokenizerConfigJson,
-    ckpt.source,
-  );
-  if (tokenizer.vocabSize > ckpt.config.vocab_size) {
-    throw new UserError(
-      `${ckpt.source}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${ckpt.config.vocab_size}`,
-    );
-  }
-  return { ckpt, tokenizer, dir };
-}
-
 /** Sampling settings: command line, else `generation_config.json`, else the defaults. */
 export function samplingFrom(
   args: ParsedArgs,
   ckpt: Pick<LoadedCheckpoint, "generation">,
 ): SamplingOptions {
-  const g = ckpt.generation;
-  const s: SamplingOptions = {
-    // `do_sample: false` means greedy decoding in Transformers; follow it.
-    temperature: numberOption(
-      args,
-      "temperature",
-      g.do_sample === false ? 0 : g.temperature ?? DEFAULT_SAMPLING.temperature,
-      { min: 0 },
-    ),
-    topK: numberOption(args, "top-k", g.top_k ?? DEFAULT_SAMPLING.topK, { integer: true, min: 0 }),
-    topP: numberOption(args, "top-p", g.top_p ?? DEFAULT_SAMPLING.topP, { max: 1 }),
-    repetitionPenalty: numberOption(
-      args,
-      "repetition-penalty",
-      g.repetition_penalty ?? DEFAULT_SAMPLING.repetitionPenalty,
-    ),
-  };
+  const given = (name: string, o: { integer?: boolean; min?: number; max?: number }) =>
+    args.values[name] === undefined ? undefined : numberOption(args, name, 0, o);
   try {
-    checkSamplingOptions(s);
+    return resolveSampling(ckpt.generation, {
+      temperature: given("temperature", { min: 0 }),
+      topK: given("top-k", { integer: true, min: 0 }),
+      topP: given("top-p", { max: 1 }),
+      repetitionPenalty: given("repetition-penalty", {}),
+    });
   } catch (e) {
-    if (e instanceof UserError) throw new UsageError(e.message);
+    if (e instanceof UserError && !(e instanceof UsageError)) throw new UsageError(e.message);
     throw e;
   }
-  return s;
 }
 
 function rngFrom(args: ParsedArgs): { rng: Rng; seed: number } {
@@ -188,23 +139,9 @@ function rngFrom(args: ParsedArgs): { rng: Rng; seed: number } {
 }
 
 function maxNewTokensFrom(args: ParsedArgs, ckpt: LoadedCheckpoint): number {
-  return numberOption(
-    args,
-    "max-new-tokens",
-    ckpt.generation.max_new_tokens ?? DEFAULT_MAX_NEW_TOKENS,
-    { integer: true, min: 1 },
-  );
-}
-
-/** Ids that end a reply: every eos of the generation config, and `<|im_end|>` in chat. */
-function stopIds(loaded: Loaded, chat: boolean): number[] {
-  const ids = new Set(loaded.ckpt.generation.eosIds ?? [loaded.ckpt.special.eos]);
-  ids.add(loaded.tokenizer.eosId);
-  if (chat) {
-    const imEnd = loaded.tokenizer.tokenToId("<|im_end|>");
-    if (imEnd !== undefined) ids.add(imEnd);
-  }
-  return [...ids];
+  return args.values["max-new-tokens"] === undefined
+    ? resolveMaxNewTokens(ckpt.generation)
+    : numberOption(args, "max-new-tokens", 0, { integer: true, min: 1 });
 }
 
 function speedLine(r: GenerateResult, gpu: Gpu): string {
@@ -214,31 +151,6 @@ function speedLine(r: GenerateResult, gpu: Gpu): string {
   } ms; decode: ${decoded} tokens in ${r.decodeMs.toFixed(1)} ms, ${
     r.tokensPerSecond.toFixed(1)
   } tokens/s (${gpu.adapterSummary.name})`;
-}
-
-/**
- * Streams `ids` as they come: each id's text once it is whole (a multi-byte
- * character split over tokens prints when its last byte arrives). Stop ids
- * are not printed.
- */
-function streamer(
-  tokenizer: TextTokenizer,
-  stop: Set<number>,
-  write: (text: string) => Promise<void> | void,
-  skipSpecialTokens: boolean,
-) {
-  const decoder = new StreamingDecoder(tokenizer, { skipSpecialTokens });
-  return {
-    async push(id: number) {
-      if (stop.has(id)) return;
-      const text = decoder.push(id);
-      if (text) await write(text);
-    },
-    async flush() {
-      const text = decoder.flush();
-      if (text) await write(text);
-    },
-  };
 }
 
 /** Runs `trainer generate` with injectable I/O; resolves to the exit status. */
@@ -251,7 +163,7 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
   const chat = flagOption(args, "chat");
   const json = flagOption(args, "json");
   const verbose = flagOption(args, "verbose");
-  const loaded = await loadModel(args);
+  const loaded = await loadGenerationModel(stringOption(args, "model"));
   const { ckpt, tokenizer } = loaded;
   const sampling = samplingFrom(args, ckpt);
   const { rng, seed } = rngFrom(args);
@@ -259,11 +171,7 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
 
   // Base models continue bos + the text; chat models answer a user turn.
   const promptIds = chat
-    ? tokenizer.encode(
-      tokenizer.applyChatTemplate([{ role: "user", content: prompt }], {
-        addGenerationPrompt: true,
-      }),
-    )
+    ? chatPromptIds(tokenizer, [{ role: "user", content: prompt }])
     : [ckpt.special.bos, ...tokenizer.encode(prompt)];
   const maxPos = ckpt.config.max_position_embeddings;
   if (promptIds.length >= maxPos) {
@@ -278,7 +186,7 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
   try {
     const model = await InferenceModel.create(gpu, ckpt.config, ckpt.params, { capacity });
     try {
-      const out = streamer(tokenizer, new Set(stop), write, false);
+      const out = new TokenStreamer(tokenizer, stop, write, { skipSpecialTokens: false });
       const result = await generate(model, promptIds, {
         maxNewTokens: maxNew,
         sampling,
@@ -342,31 +250,6 @@ async function* inputLines(input: ReadableStream<Uint8Array>): AsyncGenerator<st
   for await (const line of lines) yield line.text;
 }
 
-/**
- * The conversation's prompt ids with as many of the latest `history` turns as
- * fit `budget` tokens; older turns are dropped first. Undefined when not even
- * the new message alone fits.
- */
-function fitConversation(
-  tokenizer: TextTokenizer,
-  system: string | undefined,
-  history: ChatMessage[][],
-  message: string,
-  budget: number,
-): { ids: number[]; kept: number } | undefined {
-  for (let keep = history.length; keep >= 0; keep--) {
-    const messages: ChatMessage[] = [];
-    if (system) messages.push({ role: "system", content: system });
-    for (const turn of history.slice(history.length - keep)) messages.push(...turn);
-    messages.push({ role: "user", content: message });
-    const ids = tokenizer.encode(
-      tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }),
-    );
-    if (ids.length <= budget) return { ids, kept: keep };
-  }
-  return undefined;
-}
-
 /** Runs `trainer chat` with injectable I/O; resolves to the exit status. */
 export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<number> {
   const { write, note } = resolveIo(io);
@@ -376,7 +259,7 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
   const verbose = flagOption(args, "verbose");
   const historyTurns = numberOption(args, "history", 8, { integer: true, min: 0 });
   const system = stringOption(args, "system");
-  const loaded = await loadModel(args);
+  const loaded = await loadGenerationModel(stringOption(args, "model"));
   const { ckpt, tokenizer } = loaded;
   if (!tokenizer.hasChatTemplate) {
     throw new UserError(
@@ -449,7 +332,7 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
           );
           history = history.slice(history.length - fit.kept);
         }
-        const out = streamer(tokenizer, new Set(stop), write, true);
+        const out = new TokenStreamer(tokenizer, stop, write, { skipSpecialTokens: true });
         const result = await generate(model, fit.ids, {
           maxNewTokens: Math.min(maxNew, context - fit.ids.length),
           sampling,

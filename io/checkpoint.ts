@@ -37,7 +37,7 @@
  * @module
  */
 
-import { type ModelConfig, validateConfig } from "./config.ts";
+import { type ModelConfig, validateConfig } from "../model/config.ts";
 import {
   fromHfConfig,
   type ParsedGenerationConfig,
@@ -47,7 +47,7 @@ import {
   toGenerationConfig,
   toHfConfig,
 } from "./hf_config.ts";
-import { parameterSpecs } from "./params.ts";
+import { parameterSpecs } from "../model/params.ts";
 import {
   openSafetensors,
   type SafetensorsFile,
@@ -284,8 +284,8 @@ function checkTensors(
  * @example
  * ```ts
  * import { loadCheckpoint, saveCheckpoint } from "./checkpoint.ts";
- * import { presetConfig } from "./config.ts";
- * import { initParameters } from "./params.ts";
+ * import { presetConfig } from "../model/config.ts";
+ * import { initParameters } from "../model/params.ts";
  * const config = presetConfig("tiny");
  * const tmp = await Deno.makeTempDir();
  * const dir = `${tmp}/ckpt`;

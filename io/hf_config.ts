@@ -20,7 +20,7 @@
  * @module
  */
 
-import { headDim, type ModelConfig, validateConfig } from "./config.ts";
+import { headDim, type ModelConfig, validateConfig } from "../model/config.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Special token ids a checkpoint records. */
@@ -88,7 +88,7 @@ export function hfArchitecture(config: ModelConfig): HfArchitecture {
  * @example
  * ```ts
  * import { toHfConfig } from "./hf_config.ts";
- * import { presetConfig } from "./config.ts";
+ * import { presetConfig } from "../model/config.ts";
  * const json = toHfConfig(presetConfig("minimind-3"), { bos: 1, eos: 2, pad: 0 });
  * if (json.model_type !== "qwen3" || json.head_dim !== 96) throw new Error("qwen3 config");
  * ```

@@ -10,18 +10,18 @@ import {
   numberOption,
   type ParsedArgs,
   stringOption,
-} from "../util/cli.ts";
+} from "./args.ts";
 import { UsageError, UserError } from "../util/errors.ts";
-import { defaultTokenizer } from "./corpus.ts";
-import { DEFAULT_SHARD_TOKENS, type PrepareProgress, prepareShards } from "./shards.ts";
-import { assistantMask } from "./sft.ts";
+import { defaultTokenizer } from "../data/corpus.ts";
+import { DEFAULT_SHARD_TOKENS, type PrepareProgress, prepareShards } from "../data/shards.ts";
+import { assistantMask } from "../data/sft.ts";
 import {
   parsePretrainRecord,
   parseSftRecord,
   readJsonlLines,
   resolveDataPaths,
-} from "./sources.ts";
-import { TextTokenizer } from "./tokenizer.ts";
+} from "../data/sources.ts";
+import { TextTokenizer } from "../data/tokenizer.ts";
 
 /** Where a command writes: stdout, stderr, and whether stdout is a terminal (for colour). */
 export interface CommandOutput {

@@ -1,0 +1,280 @@
+/**
+ * `trainer pretrain` and `trainer sft`: their options and defaults (MiniMind's
+ * where it has one), flags turned into typed `TrainOptions`, Ctrl-C handling.
+ * The run itself is set up by `train/setup.ts` and run by `train/run.ts`.
+ *
+ * @module
+ */
+import { Gpu } from "../kernels/runtime.ts";
+import { prepareRun, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
+import { runPrepared } from "../train/run.ts";
+import {
+  type CommandSpec,
+  flagOption,
+  listOption,
+  numberOption,
+  type OptionSpec,
+  type ParsedArgs,
+  stringOption,
+} from "./args.ts";
+
+type Kind = TrainKind;
+
+function trainOptions(kind: Kind): Record<string, OptionSpec> {
+  const d = TRAIN_DEFAULTS[kind];
+  return {
+    data: {
+      type: "string",
+      multiple: true,
+      valueName: "PATH",
+      help: kind === "pretrain"
+        ? 'JSONL shards ({"text"} lines), dirs, globs or token-shard dirs (default: the embedded corpus)'
+        : 'JSONL shards ({"conversations"} lines), dirs, globs or token-shard dirs (default: the embedded corpus)',
+    },
+    tokenizer: {
+      type: "string",
+      valueName: "DIR",
+      help: kind === "pretrain"
+        ? "Hugging Face tokenizer dir (default: the embedded tokenizer, or --init's)"
+        : "Hugging Face tokenizer dir (default: the --init checkpoint's)",
+    },
+    "eval-data": {
+      type: "string",
+      multiple: true,
+      valueName: "PATH",
+      help: "held-out data evaluated every --eval-every steps (default: the embedded eval split)",
+    },
+    "shuffle-buffer": {
+      type: "string",
+      valueName: "N",
+      help: `samples held for shuffling; 0 = file order (default ${TRAIN_DEFAULTS.shuffleBuffer})`,
+    },
+    "skip-bad-lines": {
+      type: "boolean",
+      help: "count and skip malformed lines instead of stopping at the first",
+    },
+    preset: {
+      type: "string",
+      valueName: "NAME",
+      help: "model shape: tiny, minimind2-small, minimind-3 (default tiny)",
+    },
+    "model-config": {
+      type: "string",
+      valueName: "FILE",
+      help: "model shape from a JSON/JSONC file with Hugging Face config field names (+ qk_norm)",
+    },
+    init: {
+      type: "string",
+      valueName: "DIR",
+      help: kind === "pretrain"
+        ? "start from this checkpoint's weights (fresh optimizer, step 0)"
+        : "start from this checkpoint's weights (default out/pretrain; 'none' = random weights)",
+    },
+    steps: { type: "string", valueName: "N", help: `optimizer steps (default ${d.steps})` },
+    epochs: {
+      type: "string",
+      valueName: "N",
+      help: "passes over the data instead of --steps (counts the data once first)",
+    },
+    "batch-size": {
+      type: "string",
+      valueName: "B",
+      help: `sequences per micro-batch (default ${d.batchSize})`,
+    },
+    "seq-len": {
+      type: "string",
+      valueName: "T",
+      help: `tokens per sequence (default ${d.seqLen})`,
+    },
+    accum: {
+      type: "string",
+      valueName: "N",
+      help: `micro-batches per optimizer step (default ${TRAIN_DEFAULTS.accum})`,
+    },
+    lr: {
+      type: "string",
+      valueName: "LR",
+      help: kind === "pretrain"
+        ? `peak learning rate (default ${d.lr}, MiniMind's pretrain rate)`
+        : `peak learning rate (default ${d.lr}; lower than pretraining, as MiniMind does)`,
+    },
+    "min-lr-ratio": {
+      type: "string",
+      valueName: "R",
+      help:
+        `cosine decays to lr x R; 1 = constant (default ${TRAIN_DEFAULTS.minLrRatio}, MiniMind)`,
+    },
+    "warmup-steps": {
+      type: "string",
+      valueName: "N",
+      help: `linear warmup steps (default ${TRAIN_DEFAULTS.warmupSteps}, MiniMind)`,
+    },
+    "weight-decay": {
+      type: "string",
+      valueName: "WD",
+      help: `AdamW decoupled weight decay on matrices (default ${TRAIN_DEFAULTS.weightDecay})`,
+    },
+    beta1: {
+      type: "string",
+      valueName: "B1",
+      help: `AdamW beta1 (default ${TRAIN_DEFAULTS.beta1})`,
+    },
+    beta2: {
+      type: "string",
+      valueName: "B2",
+      help: `AdamW beta2 (default ${TRAIN_DEFAULTS.beta2})`,
+    },
+    "adam-eps": {
+      type: "string",
+      valueName: "EPS",
+      help: `AdamW epsilon (default ${TRAIN_DEFAULTS.adamEps})`,
+    },
+    "grad-clip": {
+      type: "string",
+      valueName: "C",
+      help:
+        `clip the global gradient norm to C; 0 = off (default ${TRAIN_DEFAULTS.gradClip}, MiniMind)`,
+    },
+    seed: {
+      type: "string",
+      valueName: "N",
+      help: `seed of initialization and data order (default ${TRAIN_DEFAULTS.seed})`,
+    },
+    out: {
+      type: "string",
+      valueName: "DIR",
+      help: `checkpoint directory, with metrics.jsonl and loss.svg (default ${d.out})`,
+    },
+    "log-every": {
+      type: "string",
+      valueName: "N",
+      help: `log every N steps (default ${TRAIN_DEFAULTS.logEvery})`,
+    },
+    "eval-every": {
+      type: "string",
+      valueName: "N",
+      help: "evaluate every N steps (default: 4 times per run, and at the end)",
+    },
+    "save-every": {
+      type: "string",
+      valueName: "N",
+      help: "save a checkpoint every N steps (default: 4 times per run, and at the end)",
+    },
+    resume: {
+      type: "boolean",
+      help:
+        "continue the run in --out from its last checkpoint up to --steps (the same --steps resumes exactly)",
+    },
+    "peak-tflops": {
+      type: "string",
+      valueName: "X",
+      help: "the adapter's FP32 peak in TFLOP/s, for MFU (known GPUs are recognised)",
+    },
+  };
+}
+
+/** The typed options of parsed `pretrain` / `sft` arguments: absent flags stay undefined. */
+export function trainOptionsFrom(kind: Kind, args: ParsedArgs): TrainOptions {
+  const has = (name: string) => args.values[name] !== undefined;
+  const int = (name: string, min = 0) =>
+    has(name) ? numberOption(args, name, 0, { integer: true, min }) : undefined;
+  const num = (name: string, min = 0) =>
+    has(name) ? numberOption(args, name, 0, { min }) : undefined;
+  const list = (name: string) => has(name) ? listOption(args, name) : undefined;
+  const init = stringOption(args, "init");
+  return {
+    kind,
+    out: stringOption(args, "out"),
+    resume: flagOption(args, "resume"),
+    init: init === "none" ? null : init,
+    tokenizer: stringOption(args, "tokenizer"),
+    preset: stringOption(args, "preset"),
+    modelConfig: stringOption(args, "model-config"),
+    data: list("data"),
+    evalData: list("eval-data"),
+    shuffleBuffer: int("shuffle-buffer"),
+    skipBadLines: flagOption(args, "skip-bad-lines"),
+    steps: int("steps"),
+    epochs: num("epochs"),
+    batchSize: int("batch-size", 1),
+    seqLen: int("seq-len", 1),
+    accum: int("accum"),
+    lr: num("lr"),
+    minLrRatio: num("min-lr-ratio"),
+    warmupSteps: int("warmup-steps"),
+    weightDecay: num("weight-decay"),
+    beta1: num("beta1"),
+    beta2: num("beta2"),
+    adamEps: num("adam-eps"),
+    gradClip: num("grad-clip"),
+    seed: int("seed"),
+    logEvery: int("log-every"),
+    evalEvery: int("eval-every"),
+    saveEvery: int("save-every"),
+    peakTflops: num("peak-tflops"),
+  };
+}
+
+/** Runs pretrain or sft with parsed arguments. Exported for tests. */
+export async function runTraining(
+  kind: Kind,
+  args: ParsedArgs,
+  io: {
+    print?: (line: string) => void;
+    gpu?: Gpu;
+    /** Tests: behave as if Ctrl-C came during this step. */
+    interruptAtStep?: number;
+  } = {},
+): Promise<number> {
+  const print = io.print ?? ((line: string) => console.log(line));
+  const opts = trainOptionsFrom(kind, args);
+  const gpu = io.gpu ?? await Gpu.request();
+  try {
+    const prepared = await prepareRun(opts, { gpu, print });
+    let interrupted = false;
+    const onSigint = () => {
+      if (interrupted) Deno.exit(130); // a second Ctrl-C: stop now
+      interrupted = true;
+      print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)");
+    };
+    let listening = false;
+    try {
+      try {
+        Deno.addSignalListener("SIGINT", onSigint);
+        listening = true;
+      } catch { /* no signals here (Windows without a console): Ctrl-C just ends the process */ }
+      const { status } = await runPrepared(prepared, {
+        gpu,
+        print,
+        interrupted: () => interrupted,
+        interruptAtStep: io.interruptAtStep,
+      });
+      return status;
+    } finally {
+      if (listening) Deno.removeSignalListener("SIGINT", onSigint);
+    }
+  } finally {
+    if (!io.gpu) gpu.destroy();
+  }
+}
+
+function trainCommand(kind: Kind): CommandSpec {
+  return {
+    name: kind,
+    summary: kind === "pretrain"
+      ? "Pretrain a model by next-token prediction on plain text"
+      : "Fine-tune a model on conversations, with the loss on assistant tokens only",
+    usage: "[options]",
+    description: kind === "pretrain"
+      ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
+      : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
+    options: trainOptions(kind),
+    config: true,
+    run: (args) => runTraining(kind, args),
+  };
+}
+
+/** `trainer pretrain`. */
+export const pretrainCommand: CommandSpec = trainCommand("pretrain");
+/** `trainer sft`. */
+export const sftCommand: CommandSpec = trainCommand("sft");

@@ -1,0 +1,724 @@
+/**
+ * The transformer on the GPU for training: parameters and their gradients,
+ * the activations of one `[B, T]` micro-batch kept for the backward, the
+ * forward (`model/forward.ts`, shared with the inference model), the head and
+ * loss in row chunks, and the backward. The optimizer (`optim/adamw.ts`) owns
+ * the AdamW moments, the global norm and the clip, and updates the parameters
+ * through `trainable()`.
+ *
+ * Everything lives in GPU buffers for the whole run: one buffer per parameter
+ * tensor and one per gradient (names, shapes and order from `parameterSpecs`),
+ * and the activations of one micro-batch, allocated once. Every pipeline, bind
+ * group and dispatch is created in `create`; `forwardBackward` only writes the
+ * batch (ids, targets, mask, the embedding backward's token groups) and the
+ * cross-entropy scale, then records the prepared dispatches into one command
+ * encoder per micro-batch (each must see its own batch: queue writes land
+ * between submits) and submits without waiting. The loss comes back only when
+ * asked.
+ *
+ * What is stored for the backward and what is recomputed: per layer we keep
+ * `x_l`, `h1`, `rstd1`, q and k after RoPE (and before QK-norm their raw
+ * projections and the per-head rstd, which the norm's backward needs), v, the
+ * attention output and its lse, `m_l`, `h2`, `rstd2`, gate and up. `x_l` and
+ * `m_l` cannot be recovered from the normed outputs (that would divide by the
+ * norm weight, which may be 0). `act = silu(gate) * up` is the one tensor we
+ * recompute: it is the largest activation ([N, I], I ~ 2.75 H) and costs one
+ * elementwise pass to rebuild, so one shared scratch buffer serves every
+ * layer's forward and backward (and then holds `d act`). The attention
+ * probabilities are never stored (the kernel recomputes them from the lse).
+ * Per layer that is (6 H + 2 kvDim + 2 I) N floats, plus (H + kvDim) N with
+ * QK-norm: 101 MB for minimind2-small at B=8, T=512 (parameters, gradients
+ * and moments: 4 x 103 MB).
+ *
+ * Logits: `[N, V]` can exceed `maxStorageBufferBindingSize` (minimind2-small
+ * at B=16, T=512: 210 MB), so the head runs in row chunks (`model/plan.ts`):
+ * for each chunk, logits = xf_c Whead^T, the cross-entropy writes `dlogits` in
+ * place over the logits, then `dWhead += dlogits^T xf_c` and
+ * `dxf_c = dlogits Whead`. The head's forward and backward are adjacent, so
+ * only one chunk of logits ever exists. With a tied head `dWhead` is the
+ * embedding's gradient, which the embedding backward later adds its scatter to.
+ *
+ * The gradients are cleared at the start of a step and every gradient kernel
+ * adds into them (`accumulate: true` for the dW matmuls; rmsnorm dw and the
+ * embedding backward always add), so micro-batches of one step simply sum,
+ * with the cross-entropy scale 1 / (mask sum over the whole step) making the
+ * sum the step's masked mean. No float atomics anywhere: same inputs, same bits.
+ *
+ * @module
+ */
+
+import {
+  type Binding,
+  type Dispatch,
+  type Gpu,
+  recordDispatches,
+  releaseDispatches,
+} from "../kernels/runtime.ts";
+import { matmulDyTX, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
+import { attentionBackward, attentionForward } from "../kernels/attention/mod.ts";
+import { ropeBackward, ropeForward } from "../kernels/rope.ts";
+import { embeddingBackward, type EmbeddingGroups, groupByToken } from "../kernels/embedding.ts";
+import { rmsnormBackward } from "../kernels/rmsnorm.ts";
+import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
+import { crossEntropy } from "../kernels/cross_entropy.ts";
+import type { Batch } from "../data/batch.ts";
+import { headDim, type ModelConfig } from "./config.ts";
+import {
+  checkTensorSizes,
+  initParameters,
+  mapTensors,
+  parameterSpecs,
+  type ParamSpec,
+  tensorNames,
+} from "./params.ts";
+import { decoderForward, type LayerBuffers } from "./forward.ts";
+import { checkDeviceLimits, logitsChunkRows } from "./plan.ts";
+import { UserError } from "../util/errors.ts";
+
+/** Options of `TrainingModel.create`. */
+export interface TrainingModelOptions {
+  /** Rows B of every micro-batch. */
+  batchSize: number;
+  /** Columns T of every micro-batch. */
+  seqLen: number;
+  /** Initial parameters by name; default `initParameters(config, seed)`. */
+  params?: Map<string, Float32Array>;
+  /** Seed of the default initialization (default 0). */
+  seed?: number;
+  /**
+   * Rows per head chunk (logits `[rows, V]`). Default: as many as fit in
+   * `LOGITS_CHUNK_BYTES` and the device's binding limit. Rounded up to the
+   * device's storage offset alignment; tests use it to force several chunks.
+   */
+  logitsChunkRows?: number;
+}
+
+/** A parameter tensor with its gradient, as the optimizer sees it. */
+export interface TrainableTensor {
+  /** Hugging Face name. */
+  name: string;
+  /** The parameter `[size]` the optimizer updates in place. */
+  param: GPUBuffer;
+  /** Its gradient, filled by `forwardBackward`. */
+  grad: GPUBuffer;
+  /** Number of elements. */
+  size: number;
+  /** Whether weight decay applies (matrices yes, norm weights no). */
+  decay: boolean;
+}
+
+/** Activations of one layer kept for the backward (the forward's buffers plus the lse). */
+interface LayerActivations extends LayerBuffers {
+  x: GPUBuffer;
+  h1: GPUBuffer;
+  rstd1: GPUBuffer;
+  qProj?: GPUBuffer;
+  kProj?: GPUBuffer;
+  rstdQ?: GPUBuffer;
+  rstdK?: GPUBuffer;
+  q: GPUBuffer;
+  k: GPUBuffer;
+  v: GPUBuffer;
+  attn: GPUBuffer;
+  /** Attention log-sum-exp `[B, nH, T]`. */
+  lse: GPUBuffer;
+  xMid: GPUBuffer;
+  h2: GPUBuffer;
+  rstd2: GPUBuffer;
+  gate: GPUBuffer;
+  up: GPUBuffer;
+}
+
+/** Dispatches of one head chunk. */
+interface HeadChunk {
+  /** logits = xf_c Whead^T. */
+  logits: Dispatch;
+  /** Cross-entropy into the training loss (scale = 1 / step mask sum). */
+  lossTrain: Dispatch[];
+  /** Cross-entropy into the evaluation loss sum (scale 1). */
+  lossEval: Dispatch[];
+  /** dWhead += dlogits^T xf_c; dxf_c = dlogits Whead. */
+  backward: Dispatch[];
+}
+
+/**
+ * The model on the GPU for training. Create with `TrainingModel.create`; a
+ * step is `forwardBackward(microBatches)` then the optimizer's `step(lr)`.
+ *
+ * @example
+ * ```ts ignore
+ * const model = await TrainingModel.create(gpu, presetConfig("tiny"), { batchSize: 8, seqLen: 256 });
+ * const adamw = await AdamW.create(gpu, model.trainable(), hyperparameters);
+ * model.forwardBackward([batch]);
+ * adamw.step(1e-3);
+ * console.log(await model.readLoss());
+ * ```
+ */
+export class TrainingModel {
+  /** The model's shape. */
+  readonly config: ModelConfig;
+  /** Rows B of every micro-batch. */
+  readonly batchSize: number;
+  /** Columns T of every micro-batch. */
+  readonly seqLen: number;
+
+  /** Number of row chunks the head (logits + cross-entropy) runs in. */
+  get headChunks(): number {
+    return this.#headChunks.length;
+  }
+
+  #gpu: Gpu;
+  #specs: ParamSpec[];
+  #params = new Map<string, GPUBuffer>();
+  #grads = new Map<string, GPUBuffer>();
+  #owned: GPUBuffer[] = [];
+
+  // Batch inputs [N].
+  #ids!: GPUBuffer;
+  #targets!: GPUBuffer;
+  #mask!: GPUBuffer;
+  // Per-step scalars.
+  #ceScale!: GPUBuffer; // [1] 1 / mask sum of the step
+  #one!: GPUBuffer; // [1] 1.0, the evaluation's CE scale
+  #loss!: GPUBuffer; // [1] the step's mean masked loss
+  #evalLoss!: GPUBuffer; // [1] evaluation: sum of mask * rowLoss
+
+  #forward: Dispatch[] = [];
+  #headChunks: HeadChunk[] = [];
+  #backward: Dispatch[] = [];
+  #embeddingBackward!: Dispatch;
+  #uploadGroups!: (groups: EmbeddingGroups) => void;
+
+  private constructor(gpu: Gpu, config: ModelConfig, batchSize: number, seqLen: number) {
+    this.#gpu = gpu;
+    this.config = { ...config };
+    this.batchSize = batchSize;
+    this.seqLen = seqLen;
+    this.#specs = parameterSpecs(config);
+  }
+
+  /**
+   * Allocates parameters (uploaded from `opts.params` or a fresh
+   * initialization), gradients and the activations of a `[batchSize, seqLen]`
+   * micro-batch, and prepares every dispatch. Throws a `UserError` when the
+   * device's limits cannot hold them.
+   */
+  static async create(
+    gpu: Gpu,
+    config: ModelConfig,
+    opts: TrainingModelOptions,
+  ): Promise<TrainingModel> {
+    const { batchSize: B, seqLen: T } = opts;
+    if (!Number.isInteger(B) || B < 1 || !Number.isInteger(T) || T < 1) {
+      throw new UserError(
+        `batch size and sequence length must be positive integers, got ${B} x ${T}`,
+      );
+    }
+    if (T > config.max_position_embeddings) {
+      throw new UserError(
+        `sequence length ${T} exceeds the model's max_position_embeddings (${config.max_position_embeddings}); lower --seq-len`,
+      );
+    }
+    checkDeviceLimits(gpu.limits, config, B, T);
+    const model = new TrainingModel(gpu, config, B, T);
+    try {
+      model.#allocateParameters(opts.params ?? initParameters(config, opts.seed ?? 0));
+      await model.#build(opts.logitsChunkRows);
+    } catch (e) {
+      model.destroy();
+      throw e;
+    }
+    return model;
+  }
+
+  #buffer(data: Float32Array | Int32Array | number, label: string): GPUBuffer {
+    const b = this.#gpu.createBuffer(data, label);
+    this.#owned.push(b);
+    return b;
+  }
+
+  #allocateParameters(params: Map<string, Float32Array>): void {
+    checkTensorSizes(this.#specs, params, "parameters");
+    for (const s of this.#specs) {
+      this.#params.set(s.name, this.#buffer(params.get(s.name)!, s.name));
+      this.#grads.set(s.name, this.#buffer(s.size * 4, `grad ${s.name}`));
+    }
+  }
+
+  /** Every parameter with its gradient, in `parameterSpecs` order: what the optimizer updates. */
+  trainable(): TrainableTensor[] {
+    return this.#specs.map((s) => ({
+      name: s.name,
+      param: this.#params.get(s.name)!,
+      grad: this.#grads.get(s.name)!,
+      size: s.size,
+      decay: s.decay,
+    }));
+  }
+
+  async #build(requestedChunkRows?: number): Promise<void> {
+    const gpu = this.#gpu;
+    const c = this.config;
+    const B = this.batchSize;
+    const T = this.seqLen;
+    const N = B * T;
+    const H = c.hidden_size;
+    const nH = c.num_attention_heads;
+    const nKV = c.num_key_value_heads;
+    const hd = headDim(c);
+    const qDim = nH * hd;
+    const kvDim = nKV * hd;
+    const I = c.intermediate_size;
+    const V = c.vocab_size;
+    const L = c.num_hidden_layers;
+    const theta = c.rope_theta;
+    const qk = c.qk_norm;
+    const f32 = (n: number) => n * 4;
+    const names = tensorNames(c);
+    const P = mapTensors(names, (name) => this.#params.get(name)!);
+    const G = mapTensors(names, (name) => this.#grads.get(name)!);
+
+    this.#ids = this.#buffer(f32(N), "ids [B, T]");
+    this.#targets = this.#buffer(f32(N), "targets [B, T]");
+    this.#mask = this.#buffer(f32(N), "mask [B, T]");
+    this.#ceScale = this.#buffer(f32(1), "cross-entropy scale");
+    this.#one = this.#buffer(new Float32Array([1]), "one");
+    this.#loss = this.#buffer(f32(1), "loss");
+    this.#evalLoss = this.#buffer(f32(1), "eval loss sum");
+
+    const xLast = this.#buffer(f32(N * H), "x after the last layer [N, H]");
+    const xFinal = this.#buffer(f32(N * H), "final norm out [N, H]");
+    const rstdFinal = this.#buffer(f32(N), "final rstd [N]");
+    // act = silu(gate) * up for the layer at hand, rebuilt in the backward; then d act.
+    const mlpScratch = this.#buffer(f32(N * I), "act / d act [N, I]");
+    // Activations kept for the backward, one set per layer; layer l's `next`
+    // is layer l+1's x (the last layer's is xLast).
+    const layers: LayerActivations[] = [];
+    for (let l = 0; l < L; l++) {
+      const a = (n: number, what: string) => this.#buffer(f32(n), `layer ${l} ${what}`);
+      layers.push({
+        x: a(N * H, "x [N, H]"),
+        h1: a(N * H, "h1 [N, H]"),
+        rstd1: a(N, "rstd1 [N]"),
+        qProj: qk ? a(N * qDim, "q proj [B, T, nH, hd]") : undefined,
+        kProj: qk ? a(N * kvDim, "k proj [B, T, nKV, hd]") : undefined,
+        rstdQ: qk ? a(N * nH, "q-norm rstd [N * nH]") : undefined,
+        rstdK: qk ? a(N * nKV, "k-norm rstd [N * nKV]") : undefined,
+        q: a(N * qDim, "q [B, T, nH, hd]"),
+        k: a(N * kvDim, "k [B, T, nKV, hd]"),
+        v: a(N * kvDim, "v [B, T, nKV, hd]"),
+        attn: a(N * qDim, "attention out [B, T, nH, hd]"),
+        lse: a(B * nH * T, "attention lse [B, nH, T]"),
+        xMid: a(N * H, "x mid [N, H]"),
+        h2: a(N * H, "h2 [N, H]"),
+        rstd2: a(N, "rstd2 [N]"),
+        gate: a(N * I, "gate [N, I]"),
+        up: a(N * I, "up [N, I]"),
+        act: mlpScratch,
+        next: xLast,
+        nextNorm: xFinal,
+        nextRstd: rstdFinal,
+      });
+    }
+    for (let l = 0; l + 1 < L; l++) {
+      layers[l].next = layers[l + 1].x;
+      layers[l].nextNorm = layers[l + 1].h1;
+      layers[l].nextRstd = layers[l + 1].rstd1;
+    }
+    // Backward scratch shared by all layers.
+    const dResid = this.#buffer(f32(N * H), "d residual [N, H]");
+    const dH = this.#buffer(f32(N * H), "d normed input [N, H]"); // also d xf for the head
+    const dGate = this.#buffer(f32(N * I), "d gate [N, I]");
+    const dUp = this.#buffer(f32(N * I), "d up [N, I]");
+    const dAttn = this.#buffer(f32(N * qDim), "d attention out [B, T, nH, hd]");
+    const dq = this.#buffer(f32(N * qDim), "d q [B, T, nH, hd]");
+    const dk = this.#buffer(f32(N * kvDim), "d k [B, T, nKV, hd]");
+    const dv = this.#buffer(f32(N * kvDim), "d v [B, T, nKV, hd]");
+    const dqProj = qk ? this.#buffer(f32(N * qDim), "d q proj [B, T, nH, hd]") : dq;
+    const dkProj = qk ? this.#buffer(f32(N * kvDim), "d k proj [B, T, nKV, hd]") : dk;
+
+    // Linear layer y = x W^T over the N rows and its two backward products
+    // (dW += dy^T x, accumulated across micro-batches; dx (+)= dy W).
+    const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
+      matmulXWt(gpu, { x, w, y, M: N, K, N: out });
+    const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: GPUBuffer, out: number, K: number) =>
+      matmulDyTX(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true });
+    const linearDx = (
+      dy: GPUBuffer,
+      w: GPUBuffer,
+      dx: GPUBuffer,
+      out: number,
+      K: number,
+      accumulate = false,
+    ) => matmulDyW(gpu, { dy, w, dx, M: N, N: out, K, accumulate });
+    const rope = (x: GPUBuffer, nHeads: number) => ropeForward(gpu, { x, B, T, nHeads, hd, theta });
+    // RoPE rotates each pair by R(a), so d(pre-rope) = R(-a) d(post-rope), in place.
+    const ropeBack = (dx: GPUBuffer, nHeads: number) =>
+      ropeBackward(gpu, { dx, B, T, nHeads, hd, theta });
+
+    // ---- Forward: RoPE in place, then flash attention over the batch.
+    this.#forward = await decoderForward(gpu, {
+      config: c,
+      N,
+      weights: P,
+      ids: this.#ids,
+      layer: (l) => layers[l],
+      linear,
+      attention: async (l) => {
+        const a = layers[l];
+        return [
+          await rope(a.q, nH),
+          await rope(a.k, nKV),
+          await attentionForward(gpu, {
+            q: a.q,
+            k: a.k,
+            v: a.v,
+            out: a.attn,
+            lse: a.lse,
+            B,
+            T,
+            nH,
+            nKV,
+            hd,
+          }),
+        ];
+      },
+    });
+
+    // ---- Head and loss, in row chunks; each chunk's backward follows its
+    // forward so one logits chunk serves all. d xf lands in dH.
+    const chunkRows = logitsChunkRows(gpu.limits, V, N, requestedChunkRows);
+    const logits = this.#buffer(f32(chunkRows * V), `logits chunk [${chunkRows}, V]`);
+    const rowLoss = this.#buffer(f32(chunkRows), `row loss chunk [${chunkRows}]`);
+    for (let r0 = 0; r0 < N; r0 += chunkRows) {
+      const R = Math.min(chunkRows, N - r0);
+      const rowsOf = (buffer: GPUBuffer, width: number): Binding => ({
+        buffer,
+        offset: f32(r0 * width),
+        size: f32(R * width),
+      });
+      const lg: Binding = { buffer: logits, offset: 0, size: f32(R * V) };
+      const rl: Binding = { buffer: rowLoss, offset: 0, size: f32(R) };
+      const xf = rowsOf(xFinal, H);
+      const ce = (scale: GPUBuffer, loss: GPUBuffer) =>
+        crossEntropy(gpu, {
+          logits: lg,
+          targets: rowsOf(this.#targets, 1),
+          mask: rowsOf(this.#mask, 1),
+          scale,
+          dlogits: lg,
+          rowLoss: rl,
+          loss,
+          N: R,
+          V,
+        });
+      this.#headChunks.push({
+        logits: await matmulXWt(gpu, { x: xf, w: P.head, y: lg, M: R, K: H, N: V }),
+        lossTrain: await ce(this.#ceScale, this.#loss),
+        lossEval: await ce(this.#one, this.#evalLoss),
+        backward: [
+          await matmulDyTX(gpu, {
+            dy: lg,
+            x: xf,
+            dw: G.head,
+            M: R,
+            N: V,
+            K: H,
+            accumulate: true,
+          }),
+          await matmulDyW(gpu, { dy: lg, w: P.head, dx: rowsOf(dH, H), M: R, N: V, K: H }),
+        ],
+      });
+    }
+
+    // ---- Backward, the forward in reverse.
+    // Final norm: xf = rmsnorm(xLast) * w_f. d xLast overwrites dResid, which
+    // from here on carries d(residual stream); each norm's backward adds its
+    // branch into it (x_{l+1} = m_l + mlp(m_l) gives d m_l = d x_{l+1} + d through
+    // the MLP's norm; likewise for m_l = x_l + attn(x_l)).
+    const bwd: Dispatch[] = await rmsnormBackward(gpu, {
+      dy: dH,
+      x: xLast,
+      w: P.norm,
+      rstd: rstdFinal,
+      dx: dResid,
+      dw: G.norm,
+      N,
+      H,
+      accumulateDx: false,
+    });
+    for (let l = L - 1; l >= 0; l--) {
+      const a = layers[l];
+      const W = P.layers[l];
+      const dW = G.layers[l];
+      bwd.push(
+        // MLP, y = act Wd^T: act is rebuilt, consumed by dWd, and its buffer
+        // then takes d act = dy Wd.
+        await swigluForward(gpu, { gate: a.gate, up: a.up, h: mlpScratch, n: N * I }),
+        await linearDw(dResid, mlpScratch, dW.down, H, I),
+        await linearDx(dResid, W.down, mlpScratch, H, I),
+        await swigluBackward(gpu, {
+          dh: mlpScratch,
+          gate: a.gate,
+          up: a.up,
+          dgate: dGate,
+          dup: dUp,
+          n: N * I,
+        }),
+        await linearDw(dGate, a.h2, dW.gate, I, H),
+        await linearDw(dUp, a.h2, dW.up, I, H),
+        // h2 feeds both gate and up: d h2 = dgate Wg + dup Wu.
+        await linearDx(dGate, W.gate, dH, I, H),
+        await linearDx(dUp, W.up, dH, I, H, true),
+        ...await rmsnormBackward(gpu, {
+          dy: dH,
+          x: a.xMid,
+          w: W.postNorm,
+          rstd: a.rstd2,
+          dx: dResid,
+          dw: dW.postNorm,
+          N,
+          H,
+          accumulateDx: true,
+        }),
+        // Attention, xMid = x + a Wo^T.
+        await linearDw(dResid, a.attn, dW.o, H, qDim),
+        await linearDx(dResid, W.o, dAttn, H, qDim),
+        ...await attentionBackward(gpu, {
+          q: a.q,
+          k: a.k,
+          v: a.v,
+          out: a.attn,
+          lse: a.lse,
+          dOut: dAttn,
+          dq,
+          dk,
+          dv,
+          B,
+          T,
+          nH,
+          nKV,
+          hd,
+        }),
+        await ropeBack(dq, nH),
+        await ropeBack(dk, nKV),
+      );
+      if (qk) {
+        bwd.push(
+          ...await rmsnormBackward(gpu, {
+            dy: dq,
+            x: a.qProj!,
+            w: W.qNorm!,
+            rstd: a.rstdQ!,
+            dx: dqProj,
+            dw: dW.qNorm!,
+            N: N * nH,
+            H: hd,
+            accumulateDx: false,
+          }),
+          ...await rmsnormBackward(gpu, {
+            dy: dk,
+            x: a.kProj!,
+            w: W.kNorm!,
+            rstd: a.rstdK!,
+            dx: dkProj,
+            dw: dW.kNorm!,
+            N: N * nKV,
+            H: hd,
+            accumulateDx: false,
+          }),
+        );
+      }
+      bwd.push(
+        await linearDw(dqProj, a.h1, dW.q, qDim, H),
+        await linearDw(dkProj, a.h1, dW.k, kvDim, H),
+        await linearDw(dv, a.h1, dW.v, kvDim, H),
+        // h1 feeds q, k and v: d h1 = dq Wq + dk Wk + dv Wv.
+        await linearDx(dqProj, W.q, dH, qDim, H),
+        await linearDx(dkProj, W.k, dH, kvDim, H, true),
+        await linearDx(dv, W.v, dH, kvDim, H, true),
+        ...await rmsnormBackward(gpu, {
+          dy: dH,
+          x: a.x,
+          w: W.inputNorm,
+          rstd: a.rstd1,
+          dx: dResid,
+          dw: dW.inputNorm,
+          N,
+          H,
+          accumulateDx: true,
+        }),
+      );
+    }
+    this.#backward = bwd;
+    // Embedding: dE[tok] += sum of d x_0 rows at its positions (adds to the
+    // tied head's dW when tied).
+    const emb = await embeddingBackward(gpu, { dOut: dResid, dWeight: G.embed, N, H });
+    this.#embeddingBackward = emb.dispatch;
+    this.#uploadGroups = (g) => emb.upload(g);
+  }
+
+  #checkBatch(b: Batch, what: string): void {
+    const N = this.batchSize * this.seqLen;
+    const V = this.config.vocab_size;
+    if (b.B !== this.batchSize || b.T !== this.seqLen) {
+      throw new UserError(
+        `${what}: a batch of ${b.B} x ${b.T}, but the model was built for ${this.batchSize} x ${this.seqLen}`,
+      );
+    }
+    for (const [name, arr] of [["ids", b.ids], ["targets", b.targets], ["mask", b.mask]] as const) {
+      if (arr.length !== N) {
+        throw new UserError(
+          `${what}: ${name} has ${arr.length} values, expected B*T = ${this.batchSize}*${this.seqLen} = ${N}`,
+        );
+      }
+    }
+    for (const [name, arr] of [["ids", b.ids], ["targets", b.targets]] as const) {
+      for (let i = 0; i < N; i++) {
+        const t = arr[i];
+        if (t < 0 || t >= V) {
+          throw new UserError(
+            `${what}: token ${t} in ${name} at row ${Math.floor(i / this.seqLen)}, position ${
+              i % this.seqLen
+            } is outside the model's vocabulary [0, ${V}); the tokenizer and the model's vocab_size disagree`,
+          );
+        }
+      }
+    }
+  }
+
+  #writeBatch(b: Batch, withGroups: boolean): void {
+    this.#gpu.write(this.#ids, b.ids);
+    this.#gpu.write(this.#targets, b.targets);
+    this.#gpu.write(this.#mask, b.mask);
+    if (withGroups) this.#uploadGroups(groupByToken(b.ids, this.config.vocab_size));
+  }
+
+  #clearGradients(enc: GPUCommandEncoder): void {
+    for (const g of this.#grads.values()) enc.clearBuffer(g);
+    enc.clearBuffer(this.#loss);
+  }
+
+  /** Forward, loss and backward of the batch now in the input buffers, adding into the gradients. */
+  #recordForwardBackward(pass: GPUComputePassEncoder): void {
+    const gpu = this.#gpu;
+    recordDispatches(gpu, pass, this.#forward);
+    for (const h of this.#headChunks) {
+      recordDispatches(gpu, pass, h.logits);
+      recordDispatches(gpu, pass, h.lossTrain);
+      recordDispatches(gpu, pass, h.backward);
+    }
+    recordDispatches(gpu, pass, this.#backward);
+    recordDispatches(gpu, pass, this.#embeddingBackward);
+  }
+
+  /** Writes the step's cross-entropy scale: 1 / (mask sum over all its micro-batches). */
+  #writeScale(batches: Batch[]): void {
+    let total = 0;
+    for (const b of batches) for (let i = 0; i < b.mask.length; i++) total += b.mask[i];
+    // A step with no masked-in target has loss 0 and zero gradients (as the reference).
+    this.#gpu.write(this.#ceScale, new Float32Array([total > 0 ? 1 / total : 0]));
+  }
+
+  /**
+   * Forward and backward of one optimizer step's `microBatches` (gradient
+   * accumulation): clears the gradients and the loss, then for each
+   * micro-batch writes it and submits its forward, loss and backward, the
+   * gradients adding up. The loss is the masked mean over all of them. Returns
+   * without waiting; the optimizer's `step` then reads the gradients.
+   */
+  forwardBackward(microBatches: Batch[]): void {
+    if (microBatches.length === 0) {
+      throw new UserError("a training step needs at least one micro-batch");
+    }
+    microBatches.forEach((b, i) => this.#checkBatch(b, `micro-batch ${i}`));
+    const gpu = this.#gpu;
+    this.#writeScale(microBatches);
+    microBatches.forEach((b, i) => {
+      this.#writeBatch(b, true);
+      gpu.submit((enc) => {
+        if (i === 0) this.#clearGradients(enc);
+        const pass = enc.beginComputePass();
+        this.#recordForwardBackward(pass);
+        pass.end();
+      });
+    });
+  }
+
+  /**
+   * The mean masked loss of the last step submitted before this call (the
+   * copy is queued now, so a later step does not change what it returns).
+   */
+  async readLoss(): Promise<number> {
+    return (await this.#gpu.readF32(this.#loss, 0, 1))[0];
+  }
+
+  /**
+   * For tests and diagnostics: one forward and backward of `batch` with no
+   * update; returns the masked mean loss and every parameter's gradient.
+   * Leaves the gradient buffers holding these gradients.
+   */
+  async lossAndGrads(
+    batch: Batch,
+  ): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
+    this.forwardBackward([batch]);
+    const loss = await this.readLoss();
+    return { loss, grads: await this.#readAll(this.#grads) };
+  }
+
+  /**
+   * Forward only: the sum over rows of `mask * loss` and the mask sum (so the
+   * caller can average over many batches). Touches no gradient and no
+   * optimizer state, nor the training loss that `readLoss` returns.
+   */
+  async evalLoss(batch: Batch): Promise<{ lossSum: number; count: number }> {
+    this.#checkBatch(batch, "eval batch");
+    const gpu = this.#gpu;
+    this.#writeBatch(batch, false);
+    gpu.submit((enc) => {
+      enc.clearBuffer(this.#evalLoss);
+      const pass = enc.beginComputePass();
+      recordDispatches(gpu, pass, this.#forward);
+      for (const h of this.#headChunks) {
+        recordDispatches(gpu, pass, h.logits);
+        recordDispatches(gpu, pass, h.lossEval);
+      }
+      pass.end();
+    });
+    let count = 0;
+    for (let i = 0; i < batch.mask.length; i++) count += batch.mask[i];
+    const lossSum = (await gpu.readF32(this.#evalLoss, 0, 1))[0];
+    return { lossSum, count };
+  }
+
+  async #readAll(buffers: Map<string, GPUBuffer>): Promise<Map<string, Float32Array>> {
+    const out = new Map<string, Float32Array>();
+    for (const s of this.#specs) {
+      out.set(s.name, await this.#gpu.readF32(buffers.get(s.name)!, 0, s.size));
+    }
+    return out;
+  }
+
+  /** Every parameter tensor, by Hugging Face name (a copy). */
+  getParameters(): Promise<Map<string, Float32Array>> {
+    return this.#readAll(this.#params);
+  }
+
+  /** Replaces every parameter tensor (all names of `parameterSpecs` must be present). */
+  setParameters(m: Map<string, Float32Array>): void {
+    checkTensorSizes(this.#specs, m, "parameters");
+    for (const s of this.#specs) this.#gpu.write(this.#params.get(s.name)!, m.get(s.name)!);
+  }
+
+  /** Releases every buffer the model and its dispatches allocated. */
+  destroy(): void {
+    releaseDispatches(this.#forward);
+    for (const h of this.#headChunks) {
+      releaseDispatches([h.logits, ...h.lossTrain, ...h.lossEval, ...h.backward]);
+    }
+    releaseDispatches(this.#backward);
+    if (this.#embeddingBackward) releaseDispatches([this.#embeddingBackward]);
+    for (const b of this.#owned) b.destroy();
+    this.#owned = [];
+  }
+}

@@ -1,0 +1,486 @@
+/**
+ * A training run's setup, done once before the loop: where it starts (resume,
+ * `init` weights, or a fresh model), the tokenizer, the model shape, the run's
+ * settings (a resume keeps the saved ones), the data and held-out streams, and
+ * the output directory. Every check that can fail fails here, before anything
+ * is written. Options are typed values: flags are parsed in `cli/`, and the
+ * experiment builds these options directly.
+ *
+ * @module
+ */
+import { dirname, join } from "node:path";
+import type { Gpu } from "../kernels/runtime.ts";
+import {
+  MODEL_CONFIG_FIELDS,
+  type ModelConfig,
+  presetConfig,
+  validateConfig,
+} from "../model/config.ts";
+import { initParameters } from "../model/params.ts";
+import { checkDeviceLimits } from "../model/plan.ts";
+import { loadCheckpoint, resolveCheckpointDir } from "../io/checkpoint.ts";
+import { fromHfConfig } from "../io/hf_config.ts";
+import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
+import { DataStream, type DataStreamOptions } from "../data/stream.ts";
+import { TextTokenizer } from "../data/tokenizer.ts";
+import { UsageError, UserError } from "../util/errors.ts";
+import { parse as parseJsonc, type ParseError } from "jsonc-parser";
+import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
+import { peakFlopsFor } from "./peak.ts";
+
+/** What a run trains on: plain text, or conversations with the assistant-only mask. */
+export type TrainKind = "pretrain" | "sft";
+
+/** Defaults per kind. MiniMind: AdamW 0.9/0.999, eps 1e-8, cosine to 0.1 x lr, clip 1.0. */
+export const TRAIN_DEFAULTS = {
+  pretrain: { lr: 5e-4, out: "out/pretrain", steps: 600, batchSize: 16, seqLen: 128 },
+  sft: { lr: 2e-4, out: "out/sft", steps: 300, batchSize: 16, seqLen: 128 },
+  minLrRatio: 0.1,
+  warmupSteps: 0,
+  weightDecay: 0.01,
+  beta1: 0.9,
+  beta2: 0.999,
+  adamEps: 1e-8,
+  gradClip: 1.0,
+  accum: 1,
+  seed: 42,
+  shuffleBuffer: 1000,
+  logEvery: 10,
+} as const;
+
+/**
+ * A run as asked for. Every field but `kind` is optional: absent means the
+ * default, or on `resume` the value the run was saved with.
+ */
+export interface TrainOptions {
+  kind: TrainKind;
+  /** Checkpoint directory (default per kind: out/pretrain, out/sft). */
+  out?: string;
+  /** Continue the run in `out` from its last checkpoint. */
+  resume?: boolean;
+  /**
+   * Start from this checkpoint's weights (fresh optimizer, step 0); `null`
+   * means random weights. Absent: random for pretrain, `out/pretrain` for sft.
+   */
+  init?: string | null;
+  /** Hugging Face tokenizer directory (default: the embedded one, or the init checkpoint's). */
+  tokenizer?: string;
+  /** Model shape by preset name (default `tiny`), or ... */
+  preset?: string;
+  /** ... from a JSON/JSONC file of Hugging Face config fields (+ qk_norm). */
+  modelConfig?: string;
+  /** Training data paths (default: the embedded corpus, written beside `out`). */
+  data?: string[];
+  /** Held-out data evaluated during the run. */
+  evalData?: string[];
+  shuffleBuffer?: number;
+  skipBadLines?: boolean;
+  /** Optimizer steps; or ... */
+  steps?: number;
+  /** ... passes over the data (the data is counted once first). */
+  epochs?: number;
+  batchSize?: number;
+  seqLen?: number;
+  accum?: number;
+  lr?: number;
+  minLrRatio?: number;
+  warmupSteps?: number;
+  weightDecay?: number;
+  beta1?: number;
+  beta2?: number;
+  adamEps?: number;
+  gradClip?: number;
+  seed?: number;
+  logEvery?: number;
+  evalEvery?: number;
+  saveEvery?: number;
+  /** The adapter's FP32 peak in TFLOP/s, for MFU (default: known GPUs are recognised). */
+  peakTflops?: number;
+}
+
+/** A run ready for `trainLoop`. */
+export interface PreparedRun {
+  run: RunConfig;
+  start: RunStart;
+  tokenizer: TextTokenizer;
+  /** The training stream, positioned where the run continues. */
+  train: DataStream;
+  /** Opens a fresh pass over the held-out data, or undefined when there is none. */
+  openEval?: () => Promise<DataStream>;
+  /** FP32 peak of the adapter in FLOP/s, when known (for MFU). */
+  peakFlops?: number;
+  /** Whether this continues a saved run. */
+  resumed: boolean;
+}
+
+const MODEL_FIELDS = new Set<string>(MODEL_CONFIG_FIELDS);
+
+/** Reads a model config file: a preset's fields overridden by the file's (HF names). */
+async function readModelConfigFile(
+  path: string,
+): Promise<{ config: ModelConfig; setsVocab: boolean }> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    throw new UserError(`cannot read --model-config ${path}: ${(e as Error).message}`);
+  }
+  const errors: ParseError[] = [];
+  const data = parseJsonc(text, errors, { allowTrailingComma: true });
+  if (errors.length > 0 || typeof data !== "object" || data === null || Array.isArray(data)) {
+    throw new UserError(`${path}: not a JSON object of model config fields`);
+  }
+  const obj = data as Record<string, unknown>;
+  if (typeof obj["architectures"] !== "undefined" || typeof obj["model_type"] !== "undefined") {
+    // A Hugging Face config.json: read it with the same rules as checkpoints.
+    const parsed = fromHfConfig(obj, path);
+    return { config: parsed.config, setsVocab: true };
+  }
+  const base = presetConfig(typeof obj["preset"] === "string" ? obj["preset"] as string : "tiny");
+  for (const [k, v] of Object.entries(obj)) {
+    if (k === "preset") continue;
+    if (!MODEL_FIELDS.has(k)) {
+      throw new UserError(
+        `${path}: unknown model config field "${k}"; fields: ${[...MODEL_FIELDS].join(", ")}`,
+      );
+    }
+    (base as unknown as Record<string, unknown>)[k] = v;
+  }
+  validateConfig(base, path);
+  return { config: base, setsVocab: "vocab_size" in obj };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The model `preset` or `modelConfig` asks for (default `tiny`), with
+ * `vocab_size` following the tokenizer unless the file sets it, in which case
+ * the two must agree.
+ */
+async function requestedModel(opts: TrainOptions, vocabSize: number): Promise<ModelConfig> {
+  const file = opts.modelConfig;
+  const { config, setsVocab } = file
+    ? await readModelConfigFile(file)
+    : { config: presetConfig(opts.preset ?? "tiny"), setsVocab: false };
+  if (setsVocab && config.vocab_size !== vocabSize) {
+    throw new UserError(
+      `vocab_size ${config.vocab_size} in ${file} does not match the tokenizer's ${vocabSize} tokens; remove vocab_size from the config to follow the tokenizer`,
+    );
+  }
+  config.vocab_size = vocabSize;
+  validateConfig(config);
+  return config;
+}
+
+/**
+ * With `resume` or `init` the model comes from the checkpoint; a `preset` /
+ * `modelConfig` given too must describe the same model, or the run is refused
+ * naming the first field that differs.
+ */
+async function checkSameModel(opts: TrainOptions, have: ModelConfig, where: string): Promise<void> {
+  if (opts.preset === undefined && opts.modelConfig === undefined) return;
+  const asked = await requestedModel(opts, have.vocab_size);
+  for (const field of MODEL_CONFIG_FIELDS) {
+    if (asked[field] !== have[field]) {
+      const flag = opts.preset !== undefined ? "--preset" : "--model-config";
+      throw new UserError(
+        `${flag} asks for ${field} = ${asked[field]}, but ${where} has ${field} = ${
+          have[field]
+        }; drop ${flag} to use the checkpoint's model`,
+      );
+    }
+  }
+}
+
+/** Where the run starts: a resumed checkpoint, `init` weights, or fresh ones. */
+async function startingPoint(
+  opts: TrainOptions,
+  out: string,
+  gpu: Gpu,
+): Promise<{
+  start: RunStart;
+  model: ModelConfig;
+  tokenizer: TextTokenizer;
+  state?: TrainerState;
+}> {
+  const { kind } = opts;
+  const d = TRAIN_DEFAULTS[kind];
+  let initDir = opts.init === null ? undefined : opts.init;
+  if (kind === "sft" && opts.init === undefined && !opts.resume) initDir = "out/pretrain";
+  if (opts.resume) {
+    // After a crash mid-save the checkpoint may survive as `<out>.old-*`.
+    const source = await resolveCheckpointDir(out).catch(() => out);
+    if (!(await exists(join(source, "trainer_state.json")))) {
+      throw new UserError(
+        `--resume: ${out} holds no checkpoint to resume (no trainer_state.json); run without --resume first`,
+      );
+    }
+    const ckpt = await loadCheckpoint(source, { optimizer: true });
+    const state = ckpt.state as unknown as TrainerState;
+    if (state?.version !== 1 || state.run?.kind !== kind) {
+      throw new UserError(
+        `--resume: ${out}/trainer_state.json is not a ${kind} run of this trainer`,
+      );
+    }
+    const tokenizer = TextTokenizer.fromJson(
+      ckpt.tokenizer.tokenizerJson,
+      ckpt.tokenizer.tokenizerConfigJson,
+      out,
+    );
+    await checkSameModel(opts, ckpt.config, `the run in ${out} (--resume)`);
+    return {
+      model: ckpt.config,
+      tokenizer,
+      state,
+      start: {
+        params: ckpt.params,
+        optimizer: ckpt.optimizer,
+        step: state.step,
+        tokens: state.tokens,
+        elapsed_s: state.elapsed_s,
+      },
+    };
+  }
+  if (initDir !== undefined) {
+    if (!(await exists(initDir))) {
+      throw new UserError(
+        kind === "sft" && initDir === "out/pretrain"
+          ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint) or --init none (random weights)"
+          : `--init ${initDir}: no such checkpoint directory`,
+      );
+    }
+    const ckpt = await loadCheckpoint(initDir);
+    await checkSameModel(opts, ckpt.config, `the --init checkpoint ${initDir}`);
+    const tokenizer = opts.tokenizer
+      ? await TextTokenizer.load(opts.tokenizer)
+      : TextTokenizer.fromJson(
+        ckpt.tokenizer.tokenizerJson,
+        ckpt.tokenizer.tokenizerConfigJson,
+        initDir,
+      );
+    return {
+      model: ckpt.config,
+      tokenizer,
+      start: { params: ckpt.params, step: 0, tokens: 0, elapsed_s: 0 },
+    };
+  }
+  const tokenizer = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : defaultTokenizer();
+  const model = await requestedModel(opts, tokenizer.vocabSize);
+  // Refuse a model the device cannot hold before spending time on weights.
+  checkDeviceLimits(gpu.limits, model, opts.batchSize ?? d.batchSize, opts.seqLen ?? d.seqLen);
+  return {
+    model,
+    tokenizer,
+    start: {
+      params: initParameters(model, opts.seed ?? TRAIN_DEFAULTS.seed),
+      step: 0,
+      tokens: 0,
+      elapsed_s: 0,
+    },
+  };
+}
+
+/**
+ * Sets a run up: starting point, settings, data, output directory. Prints
+ * notes (the embedded corpus written, epochs counted, a changed schedule, a
+ * replaced run) through `print`. The training stream is open on return; the
+ * caller closes it (`prepared.train.close()`).
+ */
+export async function prepareRun(
+  opts: TrainOptions,
+  io: { gpu: Gpu; print: (line: string) => void },
+): Promise<PreparedRun> {
+  const { kind } = opts;
+  const print = io.print;
+  if (opts.steps !== undefined && opts.epochs !== undefined) {
+    throw new UsageError("give --steps or --epochs, not both");
+  }
+  if (opts.preset !== undefined && opts.modelConfig !== undefined) {
+    throw new UsageError("give --preset or --model-config, not both");
+  }
+  const d = TRAIN_DEFAULTS[kind];
+  const out = (opts.out ?? d.out).replace(/\/+$/, "");
+  const resume = opts.resume ?? false;
+
+  // --- Where the run starts: resume, --init, or fresh weights. -----------------
+  const { start, model, tokenizer, state } = await startingPoint(opts, out, io.gpu);
+  if (tokenizer.vocabSize > model.vocab_size) {
+    throw new UserError(
+      `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${model.vocab_size}`,
+    );
+  }
+
+  // --- The run's settings (a resume keeps the saved ones, --steps may extend). -
+  const saved = state?.run;
+  const pick = <K extends keyof TrainOptions & keyof RunConfig>(
+    key: K,
+    fallback: number,
+  ): number => {
+    const given = opts[key] as number | undefined;
+    return given !== undefined ? given : saved ? saved[key] as number : fallback;
+  };
+  const batchSize = pick("batchSize", d.batchSize);
+  const seqLen = pick("seqLen", d.seqLen);
+  const accum = pick("accum", TRAIN_DEFAULTS.accum);
+  if (batchSize < 1 || seqLen < 1 || accum < 1) {
+    throw new UsageError("--batch-size, --seq-len and --accum must be at least 1");
+  }
+  if (seqLen > model.max_position_embeddings) {
+    throw new UserError(
+      `--seq-len ${seqLen} exceeds the model's max_position_embeddings (${model.max_position_embeddings})`,
+    );
+  }
+  const seed = pick("seed", TRAIN_DEFAULTS.seed);
+  if (saved) {
+    const kept = [
+      ["batch-size", opts.batchSize, batchSize, saved.batchSize],
+      ["seq-len", opts.seqLen, seqLen, saved.seqLen],
+      ["accum", opts.accum, accum, saved.accum],
+      ["seed", opts.seed, seed, saved.seed],
+    ] as const;
+    for (const [flag, given, now, was] of kept) {
+      if (given !== undefined && now !== was) {
+        throw new UserError(
+          `--resume: --${flag} ${now} differs from the run's ${was}; a resumed run keeps its batch shape and data order`,
+        );
+      }
+    }
+  }
+
+  // --- Data: given paths, or the embedded corpus written beside --out. --------
+  const shuffleBuffer = saved
+    ? state!.data.shuffleBuffer
+    : opts.shuffleBuffer ?? TRAIN_DEFAULTS.shuffleBuffer;
+  const skipBadLines = opts.skipBadLines ?? false;
+  let data = opts.data ?? [];
+  let evalData = opts.evalData ?? [];
+  if (data.length === 0 && saved) data = state!.data.files.map((f) => f.path);
+  if (evalData.length === 0 && saved) evalData = saved.evalData ?? [];
+  if (data.length === 0) {
+    // Beside --out (out/pretrain -> out/data); a bare --out name puts it in
+    // out/data rather than next to the user's own files.
+    const parent = dirname(out);
+    const corpusDir = parent === "." ? join("out", "data") : join(parent, "data");
+    const { files } = await writeEmbeddedCorpus(corpusDir).catch((e) => {
+      throw new UserError(
+        `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
+      );
+    });
+    data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
+    if (evalData.length === 0) evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
+    print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
+  }
+  const streamOptions: DataStreamOptions = {
+    data,
+    kind,
+    tokenizer,
+    batchSize,
+    seqLen,
+    seed,
+    shuffleBuffer,
+    skipBadLines,
+  };
+
+  let steps = pick("steps", d.steps);
+  if (opts.epochs !== undefined) {
+    const epochs = opts.epochs;
+    const counter = await DataStream.open({ ...streamOptions, shuffleBuffer: 0, maxEpochs: 1 });
+    let batches = 0;
+    try {
+      while (await counter.next()) batches++;
+    } finally {
+      counter.close();
+    }
+    steps = Math.ceil((batches * epochs) / accum);
+    print(`--epochs ${epochs}: ${batches} batches per epoch -> ${steps} steps`);
+  }
+  const four = Math.max(1, Math.ceil(steps / 4));
+  const run: RunConfig = {
+    kind,
+    model,
+    evalData,
+    steps,
+    batchSize,
+    seqLen,
+    accum,
+    lr: pick("lr", d.lr),
+    minLrRatio: pick("minLrRatio", TRAIN_DEFAULTS.minLrRatio),
+    warmupSteps: pick("warmupSteps", TRAIN_DEFAULTS.warmupSteps),
+    weightDecay: pick("weightDecay", TRAIN_DEFAULTS.weightDecay),
+    beta1: pick("beta1", TRAIN_DEFAULTS.beta1),
+    beta2: pick("beta2", TRAIN_DEFAULTS.beta2),
+    adamEps: pick("adamEps", TRAIN_DEFAULTS.adamEps),
+    gradClip: pick("gradClip", TRAIN_DEFAULTS.gradClip),
+    seed,
+    logEvery: Math.max(1, pick("logEvery", TRAIN_DEFAULTS.logEvery)),
+    evalEvery: Math.max(1, pick("evalEvery", four)),
+    saveEvery: Math.max(1, pick("saveEvery", four)),
+    out,
+  };
+  if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
+  if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
+  if (saved && steps < state!.step) {
+    throw new UserError(
+      `--resume: the run in ${out} is already at step ${state!.step}, past --steps ${steps}`,
+    );
+  }
+  if (saved && steps !== saved.steps) {
+    // The cosine schedule is a function of the total: a new total moves the
+    // learning rate of the remaining steps (exact resume needs the same --steps).
+    print(
+      `note: --steps ${steps} differs from the run's ${saved.steps}; the cosine schedule now spans ${steps} steps, so the learning rate continues from the new curve`,
+    );
+  }
+
+  // --- The output directory: ours to replace, or refuse. ----------------------
+  if (!resume && await exists(out)) {
+    const names: string[] = [];
+    for await (const e of Deno.readDir(out)) names.push(e.name);
+    const ours = new Set(["metrics.jsonl", "loss.svg"]);
+    const isCheckpoint = names.includes("config.json");
+    if (!isCheckpoint && names.some((n) => !ours.has(n))) {
+      throw new UserError(
+        `--out ${out} exists and is not a checkpoint of ours; choose a new or empty directory`,
+      );
+    }
+    if (isCheckpoint) {
+      print(`note: replacing the previous run in ${out} (use --resume to continue it)`);
+    }
+  }
+
+  // Open the data before creating --out, so bad data leaves nothing behind.
+  const train = await DataStream.open(streamOptions, state?.data);
+  try {
+    await Deno.mkdir(out, { recursive: true }).catch((e) => {
+      throw new UserError(`cannot create --out ${out}: ${(e as Error).message}`);
+    });
+  } catch (e) {
+    train.close();
+    throw e;
+  }
+  const openEval = evalData.length > 0
+    ? () =>
+      DataStream.open({
+        data: evalData,
+        kind,
+        tokenizer,
+        batchSize,
+        seqLen,
+        seed: 0,
+        shuffleBuffer: 0,
+        maxEpochs: 1,
+        skipBadLines,
+      })
+    : undefined;
+  const peakFlops = opts.peakTflops !== undefined
+    ? opts.peakTflops * 1e12
+    : peakFlopsFor(io.gpu.adapterSummary.name);
+  return { run, start, tokenizer, train, openEval, peakFlops, resumed: resume };
+}
