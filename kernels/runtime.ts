@@ -502,6 +502,11 @@ export interface Dispatch {
   bindGroup: GPUBindGroup;
   /** A 1-D count (split by `Gpu.dispatch` when beyond 65535) or an explicit grid. */
   workgroups: number | [number, number?, number?];
+  /**
+   * Buffers created for this dispatch alone (its uniforms, scratch such as
+   * split-K partials): whoever keeps the dispatch destroys them with it.
+   */
+  owned?: GPUBuffer[];
 }
 
 /** Records `dispatches` in order into `pass`. */
