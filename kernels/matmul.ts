@@ -106,22 +106,12 @@ export interface MatmulOptions {
    */
   subgroupLanes?: number;
   /**
-   * Fallback designs: reduction indices per loop iteration (4, 8 or 16; used
-   * where L is a multiple of it, else the default), for tuning.
-   */
-  step?: 4 | 8 | 16;
-  /** Fallback designs: load the next iteration's operands before this one's arithmetic. */
-  prefetch?: boolean;
-  /**
    * `matmulDyTXSplitK`: split the reduction into this many slices (1: none)
    * instead of choosing from the grid. Clamped to what the reduction length
    * allows (every slice holds at least one reduction step).
    */
   splitK?: number;
 }
-
-/** Reduction indices per iteration of the CPU-driver designs' loop. */
-type Step = 1 | 4 | 8 | 16;
 
 /** Layout of one operand: is its reduction index (`l`) the contiguous one? */
 type Contig = "red" | "out";
@@ -150,24 +140,21 @@ interface KernelSpec {
   bm: number;
   bn: number;
   /**
-   * fallback designs: reduction indices per loop iteration (4 or more when L
-   * is a multiple of it: an operand contiguous in l is then read as vec4s, and
-   * an operand contiguous in its output dimension issues `step` independent
-   * row loads per iteration).
+   * fallback designs: reduction indices per loop iteration (4 when L % 4 == 0:
+   * an operand contiguous in l is then read as vec4, and an operand contiguous
+   * in its output dimension issues 4 independent row loads per iteration).
    */
-  step: Step;
+  step: 1 | 4;
   /** fallback designs: rows and columns per invocation, lanes per workgroup. */
   tm: number;
   tn: number;
   lanes: number;
-  /** fallback designs: load the next iteration's operands before this one's arithmetic. */
-  prefetch: boolean;
 }
 
 function key(s: KernelSpec): string {
   const acc = s.accumulate ? "acc" : "set";
   return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.bm}x${s.bn}-` +
-    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.prefetch ? "-pf" : ""}`;
+    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}`;
 }
 
 // ---------------------------------------------------------------------------
@@ -539,7 +526,7 @@ function directLoads(
   contig: Contig,
   vec: 1 | 4,
   n: number,
-  step: Step,
+  step: 1 | 4,
 ): IterationLoads {
   const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
   const raw: [string, string][] = [];
@@ -548,12 +535,8 @@ function directLoads(
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        for (let h = 0; h < step / 4; h++) {
-          raw.push([`v${name}${i}h${h}`, `${operand}[(${r} * dims.L + L_ + ${4 * h}u) / 4u]`]);
-          for (let q = 0; q < 4; q++) {
-            unpack.push(`let ${name}${i}_${4 * h + q} = v${name}${i}h${h}[${q}];`);
-          }
-        }
+        raw.push([`v${name}${i}`, `${operand}[(${r} * dims.L + L_) / 4u]`]);
+        for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
         raw.push([`${name}${i}_0`, `${operand}[${r} * dims.L + L_]`]);
       }
@@ -583,11 +566,11 @@ function directLoads(
 
 /**
  * The CPU-driver designs: each invocation owns TM rows x TN columns and reads
- * the buffers directly. The reduction advances `step` (4 or more) at a time
- * when L % step == 0 (an operand contiguous in l is then read as vec4s), else
- * 1. A values are named a{i}_{q} (row i, reduction offset q), B values
- * b{j}_{q}; out-of-range rows and columns load a clamped (valid) index and are
- * never stored.
+ * the buffers directly. The reduction advances `step` = 4 at a time when
+ * L % 4 == 0 (an operand contiguous in l is then read as vec4), else 1. A
+ * values are named a{i}_{q} (row i, reduction offset q), B values b{j}_{q};
+ * out-of-range rows and columns load a clamped (valid) index and are never
+ * stored.
  */
 function fallbackWgsl(s: KernelSpec): string {
   const { tm: TM, tn: TN, lanes: S, step } = s;
@@ -611,11 +594,7 @@ function fallbackWgsl(s: KernelSpec): string {
       const row = `r0 + (lane + ${S * c}u) * ${chunkRows}u`;
       if (s.a === "red") {
         const r = `min(${row}, dims.R - 1u)`;
-        if (s.va === 4) {
-          for (let h = 0; h < step / 4; h++) {
-            raw.push([`ca${c}h${h}`, `A[(${r} * dims.L + L_ + ${4 * h}u) / 4u]`]);
-          }
-        } else raw.push([`ca${c}`, `A[${r} * dims.L + L_]`]);
+        raw.push([`ca${c}`, s.va === 4 ? `A[(${r} * dims.L + L_) / 4u]` : `A[${r} * dims.L + L_]`]);
       } else {
         for (let q = 0; q < step; q++) {
           raw.push([
@@ -633,7 +612,7 @@ function fallbackWgsl(s: KernelSpec): string {
       const p = i % chunkRows;
       for (let q = 0; q < step; q++) {
         let value: string;
-        if (s.a === "red") value = s.va === 4 ? `ca${c}h${q >> 2}[${q & 3}]` : `ca${c}`;
+        if (s.a === "red") value = s.va === 4 ? `ca${c}[${q}]` : `ca${c}`;
         else value = s.va === 4 ? `ca${c}_${q}[${p}]` : `ca${c}_${q}`;
         unpack.push(`let a${i}_${q} = subgroupBroadcast(${value}, ${src}u);`);
       }
@@ -679,28 +658,18 @@ function fallbackWgsl(s: KernelSpec): string {
       }
     }`);
   }
-  // The reduction loop. With `prefetch`, the loads for the next iteration are
-  // issued before this iteration's multiply-adds and carried over in
-  // variables: the CPU then has a whole iteration of arithmetic to hide their
-  // latency behind (an operand read across its rows, dY^T X, misses the
-  // caches every step: each step reads a new row of both operands).
+  // The reduction loop: every buffer read of an iteration first, then the
+  // broadcasts and multiply-adds (the reads are independent, so their cache
+  // misses overlap).
   const tiled = (broadcast: boolean) => {
     const a = loadA(broadcast);
-    const raw = [...a.raw, ...loadB.raw];
-    const at = (expr: string, l: string) => expr.replaceAll("L_", l);
-    const body = s.prefetch
-      ? [
-        ...raw.map(([n]) => `let ${n} = p${n};`),
-        `let ln = min(l + ${step}u, lEnd - ${step}u);`,
-        ...raw.map(([n, e]) => `p${n} = ${at(e, "ln")};`),
-      ]
-      : raw.map(([n, e]) => `let ${n} = ${at(e, "l")};`);
-    const before = s.prefetch ? raw.map(([n, e]) => `var p${n} = ${at(e, "lBegin")};`) : [];
+    const reads = [...a.raw, ...loadB.raw].map(([n, e]) =>
+      `let ${n} = ${e.replaceAll("L_", "l")};`
+    );
     return `let cb = c0 + lane * ${TN}u;
     ${accDecl.join("\n    ")}
-    ${before.join("\n    ")}
     for (var l = lBegin; l < lEnd; l += ${step}u) {
-      ${body.join("\n      ")}
+      ${reads.join("\n      ")}
       ${a.unpack.join("\n      ")}
       ${loadB.unpack.join("\n      ")}
       ${fmas.join("\n      ")}
@@ -794,8 +763,18 @@ export const SMALL_PROBLEM = 2 ** 18;
  */
 const GPU_TARGET_WORKGROUPS = 256;
 
-/** Split-K on CPU drivers: the shortest slice of the reduction worth a workgroup. */
+/**
+ * Split-K on CPU drivers: workgroups wanted per CPU thread (llvmpipe runs one
+ * workgroup per thread at a time; several each even out threads slowed by
+ * other work), and the shortest slice of the reduction worth a workgroup.
+ */
+const CPU_WORKGROUPS_PER_THREAD = 4;
 const CPU_MIN_SLICE = 256;
+
+/** CPU threads a CPU driver spreads workgroups over (llvmpipe: one per core). */
+function cpuThreads(): number {
+  return Math.max(1, navigator.hardwareConcurrency ?? 1);
+}
 
 /**
  * The tiled design's tile from the grid: the largest tile (fewest loads per
@@ -851,14 +830,12 @@ async function chooseSpec(
   const vecOk = (c: Contig, outLen: number) => opts?.vec !== 1 && contigLen(c, outLen) % 4 === 0;
   const va: 1 | 4 = vecOk(pr.a, pr.R) ? 4 : 1;
   const vb: 1 | 4 = vecOk(pr.b, pr.C) ? 4 : 1;
-  let step: Step = opts?.vec !== 1 && pr.L % 4 === 0 ? 4 : 1;
-  if (opts?.step !== undefined && step > 1 && pr.L % opts.step === 0) step = opts.step;
+  const step: 1 | 4 = opts?.vec !== 1 && pr.L % 4 === 0 ? 4 : 1;
   const vo: 1 | 4 = opts?.vec !== 1 && pr.C % 4 === 0 ? 4 : 1;
   // Below 2^18 multiply-adds a call takes well under a millisecond whatever
   // the tile; what counts there is the pipeline's compile time (model tests).
   const small = pr.R * pr.C * pr.L <= SMALL_PROBLEM;
-  const prefetch = opts?.prefetch ?? false;
-  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, prefetch, bm: 0, bn: 0 };
+  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0 };
   switch (variant) {
     case "tiled64":
     case "tiled128":
@@ -879,12 +856,11 @@ async function chooseSpec(
         );
       }
       // Columns go out as vec4s only where B's layout gives a thread 4
-      // consecutive columns ("out"); step and prefetch do not apply.
+      // consecutive columns ("out"); `step` does not apply.
       return {
         ...base,
         vo: pr.b === "out" ? vo : 1,
         step: 1,
-        prefetch: false,
         design: "tiled",
         bm,
         bn,
@@ -984,7 +960,7 @@ const MAX_PARTIALS_BYTES = 256 * 2 ** 20;
  * loads along l stay aligned; the last slice may be shorter). One slice unless
  * `allow`; then `options.splitK` when given, else enough slices to reach the
  * device's target workgroup count (GPUs: `GPU_TARGET_WORKGROUPS`; CPU drivers:
- * 2 per CPU thread), each slice at least `minSlice` long, the partials within
+ * `CPU_WORKGROUPS_PER_THREAD` per CPU thread), each slice at least `minSlice` long, the partials within
  * `MAX_PARTIALS_BYTES` and the device's binding limit.
  */
 function chooseSlices(
@@ -1006,9 +982,7 @@ function chooseSlices(
     S = opts.splitK;
   } else {
     const cpu = spec.design !== "tiled";
-    const target = cpu
-      ? 2 * Math.max(1, navigator.hardwareConcurrency ?? 1)
-      : GPU_TARGET_WORKGROUPS;
+    const target = cpu ? CPU_WORKGROUPS_PER_THREAD * cpuThreads() : GPU_TARGET_WORKGROUPS;
     const minSlice = cpu ? CPU_MIN_SLICE : 8 * BK;
     S = tiles >= target ? 1 : Math.min(
       Math.ceil(target / Math.max(1, tiles)),
@@ -1062,8 +1036,7 @@ async function matmulDispatches(
   );
   const design = spec.design === "tiled"
     ? `tiled${spec.bm}x${spec.bn}`
-    : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}` +
-      (spec.prefetch ? ", prefetch" : "");
+    : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}`;
   const split = slices > 1 ? `, split-K ${slices} x ${sliceLen}` : "";
   const kernelLabel = `${label} (${design}${split}, vec ${spec.va}/${spec.vb}/${spec.vo})`;
   if (slices === 1) {
