@@ -763,33 +763,38 @@ export const SMALL_PROBLEM = 2 ** 18;
  */
 const GPU_TARGET_WORKGROUPS = 256;
 
-/**
- * Split-K on CPU drivers: workgroups wanted per CPU thread (llvmpipe runs one
- * workgroup per thread at a time; several each even out threads slowed by
- * other work), and the shortest slice of the reduction worth a workgroup.
- */
-const CPU_WORKGROUPS_PER_THREAD = 4;
-const CPU_MIN_SLICE = 256;
-
-/** CPU threads a CPU driver spreads workgroups over (llvmpipe: one per core). */
-function cpuThreads(): number {
-  return Math.max(1, navigator.hardwareConcurrency ?? 1);
-}
+/** Split-K on GPUs: the shortest slice of the reduction worth a workgroup (8 steps of BK). */
+const GPU_MIN_SLICE = 8 * BK;
 
 /**
- * The tiled design's tile from the grid: the largest tile (fewest loads per
- * multiply-add) that still gives `GPU_TARGET_WORKGROUPS` workgroups and fits
- * the device's workgroup memory; skinny tiles before 64x64, the orientation
- * with more tiles first; 64x64 (16 KiB, WebGPU's default limit) otherwise.
+ * The tiled (GPU) design's tile `[rows, columns]` for an R x C output: the
+ * largest tile (fewest loads per multiply-add) that still gives
+ * `GPU_TARGET_WORKGROUPS` workgroups and fits `workgroupStorageBytes` (the
+ * device's `maxComputeWorkgroupStorageSize`): 128x128 (32 KiB), then the skinny
+ * 128x64 / 64x128 (24 KiB; the one with more tiles first), else 64x64 (16 KiB,
+ * WebGPU's default limit).
+ *
+ * @example
+ * ```ts
+ * import { chooseTiledTile } from "./matmul.ts";
+ * chooseTiledTile(4096, 4096, 32768); // [128, 128]
+ * chooseTiledTile(512, 4096, 32768); // [128, 64]: 256 tiles where 128x128 gives 128
+ * ```
  */
-function tiledTileFor(gpu: Gpu, pr: Problem): [number, number] {
-  const tiles = ([bm, bn]: [number, number]) => Math.ceil(pr.R / bm) * Math.ceil(pr.C / bn);
+export function chooseTiledTile(
+  R: number,
+  C: number,
+  workgroupStorageBytes: number,
+): [number, number] {
+  const tiles = ([bm, bn]: [number, number]) => Math.ceil(R / bm) * Math.ceil(C / bn);
   const skinny: [number, number][] = [[128, 64], [64, 128]];
   skinny.sort((x, y) => tiles(y) - tiles(x));
-  const fits = ([bm, bn]: [number, number]) =>
-    tiledWorkgroupBytes(bm, bn) <= gpu.limits.maxComputeWorkgroupStorageSize;
   for (const t of [[128, 128] as [number, number], ...skinny]) {
-    if (fits(t) && tiles(t) >= GPU_TARGET_WORKGROUPS) return t;
+    if (
+      tiledWorkgroupBytes(t[0], t[1]) <= workgroupStorageBytes && tiles(t) >= GPU_TARGET_WORKGROUPS
+    ) {
+      return t;
+    }
   }
   return [64, 64];
 }
@@ -811,7 +816,7 @@ async function chooseSpec(
   if (variant === "auto") {
     if (gpu.adapterSummary.isFallback) variant = sgUsable ? "fallbackSubgroup" : "fallback";
     else {
-      const [bm, bn] = tiledTileFor(gpu, pr);
+      const [bm, bn] = chooseTiledTile(pr.R, pr.C, gpu.limits.maxComputeWorkgroupStorageSize);
       variant = bm === bn
         ? (bm === 64 ? "tiled64" : "tiled128")
         : `tiled${bm}x${bn}` as MatmulVariant;
@@ -958,10 +963,10 @@ const MAX_PARTIALS_BYTES = 256 * 2 ** 20;
  * How many slices the reduction of a call with `tiles` output tiles is cut
  * into, and their length (a multiple of the kernel's reduction step, so vec4
  * loads along l stay aligned; the last slice may be shorter). One slice unless
- * `allow`; then `options.splitK` when given, else enough slices to reach the
- * device's target workgroup count (GPUs: `GPU_TARGET_WORKGROUPS`; CPU drivers:
- * `CPU_WORKGROUPS_PER_THREAD` per CPU thread), each slice at least `minSlice` long, the partials within
- * `MAX_PARTIALS_BYTES` and the device's binding limit.
+ * `allow`; then `options.splitK` when given; else, for the tiled (GPU) design,
+ * enough slices to reach `GPU_TARGET_WORKGROUPS`, each at least
+ * `GPU_MIN_SLICE` long, and one for the CPU designs. Always within
+ * `MAX_SLICES`, `MAX_PARTIALS_BYTES` and the device's binding limit.
  */
 function chooseSlices(
   gpu: Gpu,
@@ -980,13 +985,15 @@ function chooseSlices(
       throw new RangeError(`matmul: splitK must be a positive integer, got ${opts.splitK}`);
     }
     S = opts.splitK;
+  } else if (spec.design !== "tiled") {
+    // CPU drivers: measured on lavapipe (2 cores), slices gained nothing
+    // beyond noise at M = 4096 and lost 7-30% at M = 1024-2048 (the extra
+    // dispatch costs ~0.5-1 ms there); see the module comment.
+    S = 1;
   } else {
-    const cpu = spec.design !== "tiled";
-    const target = cpu ? CPU_WORKGROUPS_PER_THREAD * cpuThreads() : GPU_TARGET_WORKGROUPS;
-    const minSlice = cpu ? CPU_MIN_SLICE : 8 * BK;
-    S = tiles >= target ? 1 : Math.min(
-      Math.ceil(target / Math.max(1, tiles)),
-      Math.floor(pr.L / minSlice),
+    S = tiles >= GPU_TARGET_WORKGROUPS ? 1 : Math.min(
+      Math.ceil(GPU_TARGET_WORKGROUPS / Math.max(1, tiles)),
+      Math.floor(pr.L / GPU_MIN_SLICE),
       MAX_SLICES,
     );
   }

@@ -17,10 +17,11 @@
  * when accumulating into O(1) values. A real mistake (a missing term, a wrong
  * row or column, a stale tile) is off by O(1).
  */
-import { assert, assertClose } from "./assert.ts";
+import { assert, assertClose, assertEquals } from "./assert.ts";
 import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
 import { type Dispatch, Gpu } from "../kernels/runtime.ts";
 import {
+  chooseTiledTile,
   matmulDyTX,
   matmulDyTXSplitK,
   matmulDyW,
@@ -279,6 +280,22 @@ Deno.test({
   },
 });
 
+Deno.test("matmul tiled design: the tile is chosen from the grid and workgroup memory", () => {
+  // 4096² gives 1024 tiles of 128x128: enough (>= 256 workgroups).
+  assertEquals(chooseTiledTile(4096, 4096, 32768), [128, 128]);
+  // 512 x 4096: 128 tiles of 128x128, 256 of 128x64 (and of 64x128: the
+  // tie keeps 128x64).
+  assertEquals(chooseTiledTile(512, 4096, 32768), [128, 64]);
+  // 4096 x 520: 64x128 gives 64 x 5 = 320 tiles, 128x64 gives 32 x 9 = 288.
+  assertEquals(chooseTiledTile(4096, 520, 32768), [64, 128]);
+  // Too small for any large tile to fill the device: 64x64, split-K's case.
+  assertEquals(chooseTiledTile(128, 512, 32768), [64, 64]);
+  // WebGPU's default 16 KiB of workgroup memory holds only 64x64.
+  assertEquals(chooseTiledTile(4096, 4096, 16384), [64, 64]);
+  // 24 KiB holds the skinny tiles but not 128x128.
+  assertEquals(chooseTiledTile(4096, 4096, 24576), [128, 64]);
+});
+
 const TILED: MatmulVariant[] = ["tiled64", "tiled128", "tiled128x64", "tiled64x128"];
 
 Deno.test({
@@ -353,15 +370,21 @@ Deno.test({
   name: "matmul dY^T X split-K: chosen from the grid",
   ...GPU_TEST,
   fn: async () => {
-    // One output tile (N = 16, K = 40) and a reduction of 3000 rows: any
-    // device's target workgroup count (at least 2) asks for slices.
-    const split = await checkForm("dyTxSplit", 3000, 40, 16, "auto", true, 600);
+    // The tiled (GPU) design splits a one-tile grid (N = 16, K = 40) with a
+    // reduction of 3000 rows to approach its target workgroup count...
+    const split = await checkForm("dyTxSplit", 3000, 40, 16, "tiled64", true, 600);
     assert(split.length === 2, `a one-tile grid is split: ${split.map((d) => d.label)}`);
-    // A reduction of 64 rows is too short to split, whatever the grid.
-    const short = await checkForm("dyTxSplit", 64, 384, 512, "auto", false, 601);
+    // ...but not a reduction of 64 rows, shorter than two minimum slices.
+    const short = await checkForm("dyTxSplit", 64, 40, 16, "tiled64", false, 601);
     assert(short.length === 1, `a short reduction is not split: ${short[0].label}`);
-    // Without split-K permission, forced slices are ignored.
-    const plain = await checkForm("dyTx", 3000, 40, 16, "auto", false, 602, { splitK: 4 });
+    // The CPU designs never split unless asked (it measured no faster there).
+    const cpu = await checkForm("dyTxSplit", 3000, 40, 16, "fallback", false, 602);
+    assert(cpu.length === 1, `the CPU designs do not split by themselves: ${cpu[0].label}`);
+    const auto = await checkForm("dyTxSplit", 3000, 40, 16, "auto", false, 603);
+    const cpuAdapter = gpu.adapterSummary.isFallback;
+    assert(auto.length === (cpuAdapter ? 1 : 2), `auto on this adapter: ${auto[0].label}`);
+    // matmulDyTX never splits, even when asked.
+    const plain = await checkForm("dyTx", 3000, 40, 16, "tiled64", false, 604, { splitK: 4 });
     assert(!plain[0].label.includes("split-K"), `matmulDyTX never splits: ${plain[0].label}`);
   },
 });
