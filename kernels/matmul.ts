@@ -23,16 +23,24 @@
  *
  * Three kernel designs (`MatmulVariant`):
  *
- * - `tiled64` / `tiled128` (real GPUs): the classic design. A workgroup of
- *   16x16 threads owns a 64x64 or 128x128 output tile; per step of BK = 16 it
- *   stages A and B tiles in workgroup memory, transposed to [l][row] so the
- *   inner loop reads vec4s of 4 consecutive rows (a thread's rows are
- *   4·(ty + 16i)..+3: 2 distinct addresses per 32 threads for A, 16 consecutive
- *   vec4s for B: no bank conflicts), and each thread accumulates a 4x4 or 8x8
- *   register tile. Row strides in workgroup memory are padded by one vec4 so
- *   the transposing stores spread over banks. No subgroup size is assumed.
- *   128x128 is used when it still gives at least 256 workgroups; else 64x64
- *   (k/v projections and small batches would leave most SMs idle).
+ * - `tiled64`, `tiled128`, `tiled128x64`, `tiled64x128` (real GPUs): a
+ *   workgroup of 16x16 threads owns a BM x BN output tile (BM, BN in {64, 128};
+ *   a thread owns BM/16 x BN/16 outputs in registers). Per step of BK = 16
+ *   reduction indices the A and B tiles pass through workgroup memory, double
+ *   buffered: the next step's tiles are loaded into registers before this
+ *   step's multiply-adds (their latency hides behind the arithmetic) and stored
+ *   into the other buffer after them, so one barrier per step suffices.
+ *   Operands are stored without transposition, as vec4s where aligned: an
+ *   operand contiguous in l as [row][l/4] (the vec4 index XOR-swizzled by
+ *   (row >> 1) & 3: stores and reads spread over all banks with no padding),
+ *   one contiguous in its row as [l][row/4]; the inner loop reads one vec4 per
+ *   row (4 reduction indices) or per 4 rows (one index). Workgroups wholly
+ *   inside the output and steps wholly inside the reduction (decided per
+ *   workgroup and step, so uniformly) skip every bounds check. The tile comes
+ *   from the grid (`chooseTiledTile`): the largest of 128x128, 128x64 / 64x128,
+ *   64x64 that still gives 256 workgroups (about two per SM of a 132-SM H100)
+ *   and fits workgroup memory (32, 24, 16 KiB). No subgroup size is assumed.
+ *   Not yet timed on a GPU: tested for correctness on lavapipe only.
  * - `fallback` (CPU drivers: Mesa lavapipe/llvmpipe, SwiftShader): llvmpipe runs
  *   8 invocations as the lanes of one AVX2 vector; arithmetic is nearly free,
  *   and every load whose address differs across lanes is a scalar loop over
@@ -41,7 +49,8 @@
  *   loads straight from the buffers (the CPU caches do the tiling) for a
  *   32 x 8 register tile, and the design maximizes multiply-adds per load
  *   component: vec4 loads along the contiguous dimension (4 components per
- *   lane loop), 4 reduction steps per iteration.
+ *   lane loop), 4 reduction steps per iteration, all of an iteration's loads
+ *   issued before its arithmetic.
  * - `fallbackSubgroup` (CPU drivers with subgroups): as `fallback`, but the A
  *   values (the same for every lane of a workgroup) are loaded once, spread
  *   over the lanes, and handed round with `subgroupBroadcast` (an extract and a
@@ -54,19 +63,49 @@
  *   and otherwise takes a plain dot-product loop, so correctness never rests
  *   on an assumed subgroup size.
  *
- * Measured (Mesa lavapipe, llvmpipe LLVM 15 256-bit, 2 cores shared with other
- * jobs, so timings vary 2x between runs), 1024³: a naive kernel ~0.2 GFLOP/s;
- * register tiles with scalar loads 1-4; `fallback` X W^T 20-35;
- * `fallbackSubgroup` X W^T 30-58, dY W and dY^T X 15-35 (they read rows
- * that change every reduction step). See bench/matmul_bench.ts.
+ * Split-K for the weight gradient (`matmulDyTXSplitK`): its reduction runs
+ * over M = B·T rows (2048-8192), while its output [N, K] can be a handful of
+ * tiles (tiny k/v: 1 x 2 tiles of 64x64). Where the tiled design's grid is
+ * below 256 workgroups, the reduction is cut into S <= 32 slices of at least
+ * 128 rows (a multiple of BK; the last may be shorter); slice s writes its
+ * partial sums to a scratch buffer [S, N, K] that the dispatch owns, and a
+ * second dispatch adds slices 0..S-1 in that order (into dw, or onto it when
+ * accumulating). S depends only on the shape and the device, so results stay
+ * bitwise reproducible. The CPU designs do not split unless `options.splitK`
+ * asks: on lavapipe it measured no faster (below).
  *
- * Work grid: the output tiles are numbered row-major and dispatched as a 1-D
- * count (`Gpu.dispatch` splits beyond 65535 into 2-D), so no shape can exceed a
- * grid dimension limit; surplus workgroups of the split return early
- * (workgroup-uniform, before any barrier).
+ * Measured on Mesa lavapipe (llvmpipe, LLVM 15, 256-bit; Mesa 22.3.6; 2 cores
+ * shared with other jobs, so figures move by up to 2x between runs; the
+ * figures below are minima over interleaved, order-shuffled rounds), dY^T X:
+ * - 2026-12-02, 15 rounds per run: tiny lm_head (M=2048 K=128 N=2048)
+ *   previous design / this one: at a load average of 0.5, 44.6 / 44.9 ms; in
+ *   four runs at 1.1-1.4, 58-67 / 46-50 ms (minima; medians 65-100 / 49-80).
+ *   minimind2-small q/o (M=4096 N=K=512) at 1.1-1.4: 100-102 / 88-96 ms.
+ *   X W^T and dY W at the tiny lm_head: unchanged within noise (44 / 44, 37
+ *   / 38 ms). So dY^T X is no slower than the other forms here. Why the
+ *   current code holds up better under load is not established: a variant
+ *   with the old load order measured the same as the current one, which
+ *   leaves the slice-bounded loop and its prologue. Tuning experiments
+ *   (8 or 16 reduction steps per iteration, prefetching the next iteration's
+ *   loads, 128 x 4 and 32 x 16 register tiles) measured within the noise and
+ *   were dropped.
+ * - split-K forced on the CPU design, S = 1 / 2 / 4 (ms): tiny k/v (M=2048
+ *   N=64 K=128) 2.5 / 3.4 / 3.4; tiny q/o (N=K=128) 3.9 / 4.0 / 4.2;
+ *   minimind2-small k/v (M=4096 N=128 K=512) 30.3 / 29.3 / 29.0; at M=1024
+ *   7.6 / 8.2 / 8.7. Each extra dispatch costs ~0.5-1 ms on lavapipe, and the
+ *   2 cores are busy at these grids already.
+ * - 1024³ and earlier designs: a naive kernel ~0.2 GFLOP/s; register tiles
+ *   with scalar loads 1-4; `fallback` X W^T 20-35; `fallbackSubgroup` X W^T
+ *   30-58, dY W and dY^T X 15-35. See bench/matmul_bench.ts.
  *
- * Sums run in a fixed order per output element (no atomics, no split-K): the
- * same inputs give bitwise the same outputs on the same device and variant.
+ * Work grid: the output tiles (times the slices) are numbered slice-major, then
+ * row-major, and dispatched as a 1-D count (`Gpu.dispatch` splits beyond 65535
+ * into 2-D), so no shape can exceed a grid dimension limit; surplus workgroups
+ * of the split return early (workgroup-uniform, before any barrier).
+ *
+ * Sums run in a fixed order per output element (no atomics; split-K partials
+ * are added in slice order): the same inputs give bitwise the same outputs on
+ * the same device and variant.
  *
  * @module
  */
