@@ -491,6 +491,12 @@ function tiledWgsl(s: KernelSpec): string {
       ${[...ioA.load(true, l), ...ioB.load(true, l)].join("\n      ")}
     }`;
 
+  // Iteration i loads tile i (reduction indices l..l+BK-1) into registers,
+  // multiplies tile i-1 out of buffer (i-1) % 2, then stores tile i into
+  // buffer i % 2. One barrier per iteration suffices: buffer i % 2 was last
+  // read in iteration i-1, before its barrier, and is next read in iteration
+  // i+1, after this one. Each load site exists once (checked and unchecked),
+  // which keeps the kernel small.
   return `${header(s)}
 var<workgroup> As: array<vec4f, ${2 * SA}>;
 var<workgroup> Bs: array<vec4f, ${2 * SB}>;
@@ -509,12 +515,6 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   ${[...ioA.setup, ...ioB.setup].join("\n  ")}
   ${[...ioA.decl, ...ioB.decl].join("\n  ")}
   ${accDecl.join("\n  ")}
-  // Iteration i loads tile i (reduction indices l..l+BK-1) into registers,
-  // multiplies tile i-1 out of buffer (i-1) % 2, then stores tile i into
-  // buffer i % 2. One barrier per iteration suffices: buffer i % 2 was last
-  // read in iteration i-1, before its barrier, and is next read in iteration
-  // i+1, after this one. Each load site exists once (checked and unchecked),
-  // which keeps the kernel small.
   var cur = 0u;
   for (var l = lBegin; l < lEnd + ${BK}u; l += ${BK}u) {
     if (l < lEnd) {

@@ -5,7 +5,10 @@
  * that are not multiples of any tile (1x1x1, 7x33x65, 130x65x7, 257x129x33),
  * aligned ones that are (or are not) whole tiles, mixed alignments (vec4 for
  * one operand, scalar for the other), one larger shape, and a grid of more
- * than 65535 workgroups.
+ * than 65535 workgroups. The tiled design's four tile shapes on shapes that
+ * mix interior and edge workgroups and end the reduction in a partial step;
+ * split-K dY^T X with forced and chosen slice counts, slices that do not
+ * divide the reduction, overwrite and accumulate; determinism.
  *
  * Tolerance. Inputs are exact float32 values (standard normal) that the
  * reference widens to float64, so only the kernel's float32 summation counts.
