@@ -1,15 +1,16 @@
 /**
  * Matmul benchmarks: the three forms of a linear layer at 1024³ and 2048³ and
  * at the linear layers of minimind2-small (B=8, T=512: M = 4096 rows) and tiny
- * (B=8, T=256: M = 2048 rows). Each row is one kernel call; FLOP = 2·M·N·K,
- * bytes = the operands and the output once (4·(MK + NK + MN)).
+ * (B=8, T=256: M = 2048 rows). Each row is one call as the model makes it
+ * (dY^T X through `matmulDyTXSplitK`: with split-K, its two dispatches); FLOP =
+ * 2·M·N·K, bytes = the operands and the output once (4·(MK + NK + MN)).
  *
  * Run alone: `deno run -A --unstable-webgpu bench/matmul_bench.ts [--quick] [--variant=NAME]`.
  */
 import { type BenchRow, rates, timeGpu } from "./harness.ts";
 import { type Dispatch, Gpu, recordDispatches } from "../kernels/runtime.ts";
 import {
-  matmulDyTX,
+  matmulDyTXSplitK,
   matmulDyW,
   type MatmulOptions,
   type MatmulVariant,
@@ -73,10 +74,10 @@ export async function benchMatmul(
     const dx = gpu.createBuffer(M * K * 4, "dx [M, K]");
     const dw = gpu.createBuffer(N * K * 4, "dw [N, K]");
     const options = opts.options;
-    const forms: [string, Dispatch][] = [
-      ["matmul X W^T", await matmulXWt(gpu, { x, w, y, M, K, N, options })],
-      ["matmul dY W", await matmulDyW(gpu, { dy: y, w, dx, M, N, K, options })],
-      ["matmul dY^T X", await matmulDyTX(gpu, { dy: y, x, dw, M, N, K, options })],
+    const forms: [string, Dispatch[]][] = [
+      ["matmul X W^T", [await matmulXWt(gpu, { x, w, y, M, K, N, options })]],
+      ["matmul dY W", [await matmulDyW(gpu, { dy: y, w, dx, M, N, K, options })]],
+      ["matmul dY^T X", await matmulDyTXSplitK(gpu, { dy: y, x, dw, M, N, K, options })],
     ];
     const flop = 2 * M * N * K;
     // Small shapes are recorded several times per submit, as in a training
@@ -98,6 +99,7 @@ export async function benchMatmul(
       });
     }
     for (const b of [x, w, y, dx, dw]) b.destroy();
+    for (const [, ds] of forms) for (const d of ds) for (const b of d.owned ?? []) b.destroy();
   }
   return rows;
 }

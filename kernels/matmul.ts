@@ -23,16 +23,24 @@
  *
  * Three kernel designs (`MatmulVariant`):
  *
- * - `tiled64` / `tiled128` (real GPUs): the classic design. A workgroup of
- *   16x16 threads owns a 64x64 or 128x128 output tile; per step of BK = 16 it
- *   stages A and B tiles in workgroup memory, transposed to [l][row] so the
- *   inner loop reads vec4s of 4 consecutive rows (a thread's rows are
- *   4·(ty + 16i)..+3: 2 distinct addresses per 32 threads for A, 16 consecutive
- *   vec4s for B: no bank conflicts), and each thread accumulates a 4x4 or 8x8
- *   register tile. Row strides in workgroup memory are padded by one vec4 so
- *   the transposing stores spread over banks. No subgroup size is assumed.
- *   128x128 is used when it still gives at least 256 workgroups; else 64x64
- *   (k/v projections and small batches would leave most SMs idle).
+ * - `tiled64`, `tiled128`, `tiled128x64`, `tiled64x128` (real GPUs): a
+ *   workgroup of 16x16 threads owns a BM x BN output tile (BM, BN in {64, 128};
+ *   a thread owns BM/16 x BN/16 outputs in registers). Per step of BK = 16
+ *   reduction indices the A and B tiles pass through workgroup memory, double
+ *   buffered: the next step's tiles are loaded into registers before this
+ *   step's multiply-adds (their latency hides behind the arithmetic) and stored
+ *   into the other buffer after them, so one barrier per step suffices.
+ *   Operands are stored without transposition, as vec4s where aligned: an
+ *   operand contiguous in l as [row][l/4] (the vec4 index XOR-swizzled by
+ *   (row >> 1) & 3: stores and reads spread over all banks with no padding),
+ *   one contiguous in its row as [l][row/4]; the inner loop reads one vec4 per
+ *   row (4 reduction indices) or per 4 rows (one index). Workgroups wholly
+ *   inside the output and steps wholly inside the reduction (decided per
+ *   workgroup and step, so uniformly) skip every bounds check. The tile comes
+ *   from the grid (`chooseTiledTile`): the largest of 128x128, 128x64 / 64x128,
+ *   64x64 that still gives 256 workgroups (about two per SM of a 132-SM H100)
+ *   and fits workgroup memory (32, 24, 16 KiB). No subgroup size is assumed.
+ *   Not yet timed on a GPU: tested for correctness on lavapipe only.
  * - `fallback` (CPU drivers: Mesa lavapipe/llvmpipe, SwiftShader): llvmpipe runs
  *   8 invocations as the lanes of one AVX2 vector; arithmetic is nearly free,
  *   and every load whose address differs across lanes is a scalar loop over
@@ -41,7 +49,8 @@
  *   loads straight from the buffers (the CPU caches do the tiling) for a
  *   32 x 8 register tile, and the design maximizes multiply-adds per load
  *   component: vec4 loads along the contiguous dimension (4 components per
- *   lane loop), 4 reduction steps per iteration.
+ *   lane loop), 4 reduction steps per iteration, all of an iteration's loads
+ *   issued before its arithmetic.
  * - `fallbackSubgroup` (CPU drivers with subgroups): as `fallback`, but the A
  *   values (the same for every lane of a workgroup) are loaded once, spread
  *   over the lanes, and handed round with `subgroupBroadcast` (an extract and a
@@ -54,19 +63,49 @@
  *   and otherwise takes a plain dot-product loop, so correctness never rests
  *   on an assumed subgroup size.
  *
- * Measured (Mesa lavapipe, llvmpipe LLVM 15 256-bit, 2 cores shared with other
- * jobs, so timings vary 2x between runs), 1024³: a naive kernel ~0.2 GFLOP/s;
- * register tiles with scalar loads 1-4; `fallback` X W^T 20-35;
- * `fallbackSubgroup` X W^T 30-58, dY W and dY^T X 15-35 (they read rows
- * that change every reduction step). See bench/matmul_bench.ts.
+ * Split-K for the weight gradient (`matmulDyTXSplitK`): its reduction runs
+ * over M = B·T rows (2048-8192), while its output [N, K] can be a handful of
+ * tiles (tiny k/v: 1 x 2 tiles of 64x64). Where the tiled design's grid is
+ * below 256 workgroups, the reduction is cut into S <= 32 slices of at least
+ * 128 rows (a multiple of BK; the last may be shorter); slice s writes its
+ * partial sums to a scratch buffer [S, N, K] that the dispatch owns, and a
+ * second dispatch adds slices 0..S-1 in that order (into dw, or onto it when
+ * accumulating). S depends only on the shape and the device, so results stay
+ * bitwise reproducible. The CPU designs do not split unless `options.splitK`
+ * asks: on lavapipe it measured no faster (below).
  *
- * Work grid: the output tiles are numbered row-major and dispatched as a 1-D
- * count (`Gpu.dispatch` splits beyond 65535 into 2-D), so no shape can exceed a
- * grid dimension limit; surplus workgroups of the split return early
- * (workgroup-uniform, before any barrier).
+ * Measured on Mesa lavapipe (llvmpipe, LLVM 15, 256-bit; Mesa 22.3.6; 2 cores
+ * shared with other jobs, so figures move by up to 2x between runs; the
+ * figures below are minima over interleaved, order-shuffled rounds), dY^T X:
+ * - 2026-12-02, 15 rounds per run: tiny lm_head (M=2048 K=128 N=2048)
+ *   previous design / this one: at a load average of 0.5, 44.6 / 44.9 ms; in
+ *   four runs at 1.1-1.4, 58-67 / 46-50 ms (minima; medians 65-100 / 49-80).
+ *   minimind2-small q/o (M=4096 N=K=512) at 1.1-1.4: 100-102 / 88-96 ms.
+ *   X W^T and dY W at the tiny lm_head: unchanged within noise (44 / 44, 37
+ *   / 38 ms). So dY^T X is no slower than the other forms here. Why the
+ *   current code holds up better under load is not established: a variant
+ *   with the old load order measured the same as the current one, which
+ *   leaves the slice-bounded loop and its prologue. Tuning experiments
+ *   (8 or 16 reduction steps per iteration, prefetching the next iteration's
+ *   loads, 128 x 4 and 32 x 16 register tiles) measured within the noise and
+ *   were dropped.
+ * - split-K forced on the CPU design, S = 1 / 2 / 4 (ms): tiny k/v (M=2048
+ *   N=64 K=128) 2.5 / 3.4 / 3.4; tiny q/o (N=K=128) 3.9 / 4.0 / 4.2;
+ *   minimind2-small k/v (M=4096 N=128 K=512) 30.3 / 29.3 / 29.0; at M=1024
+ *   7.6 / 8.2 / 8.7. Each extra dispatch costs ~0.5-1 ms on lavapipe, and the
+ *   2 cores are busy at these grids already.
+ * - 1024³ and earlier designs: a naive kernel ~0.2 GFLOP/s; register tiles
+ *   with scalar loads 1-4; `fallback` X W^T 20-35; `fallbackSubgroup` X W^T
+ *   30-58, dY W and dY^T X 15-35. See bench/matmul_bench.ts.
  *
- * Sums run in a fixed order per output element (no atomics, no split-K): the
- * same inputs give bitwise the same outputs on the same device and variant.
+ * Work grid: the output tiles (times the slices) are numbered slice-major, then
+ * row-major, and dispatched as a 1-D count (`Gpu.dispatch` splits beyond 65535
+ * into 2-D), so no shape can exceed a grid dimension limit; surplus workgroups
+ * of the split return early (workgroup-uniform, before any barrier).
+ *
+ * Sums run in a fixed order per output element (no atomics; split-K partials
+ * are added in slice order): the same inputs give bitwise the same outputs on
+ * the same device and variant.
  *
  * @module
  */
@@ -77,9 +116,15 @@ import {
   isBroadcastSubgroupSize,
   LINEAR_WORKGROUP_WGSL,
 } from "./runtime.ts";
-
-/** Which kernel design runs; `auto` picks by adapter (see the module comment). */
-export type MatmulVariant = "auto" | "tiled64" | "tiled128" | "fallback" | "fallbackSubgroup";
+/** Which kernel design runs; `auto` picks by adapter and grid (see the module comment). */
+export type MatmulVariant =
+  | "auto"
+  | "tiled64"
+  | "tiled128"
+  | "tiled128x64"
+  | "tiled64x128"
+  | "fallback"
+  | "fallbackSubgroup";
 
 /** Tuning overrides, for tests of every kernel design on any adapter. */
 export interface MatmulOptions {
@@ -99,6 +144,12 @@ export interface MatmulOptions {
    * subgroup size. Tests use it to run the kernel's subgroup-size-mismatch path.
    */
   subgroupLanes?: number;
+  /**
+   * `matmulDyTXSplitK`: split the reduction into this many slices (1: none)
+   * instead of choosing from the grid. Clamped to what the reduction length
+   * allows (every slice holds at least one reduction step).
+   */
+  splitK?: number;
 }
 
 /** Layout of one operand: is its reduction index (`l`) the contiguous one? */
@@ -121,11 +172,12 @@ interface KernelSpec {
   /** Elements per load of A and B along their contiguous dimension. */
   va: 1 | 4;
   vb: 1 | 4;
-  /** Elements per store of the output (4 when C % 4 == 0). */
+  /** Elements per store of the output (4 when C % 4 == 0 and the design groups columns by 4). */
   vo: 1 | 4;
   accumulate: boolean;
-  /** tiled: output tile edge (64 or 128). */
-  tile: number;
+  /** tiled: output tile rows and columns (64 or 128 each). */
+  bm: number;
+  bn: number;
   /**
    * fallback designs: reduction indices per loop iteration (4 when L % 4 == 0:
    * an operand contiguous in l is then read as vec4, and an operand contiguous
@@ -140,25 +192,45 @@ interface KernelSpec {
 
 function key(s: KernelSpec): string {
   const acc = s.accumulate ? "acc" : "set";
-  return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.tile}-` +
+  return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.bm}x${s.bn}-` +
     `${s.tm}x${s.tn}x${s.lanes}-s${s.step}`;
 }
 
 // ---------------------------------------------------------------------------
 // WGSL generation.
 
-/** Bindings: 0 dims (uniform), 1 A, 2 B, 3 out. */
+/**
+ * Bindings: 0 dims (uniform), 1 A, 2 B, 3 out. `tiles` counts the output
+ * tiles of one slice of the reduction; slice s covers l in
+ * [s·sliceLen, min(L, (s+1)·sliceLen)) and writes out[s, R, C] (one slice:
+ * the output itself).
+ */
 function header(s: KernelSpec): string {
   const ta = s.va === 4 ? "vec4f" : "f32";
   const tb = s.vb === 4 ? "vec4f" : "f32";
   return `${LINEAR_WORKGROUP_WGSL}
-struct Dims { R: u32, C: u32, L: u32, colTiles: u32, tiles: u32, p0: u32, p1: u32, p2: u32 }
+struct Dims {
+  R: u32, C: u32, L: u32, colTiles: u32, tiles: u32, sliceLen: u32, slices: u32, p0: u32,
+}
 @group(0) @binding(0) var<uniform> dims: Dims;
 @group(0) @binding(1) var<storage, read> A: array<${ta}>;
 @group(0) @binding(2) var<storage, read> B: array<${tb}>;
 @group(0) @binding(3) var<storage, read_write> O: array<${s.vo === 4 ? "vec4f" : "f32"}>;
 `;
 }
+
+/**
+ * The start of every kernel: this workgroup's slice and tile, its reduction
+ * range [lBegin, lEnd) and the output offset oBase of its slice. Surplus
+ * workgroups of a split grid return (workgroup-uniform, before any barrier).
+ */
+const SLICE_PROLOGUE = `let t = linear_workgroup(wid, nwg);
+  if (t >= dims.tiles * dims.slices) { return; }
+  let slice = t / dims.tiles;
+  let tile = t - slice * dims.tiles;
+  let lBegin = slice * dims.sliceLen;
+  let lEnd = min(dims.L, lBegin + dims.sliceLen);
+  let oBase = slice * dims.R * dims.C;`;
 
 /** Writes (or adds) `value` to output element `index` (a scalar index, whatever O's view). */
 function storeStatement(s: KernelSpec, index: string, value: string): string {
@@ -172,141 +244,319 @@ function storeVec4Statement(s: KernelSpec, index: string, value: string): string
   return s.accumulate ? `${ref} = ${ref} + ${value};` : `${ref} = ${value};`;
 }
 
-/** Workgroup memory of the tiled design with a `tile` x `tile` output tile. */
-function tiledWorkgroupBytes(tile: number): number {
-  return 2 * 16 * (tile / 4 + 1) * 16;
+/** Reduction indices per step of the tiled design. */
+const BK = 16;
+
+/** Workgroup memory of the tiled design for a `bm` x `bn` tile: two buffers of both operand tiles. */
+function tiledWorkgroupBytes(bm: number, bn: number): number {
+  return 2 * (bm + bn) * BK * 4;
+}
+
+/** One operand of the tiled design, as its generator sees it. */
+interface TiledOperand {
+  /** Buffer and workgroup array names. */
+  X: "A" | "B";
+  sh: "As" | "Bs";
+  contig: Contig;
+  v: 1 | 4;
+  /** Tile rows of this operand (BM for A, BN for B) and the matrix bound. */
+  D: number;
+  dim: string;
+  base: string;
+  /** This thread's coordinate along the operand's tile rows (ty for A, tx for B). */
+  t: string;
 }
 
 /**
- * The GPU design: 16x16 threads, a tile x tile output tile, BK = 16, operands
- * staged in workgroup memory as [l][row] vec4s with a padded row stride.
+ * Global -> register loads of one operand tile (BK reduction indices by D
+ * rows) and register -> workgroup-memory stores, with no transposition:
+ *
+ * - contiguous in l ("red"): workgroup layout [row][l/4] (4 vec4 per row), the
+ *   vec4 index XOR-swizzled by (row >> 1) & 3 so that both the stores (4
+ *   threads per row) and the reads (16 rows at once, one vec4 each) spread
+ *   over all banks without padding;
+ * - contiguous in the row ("out"): layout [l][row/4], vec4s of 4 rows, stored
+ *   and read as consecutive vec4s.
+ *
+ * Loads are coalesced (consecutive threads walk the contiguous dimension).
+ * `load(true, l)` bounds-checks rows and the reduction (out-of-range reads give
+ * 0, which adds nothing); `load(false, l)` is the interior fast path.
+ */
+function tiledOperandIO(o: TiledOperand): {
+  setup: string[];
+  decl: string[];
+  load: (checked: boolean, l: string) => string[];
+  store: (offset: string) => string[];
+} {
+  const { X, sh, D, dim, base } = o;
+  const x = X.toLowerCase();
+  const n = (D * BK) / o.v / 256; // loads per thread per tile
+  const setup: string[] = [];
+  const decl: string[] = [];
+  const loads: { idx: string; ok: string; reg: string }[] = [];
+  const stores: string[] = [];
+  const zero = o.v === 4 ? "vec4f(0.0)" : "0.0";
+  for (let p = 0; p < n; p++) {
+    const reg = `p${x}${p}`;
+    decl.push(`var ${reg} = ${zero};`);
+    if (o.contig === "red") {
+      // Row `row`, reduction offset `lo` (a multiple of 4 for vec4 loads).
+      const perRow = BK / o.v;
+      setup.push(`let ${x}row${p} = (lid + ${p * 256}u) / ${perRow}u;`);
+      if (p === 0) setup.push(`let ${x}lo = (lid % ${perRow}u) * ${o.v}u;`);
+      const row = `${x}row${p}`;
+      const g = `(${base} + ${row}) * dims.L + LL + ${x}lo`;
+      loads.push({
+        idx: o.v === 4 ? `(${g}) / 4u` : g,
+        ok: `${base} + ${row} < ${dim} && LL + ${x}lo < lEnd`,
+        reg,
+      });
+      const slot = `${row} * 4u + ((${x}lo / 4u) ^ ((${row} >> 1u) & 3u))`;
+      stores.push(
+        o.v === 4
+          ? `${sh}[OFF + ${slot}] = ${reg};`
+          : `${sh}[OFF + ${slot}][${x}lo % 4u] = ${reg};`,
+      );
+    } else {
+      // Reduction offset `lk`, row `rr` (a multiple of 4 for vec4 loads).
+      const perL = D / o.v;
+      setup.push(`let ${x}lk${p} = (lid + ${p * 256}u) / ${perL}u;`);
+      if (p === 0) setup.push(`let ${x}rr = (lid % ${perL}u) * ${o.v}u;`);
+      const lk = `${x}lk${p}`;
+      const g = `(LL + ${lk}) * ${dim} + ${base} + ${x}rr`;
+      loads.push({
+        idx: o.v === 4 ? `(${g}) / 4u` : g,
+        ok: `LL + ${lk} < lEnd && ${base} + ${x}rr < ${dim}`,
+        reg,
+      });
+      const slot = `${lk} * ${D / 4}u + ${x}rr / 4u`;
+      stores.push(
+        o.v === 4
+          ? `${sh}[OFF + ${slot}] = ${reg};`
+          : `${sh}[OFF + ${slot}][${x}rr % 4u] = ${reg};`,
+      );
+    }
+  }
+  const load = (checked: boolean, l: string) =>
+    loads.map(({ idx, ok, reg }) => {
+      const i = idx.replaceAll("LL", l);
+      if (!checked) return `${reg} = ${X}[${i}];`;
+      return `if (${ok.replaceAll("LL", l)}) { ${reg} = ${X}[${i}]; } else { ${reg} = ${zero}; }`;
+    });
+  const store = (offset: string) => stores.map((st) => st.replace("OFF", offset));
+  return { setup, decl, load, store };
+}
+
+/**
+ * Reads of one operand's values for reduction indices 4kq..4kq+3 from
+ * workgroup memory at `offset`, for the T = D/16 tile rows this thread owns:
+ * `value(e, q)` is the element for row e and index 4kq + q.
+ *
+ * - "red": rows t + 16e, one vec4 (4 reduction indices) per row;
+ * - "out": rows 4(t + 16g) + p, one vec4 (4 rows) per group and index.
+ */
+function tiledReads(o: TiledOperand): {
+  reads: (offset: string, e: number) => string[];
+  value: (e: number, q: number) => string;
+  row: (e: number) => string;
+  /** Elements covered by the reads of element e (1 for "red", 4 for "out"). */
+  span: number;
+} {
+  const x = o.X.toLowerCase();
+  if (o.contig === "red") {
+    return {
+      reads: (offset, e) => [
+        `let x${x}${e} = ${o.sh}[${offset} + (${o.t} + ${16 * e}u) * 4u + (kq ^ sw${x})];`,
+      ],
+      value: (e, q) => `x${x}${e}[${q}]`,
+      row: (e) => `${o.base} + ${o.t} + ${16 * e}u`,
+      span: 1,
+    };
+  }
+  return {
+    reads: (offset, e) => {
+      const g = e >> 2;
+      return [0, 1, 2, 3].map((q) =>
+        `let x${x}${g}_${q} = ${o.sh}[${offset} + (kq * 4u + ${q}u) * ${o.D / 4}u + ${o.t} + ${
+          16 * g
+        }u];`
+      );
+    },
+    value: (e, q) => `x${x}${e >> 2}_${q}[${e & 3}]`,
+    row: (e) => `${o.base} + (${o.t} + ${16 * (e >> 2)}u) * 4u + ${e & 3}u`,
+    span: 4,
+  };
+}
+
+/**
+ * The GPU design: 16x16 threads own a BM x BN output tile (BM, BN in {64,
+ * 128}), TM = BM/16 rows by TN = BN/16 columns each. Per step of BK = 16
+ * reduction indices the operand tiles pass through workgroup memory, double
+ * buffered: the next step's tiles are loaded into registers before this step's
+ * multiply-adds (their latency hides behind the arithmetic) and stored into the
+ * other buffer after them, so one barrier per step suffices (a buffer is
+ * rewritten only after the barrier that ends its last reads). Workgroups wholly
+ * inside the output (decided per workgroup, so uniformly) and steps wholly
+ * inside the reduction load and store without bounds checks.
  */
 function tiledWgsl(s: KernelSpec): string {
-  const BM = s.tile;
-  const BK = 16;
-  const T = BM / 16; // rows (and columns) per thread
-  const G = T / 4; // vec4 groups per thread per side
-  const P = BM / 4 + 1; // padded vec4 stride of one l-row in workgroup memory
-  const lines: string[] = [];
-  lines.push(header(s));
-  lines.push(`var<workgroup> As: array<vec4f, ${BK * P}>;`);
-  lines.push(`var<workgroup> Bs: array<vec4f, ${BK * P}>;`);
-
-  // Loads one operand tile into workgroup memory; `rows` is R or C.
-  const loadTile = (name: "A" | "B", sh: string, contig: Contig, v: 1 | 4, rows: string) => {
-    const out: string[] = [];
-    const base = name === "A" ? "r0" : "c0";
-    if (contig === "red") {
-      // Consecutive threads walk l (the contiguous index) within a row.
-      const perRow = BK / v;
-      const count = BM * perRow;
-      for (let p = 0; p < count / 256; p++) {
-        out.push(`{
-    let idx = lid + ${p * 256}u;
-    let row = idx / ${perRow}u;
-    let lq = idx % ${perRow}u;
-    let g = ${base} + row;
-    let l = l0 + lq * ${v}u;
-    var v = ${v === 4 ? "vec4f(0.0)" : "0.0"};
-    if (g < ${rows} && l < dims.L) { v = ${name}[(g * dims.L + l)${v === 4 ? " / 4u" : ""}]; }`);
-        if (v === 4) {
-          for (let q = 0; q < 4; q++) {
-            out.push(`    ${sh}[(lq * 4u + ${q}u) * ${P}u + row / 4u][row % 4u] = v[${q}];`);
-          }
-        } else {
-          out.push(`    ${sh}[lq * ${P}u + row / 4u][row % 4u] = v;`);
-        }
-        out.push(`  }`);
-      }
-    } else {
-      // Consecutive threads walk the row index (contiguous) within one l.
-      const perL = BM / v;
-      const count = BK * perL;
-      for (let p = 0; p < count / 256; p++) {
-        out.push(`{
-    let idx = lid + ${p * 256}u;
-    let lk = idx / ${perL}u;
-    let rq = idx % ${perL}u;
-    let g = ${base} + rq * ${v}u;
-    let l = l0 + lk;
-    var v = ${v === 4 ? "vec4f(0.0)" : "0.0"};
-    if (g < ${rows} && l < dims.L) { v = ${name}[(l * ${rows} + g)${v === 4 ? " / 4u" : ""}]; }`);
-        if (v === 4) out.push(`    ${sh}[lk * ${P}u + rq] = v;`);
-        else out.push(`    ${sh}[lk * ${P}u + rq / 4u][rq % 4u] = v;`);
-        out.push(`  }`);
-      }
-    }
-    return out.join("\n  ");
+  const { bm: BM, bn: BN } = s;
+  const TM = BM / 16;
+  const TN = BN / 16;
+  const opA: TiledOperand = {
+    X: "A",
+    sh: "As",
+    contig: s.a,
+    v: s.va,
+    D: BM,
+    dim: "dims.R",
+    base: "r0",
+    t: "ty",
   };
+  const opB: TiledOperand = {
+    X: "B",
+    sh: "Bs",
+    contig: s.b,
+    v: s.vb,
+    D: BN,
+    dim: "dims.C",
+    base: "c0",
+    t: "tx",
+  };
+  const ioA = tiledOperandIO(opA);
+  const ioB = tiledOperandIO(opB);
+  const rdA = tiledReads(opA);
+  const rdB = tiledReads(opB);
+  const SA = (BM * BK) / 4; // vec4s of one A buffer
+  const SB = (BN * BK) / 4;
 
   const accDecl: string[] = [];
-  for (let i = 0; i < T; i++) {
-    for (let j = 0; j < G; j++) accDecl.push(`var acc${i}_${j} = vec4f(0.0);`);
+  for (let i = 0; i < TM; i++) {
+    for (let j = 0; j < TN; j++) accDecl.push(`var acc${i}_${j} = 0.0;`);
   }
+  // One kq step (4 reduction indices): all of B's values for this thread
+  // first, then A's a row (or group of 4 rows) at a time with its
+  // multiply-adds, which keeps few A values live.
   const inner: string[] = [];
-  for (let g = 0; g < G; g++) inner.push(`let a${g} = As[k * ${P}u + ty + ${16 * g}u];`);
-  for (let j = 0; j < G; j++) inner.push(`let b${j} = Bs[k * ${P}u + tx + ${16 * j}u];`);
-  for (let i = 0; i < T; i++) {
-    for (let j = 0; j < G; j++) {
-      inner.push(`acc${i}_${j} = fma(vec4f(a${i >> 2}[${i & 3}]), b${j}, acc${i}_${j});`);
-    }
-  }
-  const stores: string[] = [];
-  for (let i = 0; i < T; i++) {
-    stores.push(`{ let r = r0 + (ty + ${16 * (i >> 2)}u) * 4u + ${i & 3}u;
-    if (r < dims.R) {`);
-    for (let j = 0; j < G; j++) {
-      if (s.vo === 4) {
-        // C % 4 == 0: the thread's 4 columns are wholly in or out.
-        stores.push(
-          `      { let c = c0 + (tx + ${16 * j}u) * 4u; if (c < dims.C) { ${
-            storeVec4Statement(s, "r * dims.C + c", `acc${i}_${j}`)
-          } } }`,
-        );
-        continue;
-      }
+  for (let j = 0; j < TN; j += rdB.span) inner.push(...rdB.reads("ob", j));
+  for (let i = 0; i < TM; i += rdA.span) {
+    inner.push(...rdA.reads("oa", i));
+    for (let ii = i; ii < i + rdA.span; ii++) {
       for (let q = 0; q < 4; q++) {
-        const c = `c0 + (tx + ${16 * j}u) * 4u + ${q}u`;
-        stores.push(
-          `      { let c = ${c}; if (c < dims.C) { ${
-            storeStatement(s, "r * dims.C + c", `acc${i}_${j}[${q}]`)
-          } } }`,
-        );
+        for (let j = 0; j < TN; j++) {
+          inner.push(
+            `acc${ii}_${j} = fma(${rdA.value(ii, q)}, ${rdB.value(j, q)}, acc${ii}_${j});`,
+          );
+        }
       }
     }
-    stores.push(`    } }`);
   }
 
-  lines.push(`
+  // Stores: vec4s of 4 columns where B's layout groups this thread's columns
+  // by 4 (and C % 4 == 0), else scalars (consecutive threads, consecutive
+  // columns: coalesced either way).
+  const stores = (checked: boolean): string[] => {
+    const out: string[] = [];
+    for (let i = 0; i < TM; i++) {
+      out.push(`{ let r = ${rdA.row(i)};`);
+      if (s.vo === 4) {
+        for (let j = 0; j < TN; j += 4) {
+          const v = `vec4f(acc${i}_${j}, acc${i}_${j + 1}, acc${i}_${j + 2}, acc${i}_${j + 3})`;
+          const st = storeVec4Statement(s, `oBase + r * dims.C + c`, v);
+          out.push(
+            `  { let c = ${rdB.row(j)}; ${
+              checked ? `if (r < dims.R && c < dims.C) { ${st} }` : st
+            } }`,
+          );
+        }
+      } else {
+        for (let j = 0; j < TN; j++) {
+          const st = storeStatement(s, `oBase + r * dims.C + c`, `acc${i}_${j}`);
+          out.push(
+            `  { let c = ${rdB.row(j)}; ${
+              checked ? `if (r < dims.R && c < dims.C) { ${st} }` : st
+            } }`,
+          );
+        }
+      }
+      out.push(`}`);
+    }
+    return out;
+  };
+
+  const loadBoth = (l: string) =>
+    `if (interior && ${l} + ${BK}u <= lEnd) {
+      ${[...ioA.load(false, l), ...ioB.load(false, l)].join("\n      ")}
+    } else {
+      ${[...ioA.load(true, l), ...ioB.load(true, l)].join("\n      ")}
+    }`;
+
+  // Iteration i loads tile i (reduction indices l..l+BK-1) into registers,
+  // multiplies tile i-1 out of buffer (i-1) % 2, then stores tile i into
+  // buffer i % 2. One barrier per iteration suffices: buffer i % 2 was last
+  // read in iteration i-1, before its barrier, and is next read in iteration
+  // i+1, after this one. Each load site exists once (checked and unchecked),
+  // which keeps the kernel small.
+  return `${header(s)}
+var<workgroup> As: array<vec4f, ${2 * SA}>;
+var<workgroup> Bs: array<vec4f, ${2 * SB}>;
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
-  let tile = linear_workgroup(wid, nwg);
-  if (tile >= dims.tiles) { return; }
+  ${SLICE_PROLOGUE}
   let r0 = (tile / dims.colTiles) * ${BM}u;
-  let c0 = (tile % dims.colTiles) * ${BM}u;
+  let c0 = (tile % dims.colTiles) * ${BN}u;
+  let interior = r0 + ${BM}u <= dims.R && c0 + ${BN}u <= dims.C;
   let tx = lid % 16u;
   let ty = lid / 16u;
+  let swa = (ty >> 1u) & 3u;
+  let swb = (tx >> 1u) & 3u;
+  ${[...ioA.setup, ...ioB.setup].join("\n  ")}
+  ${[...ioA.decl, ...ioB.decl].join("\n  ")}
   ${accDecl.join("\n  ")}
-  for (var l0 = 0u; l0 < dims.L; l0 += ${BK}u) {
-  ${loadTile("A", "As", s.a, s.va, "dims.R")}
-  ${loadTile("B", "Bs", s.b, s.vb, "dims.C")}
-    workgroupBarrier();
-    for (var k = 0u; k < ${BK}u; k++) {
-      ${inner.join("\n      ")}
+  var cur = 0u;
+  for (var l = lBegin; l < lEnd + ${BK}u; l += ${BK}u) {
+    if (l < lEnd) {
+      ${loadBoth("l")}
+    }
+    if (l > lBegin) {
+      let oa = (1u - cur) * ${SA}u;
+      let ob = (1u - cur) * ${SB}u;
+      for (var kq = 0u; kq < ${BK / 4}u; kq++) {
+        ${inner.join("\n        ")}
+      }
+    }
+    if (l < lEnd) {
+      ${[...ioA.store(`cur * ${SA}u`), ...ioB.store(`cur * ${SB}u`)].join("\n      ")}
     }
     workgroupBarrier();
+    cur = 1u - cur;
   }
-  ${stores.join("\n  ")}
-}`);
-  return lines.join("\n");
+  if (interior) {
+    ${stores(false).join("\n    ")}
+  } else {
+    ${stores(true).join("\n    ")}
+  }
+}`;
+}
+
+/**
+ * The loads of one loop iteration of the CPU-driver designs: `raw` are the
+ * buffer reads (`[name, expression]`, the expression indexing the reduction
+ * at `L_` + offset; the caller substitutes the iteration's index), `unpack`
+ * the statements that name their components.
+ */
+interface IterationLoads {
+  raw: [string, string][];
+  unpack: string[];
 }
 
 /**
  * Loads by one invocation of its `n` rows of A (from r0, bounded by R) or
  * columns of B (from cb, bounded by C) for reduction offsets l + q, q < step,
- * as `a{i}_{q}` / `b{j}_{q}`. A vec4 along l covers q = 0..3 of one row; a
- * vec4 across rows covers 4 rows (their start is a multiple of 4 and the
+ * as `a{i}_{q}` / `b{j}_{q}`. A vec4 along l covers 4 consecutive q of one row;
+ * a vec4 across rows covers 4 rows (their start is a multiple of 4 and the
  * dimension too, so it is wholly in or out); out-of-range rows load a clamped
  * index.
  */
@@ -316,48 +566,50 @@ function directLoads(
   vec: 1 | 4,
   n: number,
   step: 1 | 4,
-): string[] {
+): IterationLoads {
   const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
-  const out: string[] = [];
+  const raw: [string, string][] = [];
+  const unpack: string[] = [];
   if (contig === "red") {
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        out.push(`let v${name}${i} = ${operand}[(${r} * dims.L + l) / 4u];`);
-        for (let q = 0; q < 4; q++) out.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
+        raw.push([`v${name}${i}`, `${operand}[(${r} * dims.L + L_) / 4u]`]);
+        for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
-        out.push(`let ${name}${i}_0 = ${operand}[${r} * dims.L + l];`);
+        raw.push([`${name}${i}_0`, `${operand}[${r} * dims.L + L_]`]);
       }
     }
-    return out;
+    return { raw, unpack };
   }
   for (let q = 0; q < step; q++) {
     if (vec === 4) {
       for (let g = 0; g < n / 4; g++) {
         const r = `min(${first} + ${4 * g}u, dims.${dim} - 4u)`;
-        out.push(`let v${name}${g}_${q} = ${operand}[((l + ${q}u) * dims.${dim} + ${r}) / 4u];`);
+        raw.push([`v${name}${g}_${q}`, `${operand}[((L_ + ${q}u) * dims.${dim} + ${r}) / 4u]`]);
         for (let p = 0; p < 4; p++) {
-          out.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
+          unpack.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
         }
       }
     } else {
       for (let i = 0; i < n; i++) {
-        out.push(
-          `let ${name}${i}_${q} = ${operand}[(l + ${q}u) * dims.${dim} + ` +
-            `min(${first} + ${i}u, dims.${dim} - 1u)];`,
-        );
+        raw.push([
+          `${name}${i}_${q}`,
+          `${operand}[(L_ + ${q}u) * dims.${dim} + min(${first} + ${i}u, dims.${dim} - 1u)]`,
+        ]);
       }
     }
   }
-  return out;
+  return { raw, unpack };
 }
 
 /**
  * The CPU-driver designs: each invocation owns TM rows x TN columns and reads
  * the buffers directly. The reduction advances `step` = 4 at a time when
- * L % 4 == 0 (an operand contiguous in l is then read as vec4), else 1. A values
- * are named a{i}_{q} (row i, reduction offset q), B values b{j}_{q}; out-of-range
- * rows and columns load a clamped (valid) index and are never stored.
+ * L % 4 == 0 (an operand contiguous in l is then read as vec4), else 1. A
+ * values are named a{i}_{q} (row i, reduction offset q), B values b{j}_{q};
+ * out-of-range rows and columns load a clamped (valid) index and are never
+ * stored.
  */
 function fallbackWgsl(s: KernelSpec): string {
   const { tm: TM, tn: TN, lanes: S, step } = s;
@@ -369,27 +621,27 @@ function fallbackWgsl(s: KernelSpec): string {
   // Loads of B for this invocation's columns c0 + lane*TN + j.
   const loadB = directLoads("B", s.b, s.vb, TN, step);
 
-  // Loads of A: either every row by every lane (plain), or one chunk per lane.
-  const loadA = (broadcast: boolean): string[] => {
+  // Loads of A: either every row by every lane (plain), or one chunk per lane
+  // handed round the subgroup.
+  const loadA = (broadcast: boolean): IterationLoads => {
     if (!broadcast) return directLoads("A", s.a, s.va, TM, step);
-    const out: string[] = [];
+    const raw: [string, string][] = [];
+    const unpack: string[] = [];
     // Chunk c of this lane covers rows r0 + (lane + S*c)*chunkRows ..+chunkRows.
     const chunks = TM / (S * chunkRows);
     for (let c = 0; c < chunks; c++) {
       const row = `r0 + (lane + ${S * c}u) * ${chunkRows}u`;
       if (s.a === "red") {
         const r = `min(${row}, dims.R - 1u)`;
-        if (s.va === 4) out.push(`let ca${c} = A[(${r} * dims.L + l) / 4u];`);
-        else out.push(`let ca${c} = A[${r} * dims.L + l];`);
+        raw.push([`ca${c}`, s.va === 4 ? `A[(${r} * dims.L + L_) / 4u]` : `A[${r} * dims.L + L_]`]);
       } else {
         for (let q = 0; q < step; q++) {
-          if (s.va === 4) {
-            out.push(
-              `let ca${c}_${q} = A[((l + ${q}u) * dims.R + min(${row}, dims.R - 4u)) / 4u];`,
-            );
-          } else {
-            out.push(`let ca${c}_${q} = A[(l + ${q}u) * dims.R + min(${row}, dims.R - 1u)];`);
-          }
+          raw.push([
+            `ca${c}_${q}`,
+            s.va === 4
+              ? `A[((L_ + ${q}u) * dims.R + min(${row}, dims.R - 4u)) / 4u]`
+              : `A[(L_ + ${q}u) * dims.R + min(${row}, dims.R - 1u)]`,
+          ]);
         }
       }
     }
@@ -401,10 +653,10 @@ function fallbackWgsl(s: KernelSpec): string {
         let value: string;
         if (s.a === "red") value = s.va === 4 ? `ca${c}[${q}]` : `ca${c}`;
         else value = s.va === 4 ? `ca${c}_${q}[${p}]` : `ca${c}_${q}`;
-        out.push(`let a${i}_${q} = subgroupBroadcast(${value}, ${src}u);`);
+        unpack.push(`let a${i}_${q} = subgroupBroadcast(${value}, ${src}u);`);
       }
     }
-    return out;
+    return { raw, unpack };
   };
 
   const fmas: string[] = [];
@@ -434,7 +686,7 @@ function fallbackWgsl(s: KernelSpec): string {
       );
     }
     const pick = values.slice(1).map((v, g) => `v = select(v, ${v}, g == ${g + 1}u);`);
-    const index = `(r0 + ${i}u) * dims.C + cb + g * ${per}u`;
+    const index = `oBase + (r0 + ${i}u) * dims.C + cb + g * ${per}u`;
     stores.push(`if (r0 + ${i}u < dims.R) {
       for (var g = 0u; g < ${values.length}u; g++) {
         if (cb + g * ${per}u < dims.C) {
@@ -445,15 +697,24 @@ function fallbackWgsl(s: KernelSpec): string {
       }
     }`);
   }
-  const tiled = (broadcast: boolean) =>
-    `let cb = c0 + lane * ${TN}u;
+  // The reduction loop: every buffer read of an iteration first, then the
+  // broadcasts and multiply-adds (the reads are independent, so their cache
+  // misses overlap).
+  const tiled = (broadcast: boolean) => {
+    const a = loadA(broadcast);
+    const reads = [...a.raw, ...loadB.raw].map(([n, e]) =>
+      `let ${n} = ${e.replaceAll("L_", "l")};`
+    );
+    return `let cb = c0 + lane * ${TN}u;
     ${accDecl.join("\n    ")}
-    for (var l = 0u; l < dims.L; l += ${step}u) {
-      ${loadA(broadcast).join("\n      ")}
-      ${loadB.join("\n      ")}
+    for (var l = lBegin; l < lEnd; l += ${step}u) {
+      ${reads.join("\n      ")}
+      ${a.unpack.join("\n      ")}
+      ${loadB.unpack.join("\n      ")}
       ${fmas.join("\n      ")}
     }
     ${stores.join("\n    ")}`;
+  };
 
   // Index of A(r, l) and B(c, l) in their scalar views, for the slow path.
   const aIndex = s.a === "red" ? "r * dims.L + l" : "l * dims.R + r";
@@ -466,8 +727,7 @@ function fallbackWgsl(s: KernelSpec): string {
 @compute @workgroup_size(${S})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
-  let tile = linear_workgroup(wid, nwg);
-  if (tile >= dims.tiles) { return; }
+  ${SLICE_PROLOGUE}
   let r0 = (tile / dims.colTiles) * ${TM}u;
   let c0 = (tile % dims.colTiles) * ${S * TN}u;
   let lane = lid;
@@ -483,8 +743,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32,
         @builtin(subgroup_size) sgSize: u32, @builtin(subgroup_invocation_id) sgId: u32) {
-  let tile = linear_workgroup(wid, nwg);
-  if (tile >= dims.tiles) { return; }
+  ${SLICE_PROLOGUE}
   let r0 = (tile / dims.colTiles) * ${TM}u;
   let c0 = (tile % dims.colTiles) * ${S * TN}u;
   if (sgSize == ${S}u) {
@@ -498,12 +757,35 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         let c = cb + j;
         if (r < dims.R && c < dims.C) {
           var acc = 0.0;
-          for (var l = 0u; l < dims.L; l++) { acc = fma(${aLoad}, ${bLoad}, acc); }
-          ${storeStatement(s, "r * dims.C + c", "acc")}
+          for (var l = lBegin; l < lEnd; l++) { acc = fma(${aLoad}, ${bLoad}, acc); }
+          ${storeStatement(s, "oBase + r * dims.C + c", "acc")}
         }
       }
     }
   }
+}`;
+}
+
+/**
+ * Fixed-order sum of split-K partials: out[i] (+)= sum over s = 0..S-1, in
+ * that order, of partials[s, i]. One element (vec4 or scalar) per invocation;
+ * bindings 0 params (uniform), 1 partials, 2 out.
+ */
+function splitReduceWgsl(vec: 1 | 4, accumulate: boolean): string {
+  const t = vec === 4 ? "vec4f" : "f32";
+  return `${LINEAR_WORKGROUP_WGSL}
+struct Params { n: u32, slices: u32, stride: u32, p0: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> partials: array<${t}>;
+@group(0) @binding(2) var<storage, read_write> O: array<${t}>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = linear_workgroup(wid, nwg) * 256u + lid;
+  if (i >= p.n) { return; }
+  var s = partials[i];
+  for (var k = 1u; k < p.slices; k++) { s = s + partials[k * p.stride + i]; }
+  ${accumulate ? "O[i] = O[i] + s;" : "O[i] = s;"}
 }`;
 }
 
@@ -512,6 +794,49 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 
 /** Multiply-adds up to which the CPU-driver designs use their small register tile. */
 export const SMALL_PROBLEM = 2 ** 18;
+
+/**
+ * Workgroups that keep a GPU busy: about two per SM (or CU) of a large card
+ * (an H100 has 132 SMs). WebGPU does not expose the SM count, so this is the
+ * proxy; smaller GPUs are then fuller still.
+ */
+const GPU_TARGET_WORKGROUPS = 256;
+
+/** Split-K on GPUs: the shortest slice of the reduction worth a workgroup (8 steps of BK). */
+const GPU_MIN_SLICE = 8 * BK;
+
+/**
+ * The tiled (GPU) design's tile `[rows, columns]` for an R x C output: the
+ * largest tile (fewest loads per multiply-add) that still gives
+ * `GPU_TARGET_WORKGROUPS` workgroups and fits `workgroupStorageBytes` (the
+ * device's `maxComputeWorkgroupStorageSize`): 128x128 (32 KiB), then the skinny
+ * 128x64 / 64x128 (24 KiB; the one with more tiles first), else 64x64 (16 KiB,
+ * WebGPU's default limit).
+ *
+ * @example
+ * ```ts
+ * import { chooseTiledTile } from "./matmul.ts";
+ * chooseTiledTile(4096, 4096, 32768); // [128, 128]
+ * chooseTiledTile(512, 4096, 32768); // [128, 64]: 256 tiles where 128x128 gives 128
+ * ```
+ */
+export function chooseTiledTile(
+  R: number,
+  C: number,
+  workgroupStorageBytes: number,
+): [number, number] {
+  const tiles = ([bm, bn]: [number, number]) => Math.ceil(R / bm) * Math.ceil(C / bn);
+  const skinny: [number, number][] = [[128, 64], [64, 128]];
+  skinny.sort((x, y) => tiles(y) - tiles(x));
+  for (const t of [[128, 128] as [number, number], ...skinny]) {
+    if (
+      tiledWorkgroupBytes(t[0], t[1]) <= workgroupStorageBytes && tiles(t) >= GPU_TARGET_WORKGROUPS
+    ) {
+      return t;
+    }
+  }
+  return [64, 64];
+}
 
 async function chooseSpec(
   gpu: Gpu,
@@ -530,11 +855,10 @@ async function chooseSpec(
   if (variant === "auto") {
     if (gpu.adapterSummary.isFallback) variant = sgUsable ? "fallbackSubgroup" : "fallback";
     else {
-      // 128x128 stages 2 x 16 x 33 vec4s (16.5 KiB) in workgroup memory: more
-      // than WebGPU's default 16 KiB, so only where the device allows it.
-      const tiles128 = Math.ceil(pr.R / 128) * Math.ceil(pr.C / 128);
-      const fits128 = gpu.limits.maxComputeWorkgroupStorageSize >= tiledWorkgroupBytes(128);
-      variant = tiles128 >= 256 && fits128 ? "tiled128" : "tiled64";
+      const [bm, bn] = chooseTiledTile(pr.R, pr.C, gpu.limits.maxComputeWorkgroupStorageSize);
+      variant = bm === bn
+        ? (bm === 64 ? "tiled64" : "tiled128")
+        : `tiled${bm}x${bn}` as MatmulVariant;
     }
   }
   if (variant === "fallbackSubgroup" && !sgUsable) {
@@ -555,18 +879,40 @@ async function chooseSpec(
   // Below 2^18 multiply-adds a call takes well under a millisecond whatever
   // the tile; what counts there is the pipeline's compile time (model tests).
   const small = pr.R * pr.C * pr.L <= SMALL_PROBLEM;
-  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step };
+  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0 };
   switch (variant) {
     case "tiled64":
     case "tiled128":
+    case "tiled128x64":
+    case "tiled64x128": {
+      const [bm, bn] = variant === "tiled64"
+        ? [64, 64]
+        : variant === "tiled128"
+        ? [128, 128]
+        : variant === "tiled128x64"
+        ? [128, 64]
+        : [64, 128];
+      const bytes = tiledWorkgroupBytes(bm, bn);
+      if (bytes > gpu.limits.maxComputeWorkgroupStorageSize) {
+        throw new Error(
+          `matmul: variant ${variant} needs ${bytes} bytes of workgroup memory ` +
+            `(this device: ${gpu.limits.maxComputeWorkgroupStorageSize})`,
+        );
+      }
+      // Columns go out as vec4s only where B's layout gives a thread 4
+      // consecutive columns ("out"); `step` does not apply.
       return {
         ...base,
+        vo: pr.b === "out" ? vo : 1,
+        step: 1,
         design: "tiled",
-        tile: variant === "tiled64" ? 64 : 128,
+        bm,
+        bn,
         tm: 0,
         tn: 0,
         lanes: 256,
       };
+    }
     case "fallback": {
       // 32 x 8 per invocation: 40 vec4 loads for 1024 multiply-adds per 4
       // reduction steps. (32 x 16 runs ~1.5x faster at large shapes but takes
@@ -577,7 +923,7 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? tm0;
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, 1, base);
-      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallback", tile: 0, tm, tn, lanes: 8 };
+      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallback", tm, tn, lanes: 8 };
     }
     case "fallbackSubgroup": {
       const lanes = opts?.subgroupLanes ?? sgSize;
@@ -591,7 +937,7 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? Math.max(tm0, lanes * chunkRows);
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, lanes * chunkRows, base);
-      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallbackSubgroup", tile: 0, tm, tn, lanes };
+      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallbackSubgroup", tm, tn, lanes };
     }
     default:
       throw new Error(`matmul: unknown variant ${variant}`);
@@ -641,41 +987,144 @@ function checkBinding(op: string, name: string, b: Binding, elements: number): v
   }
 }
 
-async function matmulDispatch(
+/** Output rows and columns of one workgroup's tile. */
+function tileShape(spec: KernelSpec): [number, number] {
+  return spec.design === "tiled" ? [spec.bm, spec.bn] : [spec.tm, spec.tn * spec.lanes];
+}
+
+/** At most this many split-K slices. */
+const MAX_SLICES = 32;
+
+/** At most this many bytes of split-K partials per call (beyond the device's binding limit). */
+const MAX_PARTIALS_BYTES = 256 * 2 ** 20;
+
+/**
+ * How many slices the reduction of a call with `tiles` output tiles is cut
+ * into, and their length (a multiple of the kernel's reduction step, so vec4
+ * loads along l stay aligned; the last slice may be shorter). One slice unless
+ * `allow`; then `options.splitK` when given; else, for the tiled (GPU) design,
+ * enough slices to reach `GPU_TARGET_WORKGROUPS`, each at least
+ * `GPU_MIN_SLICE` long, and one for the CPU designs. Always within
+ * `MAX_SLICES`, `MAX_PARTIALS_BYTES` and the device's binding limit.
+ */
+function chooseSlices(
+  gpu: Gpu,
+  pr: Problem,
+  spec: KernelSpec,
+  tiles: number,
+  opts: MatmulOptions | undefined,
+  allow: boolean,
+): { slices: number; sliceLen: number } {
+  const one = { slices: 1, sliceLen: pr.L };
+  if (!allow) return one;
+  const quantum = spec.design === "tiled" ? BK : spec.step;
+  let S: number;
+  if (opts?.splitK !== undefined) {
+    if (!Number.isInteger(opts.splitK) || opts.splitK < 1) {
+      throw new RangeError(`matmul: splitK must be a positive integer, got ${opts.splitK}`);
+    }
+    S = opts.splitK;
+  } else if (spec.design !== "tiled") {
+    // CPU drivers: measured on lavapipe (2 cores), slices gained nothing
+    // beyond noise at M = 4096 and lost 7-30% at M = 1024-2048 (the extra
+    // dispatch costs ~0.5-1 ms there); see the module comment.
+    S = 1;
+  } else {
+    S = tiles >= GPU_TARGET_WORKGROUPS ? 1 : Math.min(
+      Math.ceil(GPU_TARGET_WORKGROUPS / Math.max(1, tiles)),
+      Math.floor(pr.L / GPU_MIN_SLICE),
+      MAX_SLICES,
+    );
+  }
+  const bytesCap = Math.min(
+    MAX_PARTIALS_BYTES,
+    gpu.limits.maxStorageBufferBindingSize,
+    gpu.limits.maxBufferSize,
+  );
+  S = Math.min(S, Math.floor(bytesCap / (4 * Math.max(1, pr.R * pr.C))));
+  S = Math.min(S, Math.ceil(pr.L / quantum));
+  if (S <= 1) return one;
+  const sliceLen = Math.ceil(pr.L / S / quantum) * quantum;
+  S = Math.ceil(pr.L / sliceLen);
+  return S <= 1 ? one : { slices: S, sliceLen };
+}
+
+/**
+ * The dispatches of one matmul: one kernel, or with split-K (`allowSplit` and
+ * more than one slice) the kernel writing partials `[S, R, C]` into a scratch
+ * buffer the dispatch owns, then their fixed-order sum into the output.
+ */
+async function matmulDispatches(
   gpu: Gpu,
   label: string,
   pr: Problem,
   bufs: { a: Binding; b: Binding; out: Binding; names: [string, string, string] },
   accumulate: boolean,
   opts: MatmulOptions | undefined,
-): Promise<Dispatch> {
+  allowSplit: boolean,
+  sharedPartials?: GPUBuffer,
+): Promise<Dispatch[]> {
   checkDims(label, { R: pr.R, C: pr.C, L: pr.L });
   checkBinding(label, bufs.names[0], bufs.a, pr.R * pr.L);
   checkBinding(label, bufs.names[1], bufs.b, pr.C * pr.L);
   checkBinding(label, bufs.names[2], bufs.out, pr.R * pr.C);
-  const spec = await chooseSpec(gpu, pr, accumulate, opts);
-  const wgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
-  const pipeline = await gpu.pipeline(key(spec), wgsl);
-  const rowsPerTile = spec.design === "tiled" ? spec.tile : spec.tm;
-  const colsPerTile = spec.design === "tiled" ? spec.tile : spec.tn * spec.lanes;
+  let spec = await chooseSpec(gpu, pr, accumulate, opts);
+  const [rowsPerTile, colsPerTile] = tileShape(spec);
   const colTiles = Math.ceil(pr.C / colsPerTile);
   const tiles = Math.ceil(pr.R / rowsPerTile) * colTiles;
+  const { slices, sliceLen } = chooseSlices(gpu, pr, spec, tiles, opts, allowSplit);
+  // Slices write their partials; the reduction does the accumulating.
+  if (slices > 1) spec = { ...spec, accumulate: false };
+  const wgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
+  const pipeline = await gpu.pipeline(key(spec), wgsl);
   const dims = gpu.createUniform(
-    new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, 0, 0, 0]),
+    new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, 0]),
     `${label} dims`,
   );
-  const bindGroup = gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, bufs.out], label);
-  return {
-    label: `${label} (${
-      spec.design === "tiled"
-        ? `tiled${spec.tile}`
-        : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}`
-    }, vec ${spec.va}/${spec.vb}/${spec.vo})`,
-    pipeline,
-    bindGroup,
-    workgroups: tiles,
-    owned: [dims],
-  };
+  const design = spec.design === "tiled"
+    ? `tiled${spec.bm}x${spec.bn}`
+    : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}`;
+  const split = slices > 1 ? `, split-K ${slices} x ${sliceLen}` : "";
+  const kernelLabel = `${label} (${design}${split}, vec ${spec.va}/${spec.vb}/${spec.vo})`;
+  if (slices === 1) {
+    return [{
+      label: kernelLabel,
+      pipeline,
+      bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, bufs.out], label),
+      workgroups: tiles,
+      owned: [dims],
+    }];
+  }
+  const n = pr.R * pr.C;
+  const ownPartials = !sharedPartials || sharedPartials.size < slices * n * 4;
+  const partials = ownPartials
+    ? gpu.createBuffer(slices * n * 4, `${label} split-K partials [${slices}, ${pr.R}, ${pr.C}]`)
+    : sharedPartials;
+  const vec: 1 | 4 = n % 4 === 0 && opts?.vec !== 1 ? 4 : 1;
+  const reduce = await gpu.pipeline(
+    `matmul-splitk-reduce-v${vec}-${accumulate ? "acc" : "set"}`,
+    splitReduceWgsl(vec, accumulate),
+  );
+  const params = gpu.createUniform(
+    new Uint32Array([n / vec, slices, n / vec, 0]),
+    `${label} split-K reduce params`,
+  );
+  return [
+    {
+      label: kernelLabel,
+      pipeline,
+      bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, partials], label),
+      workgroups: tiles * slices,
+      owned: ownPartials ? [dims, partials] : [dims],
+    },
+    {
+      label: `${label} split-K reduce (${slices} slices, vec ${vec})`,
+      pipeline: reduce,
+      bindGroup: gpu.bindGroup(reduce, [params, partials, bufs.out], `${label} split-K reduce`),
+      workgroups: Math.ceil(n / vec / 256),
+      owned: [params],
+    },
+  ];
 }
 
 /**
@@ -702,14 +1151,16 @@ export async function matmulXWt(
   },
 ): Promise<Dispatch> {
   const { M, K, N } = args;
-  return await matmulDispatch(
+  const [d] = await matmulDispatches(
     gpu,
     `matmul xWt M=${M} K=${K} N=${N}`,
     { R: M, C: N, L: K, a: "red", b: "red" },
     { a: args.x, b: args.w, out: args.y, names: ["x", "w", "y"] },
     args.accumulate ?? false,
     args.options,
+    false,
   );
+  return d;
 }
 
 /**
@@ -730,41 +1181,96 @@ export async function matmulDyW(
   },
 ): Promise<Dispatch> {
   const { M, N, K } = args;
-  return await matmulDispatch(
+  const [d] = await matmulDispatches(
     gpu,
     `matmul dyW M=${M} N=${N} K=${K}`,
     { R: M, C: K, L: N, a: "red", b: "out" },
     { a: args.dy, b: args.w, out: args.dx, names: ["dy", "w", "dx"] },
     args.accumulate ?? false,
     args.options,
+    false,
   );
+  return d;
+}
+
+/** Arguments of `matmulDyTX` and `matmulDyTXSplitK`. */
+export interface MatmulDyTXArgs {
+  /** `[M, N]`, the gradient of the layer's output. */
+  dy: Binding;
+  /** `[M, K]`, the layer's input. */
+  x: Binding;
+  /** `[N, K]`, the weight gradient (overwritten, or added to with `accumulate`). */
+  dw: Binding;
+  M: number;
+  N: number;
+  K: number;
+  /** Add into dw (gradient accumulation, tied embeddings) instead of overwriting it. */
+  accumulate?: boolean;
+  options?: MatmulOptions;
+  /**
+   * Split-K scratch shared by the caller among dispatches that run one after
+   * another (a model's backward): used when it holds `splitKPartialsBytes`,
+   * else the dispatch makes and owns its own.
+   */
+  partials?: GPUBuffer;
 }
 
 /**
  * `dw[N, K] (+)= dy[M, N]^T · x[M, K]` (the weight gradient of `y = x W^T`;
- * `accumulate` adds into dw: gradient accumulation, tied embeddings).
+ * `accumulate` adds into dw: gradient accumulation, tied embeddings) as ONE
+ * dispatch: the whole reduction over M in each workgroup, no scratch memory.
+ * `matmulDyTXSplitK` is the faster form where the output grid is small.
  * `dw` must not alias `dy` or `x`.
  */
-export async function matmulDyTX(
-  gpu: Gpu,
-  args: {
-    dy: Binding;
-    x: Binding;
-    dw: Binding;
-    M: number;
-    N: number;
-    K: number;
-    accumulate?: boolean;
-    options?: MatmulOptions;
-  },
-): Promise<Dispatch> {
+export async function matmulDyTX(gpu: Gpu, args: MatmulDyTXArgs): Promise<Dispatch> {
+  const [d] = await dyTXDispatches(gpu, args, false);
+  return d;
+}
+
+/**
+ * The weight gradient `dw[N, K] (+)= dy[M, N]^T · x[M, K]`, as `matmulDyTX`,
+ * with the reduction over M split into slices where the output grid alone
+ * would leave the device idle (see the module comment; `options.splitK`
+ * forces a count): then two dispatches, the slices writing partials
+ * `[S, N, K]` into a scratch buffer (in the first dispatch's `owned`), and
+ * their sum in slice order into dw, so results stay deterministic. Otherwise
+ * one dispatch. Record all of them, in order.
+ *
+ * @example
+ * ```ts ignore
+ * const ds = await matmulDyTXSplitK(gpu, { dy, x, dw, M: 8192, N: 128, K: 512, accumulate: true });
+ * gpu.submit((enc) => { const pass = enc.beginComputePass(); recordDispatches(gpu, pass, ds); pass.end(); });
+ * // when done with them: for (const d of ds) for (const b of d.owned ?? []) b.destroy();
+ * ```
+ */
+export async function matmulDyTXSplitK(gpu: Gpu, args: MatmulDyTXArgs): Promise<Dispatch[]> {
+  return await dyTXDispatches(gpu, args, true);
+}
+
+/**
+ * Bytes of split-K partials `matmulDyTXSplitK` needs for these arguments on
+ * this device (0 when it would not split): what a shared `partials` scratch
+ * must hold.
+ */
+export async function splitKPartialsBytes(gpu: Gpu, args: MatmulDyTXArgs): Promise<number> {
+  const pr: Problem = { R: args.N, C: args.K, L: args.M, a: "out", b: "out" };
+  const spec = await chooseSpec(gpu, pr, args.accumulate ?? false, args.options);
+  const [rowsPerTile, colsPerTile] = tileShape(spec);
+  const tiles = Math.ceil(pr.R / rowsPerTile) * Math.ceil(pr.C / colsPerTile);
+  const { slices } = chooseSlices(gpu, pr, spec, tiles, args.options, true);
+  return slices > 1 ? slices * pr.R * pr.C * 4 : 0;
+}
+
+function dyTXDispatches(gpu: Gpu, args: MatmulDyTXArgs, allowSplit: boolean): Promise<Dispatch[]> {
   const { M, N, K } = args;
-  return await matmulDispatch(
+  return matmulDispatches(
     gpu,
     `matmul dyTx M=${M} N=${N} K=${K}`,
     { R: N, C: K, L: M, a: "out", b: "out" },
     { a: args.dy, b: args.x, out: args.dw, names: ["dy", "x", "dw"] },
     args.accumulate ?? false,
     args.options,
+    allowSplit,
+    args.partials,
   );
 }

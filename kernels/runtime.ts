@@ -503,9 +503,9 @@ export interface Dispatch {
   /** A 1-D count (split by `Gpu.dispatch` when beyond 65535) or an explicit grid. */
   workgroups: number | [number, number?, number?];
   /**
-   * Buffers the kernel wrapper created for this dispatch alone (its uniform,
-   * scratch such as partial sums): released by `releaseDispatches` when the
-   * model that holds the dispatch is destroyed.
+   * Buffers created for this dispatch alone (its uniforms, scratch such as
+   * split-K partials): released by `releaseDispatches` when the model that
+   * holds the dispatch is destroyed.
    */
   owned?: GPUBuffer[];
 }

@@ -54,7 +54,7 @@ import {
   recordDispatches,
   releaseDispatches,
 } from "../kernels/runtime.ts";
-import { matmulDyTX, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
+import { matmulDyTXSplitK, matmulDyW, matmulXWt, splitKPartialsBytes } from "../kernels/matmul.ts";
 import { attentionBackward, attentionForward } from "../kernels/attention/mod.ts";
 import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import { embeddingBackward, type EmbeddingGroups, groupByToken } from "../kernels/embedding.ts";
@@ -337,12 +337,40 @@ export class TrainingModel {
     const dqProj = qk ? this.#buffer(f32(N * qDim), "d q proj [B, T, nH, hd]") : dq;
     const dkProj = qk ? this.#buffer(f32(N * kvDim), "d k proj [B, T, nKV, hd]") : dk;
 
+    // The weight gradients' split-K partials (GPUs, small grids): one scratch
+    // for the whole backward, whose dispatches run one after another.
+    const chunkRows = logitsChunkRows(gpu.limits, V, N, requestedChunkRows);
+    const dwShapes: [number, number, number][] = [
+      [N, qDim, H],
+      [N, kvDim, H],
+      [N, H, qDim],
+      [N, I, H],
+      [N, H, I],
+      [chunkRows, V, H],
+    ];
+    let partialsBytes = 0;
+    for (const [M, out, K] of dwShapes) {
+      const need = await splitKPartialsBytes(gpu, {
+        dy: dResid,
+        x: dResid,
+        dw: dResid,
+        M,
+        N: out,
+        K,
+        accumulate: true,
+      });
+      partialsBytes = Math.max(partialsBytes, need);
+    }
+    const partials = partialsBytes > 0
+      ? this.#buffer(partialsBytes, "split-K partials (weight gradients)")
+      : undefined;
+
     // Linear layer y = x W^T over the N rows and its two backward products
     // (dW += dy^T x, accumulated across micro-batches; dx (+)= dy W).
     const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
       matmulXWt(gpu, { x, w, y, M: N, K, N: out });
     const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: GPUBuffer, out: number, K: number) =>
-      matmulDyTX(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true });
+      matmulDyTXSplitK(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true, partials });
     const linearDx = (
       dy: GPUBuffer,
       w: GPUBuffer,
@@ -387,7 +415,6 @@ export class TrainingModel {
 
     // ---- Head and loss, in row chunks; each chunk's backward follows its
     // forward so one logits chunk serves all. d xf lands in dH.
-    const chunkRows = logitsChunkRows(gpu.limits, V, N, requestedChunkRows);
     const logits = this.#buffer(f32(chunkRows * V), `logits chunk [${chunkRows}, V]`);
     const rowLoss = this.#buffer(f32(chunkRows), `row loss chunk [${chunkRows}]`);
     for (let r0 = 0; r0 < N; r0 += chunkRows) {
@@ -417,7 +444,7 @@ export class TrainingModel {
         lossTrain: await ce(this.#ceScale, this.#loss),
         lossEval: await ce(this.#one, this.#evalLoss),
         backward: [
-          await matmulDyTX(gpu, {
+          ...await matmulDyTXSplitK(gpu, {
             dy: lg,
             x: xf,
             dw: G.head,
@@ -425,6 +452,7 @@ export class TrainingModel {
             N: V,
             K: H,
             accumulate: true,
+            partials,
           }),
           await matmulDyW(gpu, { dy: lg, w: P.head, dx: rowsOf(dH, H), M: R, N: V, K: H }),
         ],
@@ -455,7 +483,7 @@ export class TrainingModel {
         // MLP, y = act Wd^T: act is rebuilt, consumed by dWd, and its buffer
         // then takes d act = dy Wd.
         await swigluForward(gpu, { gate: a.gate, up: a.up, h: mlpScratch, n: N * I }),
-        await linearDw(dResid, mlpScratch, dW.down, H, I),
+        ...await linearDw(dResid, mlpScratch, dW.down, H, I),
         await linearDx(dResid, W.down, mlpScratch, H, I),
         await swigluBackward(gpu, {
           dh: mlpScratch,
@@ -465,8 +493,8 @@ export class TrainingModel {
           dup: dUp,
           n: N * I,
         }),
-        await linearDw(dGate, a.h2, dW.gate, I, H),
-        await linearDw(dUp, a.h2, dW.up, I, H),
+        ...await linearDw(dGate, a.h2, dW.gate, I, H),
+        ...await linearDw(dUp, a.h2, dW.up, I, H),
         // h2 feeds both gate and up: d h2 = dgate Wg + dup Wu.
         await linearDx(dGate, W.gate, dH, I, H),
         await linearDx(dUp, W.up, dH, I, H, true),
@@ -482,7 +510,7 @@ export class TrainingModel {
           accumulateDx: true,
         }),
         // Attention, xMid = x + a Wo^T.
-        await linearDw(dResid, a.attn, dW.o, H, qDim),
+        ...await linearDw(dResid, a.attn, dW.o, H, qDim),
         await linearDx(dResid, W.o, dAttn, H, qDim),
         ...await attentionBackward(gpu, {
           q: a.q,
@@ -530,9 +558,9 @@ export class TrainingModel {
         );
       }
       bwd.push(
-        await linearDw(dqProj, a.h1, dW.q, qDim, H),
-        await linearDw(dkProj, a.h1, dW.k, kvDim, H),
-        await linearDw(dv, a.h1, dW.v, kvDim, H),
+        ...await linearDw(dqProj, a.h1, dW.q, qDim, H),
+        ...await linearDw(dkProj, a.h1, dW.k, kvDim, H),
+        ...await linearDw(dv, a.h1, dW.v, kvDim, H),
         // h1 feeds q, k and v: d h1 = dq Wq + dk Wk + dv Wv.
         await linearDx(dqProj, W.q, dH, qDim, H),
         await linearDx(dkProj, W.k, dH, kvDim, H, true),

@@ -5,7 +5,10 @@
  * that are not multiples of any tile (1x1x1, 7x33x65, 130x65x7, 257x129x33),
  * aligned ones that are (or are not) whole tiles, mixed alignments (vec4 for
  * one operand, scalar for the other), one larger shape, and a grid of more
- * than 65535 workgroups.
+ * than 65535 workgroups. The tiled design's four tile shapes on shapes that
+ * mix interior and edge workgroups and end the reduction in a partial step;
+ * split-K dY^T X with forced and chosen slice counts, slices that do not
+ * divide the reduction, overwrite and accumulate; determinism.
  *
  * Tolerance. Inputs are exact float32 values (standard normal) that the
  * reference widens to float64, so only the kernel's float32 summation counts.
@@ -17,11 +20,13 @@
  * when accumulating into O(1) values. A real mistake (a missing term, a wrong
  * row or column, a stale tile) is off by O(1).
  */
-import { assert, assertClose } from "./assert.ts";
+import { assert, assertClose, assertEquals } from "./assert.ts";
 import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
-import { Gpu } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu } from "../kernels/runtime.ts";
 import {
+  chooseTiledTile,
   matmulDyTX,
+  matmulDyTXSplitK,
   matmulDyW,
   type MatmulOptions,
   type MatmulVariant,
@@ -51,11 +56,12 @@ function addInto(a: Float64Array, init: Float32Array): Float64Array {
   return out;
 }
 
-type Form = "xWt" | "dyW" | "dyTx";
+/** The three forms, and dY^T X through `matmulDyTXSplitK` (one or two dispatches). */
+type Form = "xWt" | "dyW" | "dyTx" | "dyTxSplit";
 
 /**
  * Runs one form at [M, K, N] on the GPU (accumulating into random values when
- * asked) and checks it against the reference.
+ * asked), checks it against the reference and returns the dispatches it ran.
  */
 async function checkForm(
   form: Form,
@@ -66,7 +72,7 @@ async function checkForm(
   accumulate: boolean,
   seed: number,
   extra: MatmulOptions = {},
-): Promise<void> {
+): Promise<Dispatch[]> {
   const rng = new Rng(seed);
   const what = `${form} M=${M} K=${K} N=${N} ${variant}${accumulate ? " accumulate" : ""}`;
   // Operands of the form and the float64 expectation.
@@ -97,17 +103,23 @@ async function checkForm(
   const aBuf = gpu.createBuffer(a, "a");
   const bBuf = gpu.createBuffer(b, "b");
   const outBuf = gpu.createBuffer(init, "out");
+  let ds: Dispatch[] = [];
   try {
     const options = { variant, ...extra };
-    const d = form === "xWt"
-      ? await matmulXWt(gpu, { x: aBuf, w: bBuf, y: outBuf, M, K, N, accumulate, options })
+    const dyTx = { dy: aBuf, x: bBuf, dw: outBuf, M, N, K, accumulate, options };
+    ds = form === "xWt"
+      ? [await matmulXWt(gpu, { x: aBuf, w: bBuf, y: outBuf, M, K, N, accumulate, options })]
       : form === "dyW"
-      ? await matmulDyW(gpu, { dy: aBuf, w: bBuf, dx: outBuf, M, N, K, accumulate, options })
-      : await matmulDyTX(gpu, { dy: aBuf, x: bBuf, dw: outBuf, M, N, K, accumulate, options });
-    await submitPassAndWait(gpu, d);
+      ? [await matmulDyW(gpu, { dy: aBuf, w: bBuf, dx: outBuf, M, N, K, accumulate, options })]
+      : form === "dyTx"
+      ? [await matmulDyTX(gpu, dyTx)]
+      : await matmulDyTXSplitK(gpu, dyTx);
+    await submitPassAndWait(gpu, ds);
     const got = await gpu.readF32(outBuf, 0, outLen);
-    assertClose(got, expected, tolerance(L), `${what} [${d.label}]`);
+    assertClose(got, expected, tolerance(L), `${what} [${ds.map((d) => d.label).join(" + ")}]`);
+    return ds;
   } finally {
+    for (const d of ds) for (const buf of d.owned ?? []) buf.destroy();
     aBuf.destroy();
     bBuf.destroy();
     outBuf.destroy();
@@ -267,6 +279,183 @@ Deno.test({
       x.destroy();
       w.destroy();
       y.destroy();
+    }
+  },
+});
+
+Deno.test("matmul tiled design: the tile is chosen from the grid and workgroup memory", () => {
+  // 4096² gives 1024 tiles of 128x128: enough (>= 256 workgroups).
+  assertEquals(chooseTiledTile(4096, 4096, 32768), [128, 128]);
+  // 512 x 4096: 128 tiles of 128x128, 256 of 128x64 (and of 64x128: the
+  // tie keeps 128x64).
+  assertEquals(chooseTiledTile(512, 4096, 32768), [128, 64]);
+  // 4096 x 520: 64x128 gives 64 x 5 = 320 tiles, 128x64 gives 32 x 9 = 288.
+  assertEquals(chooseTiledTile(4096, 520, 32768), [64, 128]);
+  // Too small for any large tile to fill the device: 64x64, split-K's case.
+  assertEquals(chooseTiledTile(128, 512, 32768), [64, 64]);
+  // WebGPU's default 16 KiB of workgroup memory holds only 64x64.
+  assertEquals(chooseTiledTile(4096, 4096, 16384), [64, 64]);
+  // 24 KiB holds the skinny tiles but not 128x128.
+  assertEquals(chooseTiledTile(4096, 4096, 24576), [128, 64]);
+});
+
+const TILED: MatmulVariant[] = ["tiled64", "tiled128", "tiled128x64", "tiled64x128"];
+
+Deno.test({
+  name: "matmul tiled designs: interior and edge workgroups, a partial last reduction step",
+  ...GPU_TEST,
+  fn: async () => {
+    // [150, 100, 200] puts, for every form and tile shape, whole tiles inside
+    // the output (the unchecked fast path) beside tiles cut by its edges, and
+    // reductions of 100, 150 or 200 (6, 9 or 12 whole steps of 16 and a
+    // partial one): vec4 loads everywhere. [150, 99, 201]: scalar loads.
+    let seed = 400;
+    for (const variant of TILED) {
+      for (const [M, K, N] of [[150, 100, 200], [150, 99, 201]]) {
+        for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+          await checkForm(form, M, K, N, variant, seed % 2 === 0, seed++);
+        }
+      }
+    }
+  },
+});
+
+/** The variants split-K runs through: the CPU designs, the GPU tiled design (square and skinny). */
+const SPLIT_VARIANTS: MatmulVariant[] = [
+  "auto",
+  "fallback",
+  ...(gpu.features.subgroups ? ["fallbackSubgroup" as const] : []),
+  "tiled64",
+  "tiled128x64",
+];
+
+Deno.test({
+  name: "matmul dY^T X split-K: forced slice counts, slices not dividing the reduction",
+  ...GPU_TEST,
+  fn: async () => {
+    // M = 1000 in 3 slices: 336 + 336 + 328 (slices are a multiple of the
+    // kernel's step: 4 on the CPU designs, 16 on the tiled one); M = 999 in 4:
+    // 250 x 3 + 249 (scalar steps) or 256 x 3 + 231 (tiled). M = 40 asks for
+    // 32 slices and gets as many as hold a step each. The partials are summed
+    // in slice order, so the error is at most that of one sequential sum:
+    // tolerance(M) holds.
+    let seed = 500;
+    const cases: [number, number, number, number][] = [
+      [1000, 36, 20, 3],
+      [999, 37, 21, 4],
+      [1000, 68, 132, 7],
+      [40, 8, 12, 32],
+    ];
+    for (const variant of SPLIT_VARIANTS) {
+      for (const [M, K, N, splitK] of cases) {
+        for (const accumulate of [false, true]) {
+          const ds = await checkForm("dyTxSplit", M, K, N, variant, accumulate, seed++, {
+            splitK,
+          });
+          assert(ds.length === 2, `${variant} M=${M} splitK=${splitK}: two dispatches`);
+          const m = ds[0].label.match(/split-K (\d+) x (\d+)/);
+          assert(m, `split-K in the label: ${ds[0].label}`);
+          const [slices, sliceLen] = [Number(m[1]), Number(m[2])];
+          assert(
+            slices > 1 && slices <= splitK && (slices - 1) * sliceLen < M &&
+              slices * sliceLen >= M,
+            `slices cover the reduction once: ${ds[0].label}`,
+          );
+          const partials = ds[0].owned?.find((b) => b.size === slices * N * K * 4);
+          assert(partials, `the first dispatch owns the [${slices}, N, K] partials`);
+        }
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul dY^T X split-K: chosen from the grid",
+  ...GPU_TEST,
+  fn: async () => {
+    // The tiled (GPU) design splits a one-tile grid (N = 16, K = 40) with a
+    // reduction of 3000 rows to approach its target workgroup count...
+    const split = await checkForm("dyTxSplit", 3000, 40, 16, "tiled64", true, 600);
+    assert(split.length === 2, `a one-tile grid is split: ${split.map((d) => d.label)}`);
+    // ...but not a reduction of 64 rows, shorter than two minimum slices.
+    const short = await checkForm("dyTxSplit", 64, 40, 16, "tiled64", false, 601);
+    assert(short.length === 1, `a short reduction is not split: ${short[0].label}`);
+    // The CPU designs never split unless asked (it measured no faster there).
+    const cpu = await checkForm("dyTxSplit", 3000, 40, 16, "fallback", false, 602);
+    assert(cpu.length === 1, `the CPU designs do not split by themselves: ${cpu[0].label}`);
+    const auto = await checkForm("dyTxSplit", 3000, 40, 16, "auto", false, 603);
+    const cpuAdapter = gpu.adapterSummary.isFallback;
+    assert(auto.length === (cpuAdapter ? 1 : 2), `auto on this adapter: ${auto[0].label}`);
+    // matmulDyTX never splits, even when asked.
+    const plain = await checkForm("dyTx", 3000, 40, 16, "tiled64", false, 604, { splitK: 4 });
+    assert(!plain[0].label.includes("split-K"), `matmulDyTX never splits: ${plain[0].label}`);
+  },
+});
+
+Deno.test({
+  name: "matmul dY^T X split-K: a bad slice count is a RangeError",
+  ...GPU_TEST,
+  fn: async () => {
+    const b = gpu.createBuffer(64 * 4);
+    try {
+      for (const splitK of [0, 1.5]) {
+        let threw = false;
+        try {
+          await matmulDyTXSplitK(gpu, {
+            dy: b,
+            x: b,
+            dw: b,
+            M: 4,
+            N: 4,
+            K: 4,
+            options: { splitK },
+          });
+        } catch (e) {
+          threw = e instanceof RangeError && /splitK/.test(e.message);
+        }
+        assert(threw, `splitK ${splitK} must be rejected`);
+      }
+    } finally {
+      b.destroy();
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul dY^T X split-K: the same inputs give bitwise the same outputs",
+  ...GPU_TEST,
+  fn: async () => {
+    const rng = new Rng(4);
+    const [M, K, N] = [1000, 36, 20];
+    const dy = gpu.createBuffer(randomF32(rng, M * N), "dy");
+    const x = gpu.createBuffer(randomF32(rng, M * K), "x");
+    const dw = gpu.createBuffer(N * K * 4, "dw");
+    const runs: Dispatch[][] = [];
+    try {
+      const read = async (ds: Dispatch[]) => {
+        await submitPassAndWait(gpu, ds);
+        return await gpu.readF32(dw);
+      };
+      for (const variant of SPLIT_VARIANTS) {
+        const args = { dy, x, dw, M, N, K, options: { variant, splitK: 5 } };
+        // The same dispatches twice, and a second, independently prepared set.
+        runs.push(await matmulDyTXSplitK(gpu, args), await matmulDyTXSplitK(gpu, args));
+        const [first, second] = runs.slice(-2);
+        assert(first.length === 2, `${variant}: split`);
+        const a = await read(first);
+        const b = await read(first);
+        const c = await read(second);
+        assert(a.every((v, i) => Object.is(v, b[i])), `${variant}: outputs differ between runs`);
+        assert(
+          a.every((v, i) => Object.is(v, c[i])),
+          `${variant}: outputs differ between preparations`,
+        );
+      }
+    } finally {
+      for (const ds of runs) for (const d of ds) for (const b of d.owned ?? []) b.destroy();
+      dy.destroy();
+      x.destroy();
+      dw.destroy();
     }
   },
 });
