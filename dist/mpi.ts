@@ -499,5 +499,5 @@ function libraryVersion(lib: MpiLib): string {
   const len = new Int32Array(1);
   if (lib.symbols.MPI_Get_library_version(buf, len) !== 0) return "unknown MPI";
   const text = new TextDecoder().decode(buf.subarray(0, Math.min(len[0], buf.length)));
-  return text.replace(/\0.*$/s, "").split("\n")[0].trim();
+  return text.replace(/\0.*$/s, "").split("\n")[0].replace(/\s+/g, " ").trim();
 }
