@@ -35,7 +35,7 @@
  * @module
  */
 import { UserError } from "../util/errors.ts";
-import { type EnvReader, Libmpi, type MpiAbi } from "./mpi.ts";
+import { type EnvReader, Libmpi, LIBMPI_ENV, type MpiAbi } from "./mpi.ts";
 
 export type { EnvReader } from "./mpi.ts";
 
@@ -66,6 +66,12 @@ export const LAUNCH_ENV_VARS: readonly string[] = [
   "SLURM_NTASKS",
   "SLURM_LOCALID",
 ];
+
+/**
+ * Every environment variable the distributed path reads: what a compiled
+ * binary's `--allow-env=...` must list besides its own.
+ */
+export const DIST_ENV_VARS: readonly string[] = [...LAUNCH_ENV_VARS, LIBMPI_ENV];
 
 /** Slurm's step ids for the batch script, the interactive step and the extern step (`slurm.h`). */
 const SLURM_SPECIAL_STEPS = new Set([0xfffffffb, 0xfffffffa, 0xfffffffc]);

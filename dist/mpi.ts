@@ -152,6 +152,7 @@ function openDl(os: typeof Deno.build.os): Dl {
 function ffiPermission(e: Error): UserError {
   return new UserError(
     `running under MPI needs FFI permission to load libmpi: run deno with --allow-ffi ` +
+      `(unscoped: Deno resolves a scoped name as a path, which defeats the library search) ` +
       `(${e.message})`,
   );
 }

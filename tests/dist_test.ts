@@ -13,12 +13,13 @@
 import {
   chunkBounds,
   detectLaunch,
+  DIST_ENV_VARS,
   LAUNCH_ENV_VARS,
   openCommunicator,
   singleProcess,
   sumInRankOrder,
 } from "../dist/comm.ts";
-import { libmpiCandidates } from "../dist/mpi.ts";
+import { Libmpi, libmpiCandidates } from "../dist/mpi.ts";
 import { UserError } from "../util/errors.ts";
 import { assert, assertEquals, assertNotEquals, assertThrows } from "./assert.ts";
 import { digest, LENGTHS, rankData } from "./dist_worker.ts";
@@ -176,12 +177,25 @@ Deno.test("openCommunicator: a plain launch or a launch of one loads no MPI", ()
   assertEquals(openCommunicator({ env: one }).size, 1);
 });
 
+Deno.test("Libmpi.load: a TRAINER_LIBMPI that does not load is a UserError naming it", () => {
+  const bad = env({ TRAINER_LIBMPI: "/nonexistent/libmpi.so" });
+  // Without --allow-ffi (as under `deno task test`) the error says to add it.
+  const ffi = Deno.permissions.querySync({ name: "ffi" }).state === "granted";
+  assertThrows(
+    () => Libmpi.load(bad),
+    UserError,
+    ffi ? "TRAINER_LIBMPI=/nonexistent" : "--allow-ffi",
+  );
+});
+
 // ---------------------------------------------------------------------------
 // Under mpirun.
 
 const DENO = Deno.execPath();
 const WORKER = new URL("./dist_worker.ts", import.meta.url).pathname;
 const MPIRUN = Deno.env.get("TRAINER_TEST_MPIRUN") ?? "mpirun";
+/** The worker runs with exactly the permissions the distributed path needs. */
+const WORKER_FLAGS = ["--allow-ffi", `--allow-env=${DIST_ENV_VARS.join(",")}`];
 
 function mpiAvailability(): { skip?: string; openmpi: boolean } {
   let version: string;
@@ -193,7 +207,7 @@ function mpiAvailability(): { skip?: string; openmpi: boolean } {
     return { skip: `${MPIRUN} is not runnable (${(e as Error).message})`, openmpi: false };
   }
   const probe = new Deno.Command(DENO, {
-    args: ["run", "--allow-ffi", "--allow-env", WORKER, "probe"],
+    args: ["run", ...WORKER_FLAGS, WORKER, "probe"],
     stdout: "piped",
     stderr: "piped",
   }).outputSync();
@@ -217,7 +231,7 @@ interface RunResult {
   seconds: number;
 }
 
-/** `mpirun -np <ranks> deno run --allow-ffi --allow-env tests/dist_worker.ts <args>`. */
+/** `mpirun -np <ranks> deno run <WORKER_FLAGS> tests/dist_worker.ts <args>`. */
 async function mpirun(ranks: number, ...args: string[]): Promise<RunResult> {
   // Open MPI refuses root without --allow-run-as-root (CI runs as root) and
   // more ranks than cores without --oversubscribe; Hydra needs neither.
@@ -324,7 +338,7 @@ Deno.test({
   fn: async () => {
     const flags = ["--allow-run-as-root", "--oversubscribe", "-np", "2"];
     const child = new Deno.Command(MPIRUN, {
-      args: [...flags, DENO, "run", "--allow-ffi", "--allow-env", WORKER, "stop"],
+      args: [...flags, DENO, "run", ...WORKER_FLAGS, WORKER, "stop"],
       stdout: "piped",
       stderr: "piped",
     }).spawn();
