@@ -251,6 +251,18 @@ export const DEFAULT_BUCKET_ELEMENTS = 8 * 1024 * 1024;
  * libmpi loaded, initialized, and checked to see the world the launcher
  * announced (an `srun` without an MPI plugin starts N unrelated singletons,
  * each of which would train alone and write the same checkpoint).
+ *
+ * @example Sum gradients, agree on stopping, finish
+ * ```ts
+ * import { openCommunicator } from "./comm.ts";
+ *
+ * const comm = openCommunicator(); // one process here: nothing is loaded
+ * const grads = new Float32Array([0.5, -1, 2]);
+ * await comm.allreduceSum(grads); // in place; with one rank, unchanged
+ * const stop = await comm.agree(false); // true on every rank if any rank passed true
+ * if (!stop && comm.rank === 0) console.log(`rank 0 of ${comm.size}`);
+ * await comm.finalize();
+ * ```
  */
 export function openCommunicator(options: CommunicatorOptions = {}): Communicator {
   const env = options.env ?? Deno.env;
