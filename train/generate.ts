@@ -113,13 +113,17 @@ const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
 };
 
 /** A loaded model and its tokenizer, ready to generate. */
-interface Loaded {
+export interface Loaded {
   ckpt: LoadedCheckpoint;
   tokenizer: TextTokenizer;
   dir: string;
 }
 
-async function loadModel(args: ParsedArgs): Promise<Loaded> {
+/**
+ * The model of `--model DIR` (default `out/sft`, with a hint how to make it
+ * when missing) and its tokenizer, checked against each other.
+ */
+export async function loadModel(args: ParsedArgs): Promise<Loaded> {
   const given = stringOption(args, "model");
   const dir = given ?? DEFAULT_MODEL_DIR;
   if (given === undefined) {
@@ -197,7 +201,7 @@ function maxNewTokensFrom(args: ParsedArgs, ckpt: LoadedCheckpoint): number {
 }
 
 /** Ids that end a reply: every eos of the generation config, and `<|im_end|>` in chat. */
-function stopIds(loaded: Loaded, chat: boolean): number[] {
+export function stopIds(loaded: Loaded, chat: boolean): number[] {
   const ids = new Set(loaded.ckpt.generation.eosIds ?? [loaded.ckpt.special.eos]);
   ids.add(loaded.tokenizer.eosId);
   if (chat) {
@@ -205,6 +209,16 @@ function stopIds(loaded: Loaded, chat: boolean): number[] {
     if (imEnd !== undefined) ids.add(imEnd);
   }
   return [...ids];
+}
+
+/** The prompt of a chat: the messages rendered with the chat template and the generation prompt. */
+export function chatPromptIds(tokenizer: TextTokenizer, messages: ChatMessage[]): number[] {
+  return tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }));
+}
+
+/** The prompt of a base-model continuation: bos, then the text's tokens. */
+export function textPromptIds(tokenizer: TextTokenizer, bos: number, text: string): number[] {
+  return [bos, ...tokenizer.encode(text)];
 }
 
 function speedLine(r: GenerateResult, gpu: Gpu): string {
@@ -259,12 +273,8 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
 
   // Base models continue bos + the text; chat models answer a user turn.
   const promptIds = chat
-    ? tokenizer.encode(
-      tokenizer.applyChatTemplate([{ role: "user", content: prompt }], {
-        addGenerationPrompt: true,
-      }),
-    )
-    : [ckpt.special.bos, ...tokenizer.encode(prompt)];
+    ? chatPromptIds(tokenizer, [{ role: "user", content: prompt }])
+    : textPromptIds(tokenizer, ckpt.special.bos, prompt);
   const maxPos = ckpt.config.max_position_embeddings;
   if (promptIds.length >= maxPos) {
     throw new UserError(
@@ -359,9 +369,7 @@ function fitConversation(
     if (system) messages.push({ role: "system", content: system });
     for (const turn of history.slice(history.length - keep)) messages.push(...turn);
     messages.push({ role: "user", content: message });
-    const ids = tokenizer.encode(
-      tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }),
-    );
+    const ids = chatPromptIds(tokenizer, messages);
     if (ids.length <= budget) return { ids, kept: keep };
   }
   return undefined;
