@@ -13,7 +13,12 @@ import {
   samplingFrom,
 } from "../train/generate.ts";
 import { ServeEngine } from "../serve/engine.ts";
-import { DEFAULT_MAX_QUEUE, serve } from "../serve/server.ts";
+import {
+  DEFAULT_MAX_QUEUE,
+  isLoopbackAddress,
+  type RunningServer,
+  serve,
+} from "../serve/server.ts";
 import { type CommandSpec, numberOption, type ParsedArgs, stringOption } from "../util/cli.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 
@@ -46,10 +51,6 @@ export function modelNameOf(dir: string, given?: string): string {
   }
   const parts = dir.replaceAll("\\", "/").split("/").filter((p) => p !== "" && p !== ".");
   return parts.length > 0 ? parts[parts.length - 1] : "model";
-}
-
-function isLoopback(host: string): boolean {
-  return host === "localhost" || host === "::1" || host === "[::1]" || /^127\./.test(host);
 }
 
 /** Runs `trainer serve` until `io.signal` aborts (or Ctrl-C); resolves to the exit status. */
@@ -110,7 +111,7 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
           listeners.push([s, f]);
         }
       }
-      let server: Deno.HttpServer<Deno.NetAddr>;
+      let server: RunningServer;
       try {
         server = serve({
           engine,
@@ -129,7 +130,7 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
             );
             log(`  chat page:  ${base}/`);
             log(`  OpenAI API: ${base}/v1  (model '${modelName}'${apiKey ? ", API key set" : ""})`);
-            if (!isLoopback(host)) {
+            if (!isLoopbackAddress(host)) {
               log(
                 `  listening on ${host}: anyone who can reach this machine can use the model${
                   apiKey ? " with the key" : "; consider --api-key"
@@ -151,6 +152,7 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
         }
         throw e;
       }
+      // Generations in progress end at the abort; the engine is destroyed after them.
       await server.finished;
       for (const [s, f] of listeners) Deno.removeSignalListener(s, f);
       return 0;

@@ -40,6 +40,7 @@ export class SlotQueue {
   readonly maxWaiting: number;
   #busy = false;
   #line: Waiter[] = [];
+  #onIdle: (() => void)[] = [];
 
   /** `maxWaiting` >= 0: with 0, a request arriving while the slot is busy is refused. */
   constructor(maxWaiting: number) {
@@ -57,6 +58,12 @@ export class SlotQueue {
   /** Requests waiting for the slot. */
   get waiting(): number {
     return this.#line.length;
+  }
+
+  /** Resolves once the slot is free and no one waits (at once when already so). */
+  idle(): Promise<void> {
+    if (!this.#busy) return Promise.resolve();
+    return new Promise((resolve) => this.#onIdle.push(resolve));
   }
 
   /**
@@ -94,8 +101,12 @@ export class SlotQueue {
       if (done) return;
       done = true;
       const next = this.#line.shift();
-      if (next) next.grant(this.#releaser());
-      else this.#busy = false;
+      if (next) {
+        next.grant(this.#releaser());
+        return;
+      }
+      this.#busy = false;
+      for (const resolve of this.#onIdle.splice(0)) resolve();
     };
   }
 }

@@ -47,6 +47,7 @@ import {
 import { ContextOverflowError, type Job, type RunResult, type ServeEngine } from "./engine.ts";
 import { type Release, SlotQueue } from "./queue.ts";
 import { CHAT_PAGE_HTML } from "./page.ts";
+import { UserError } from "../util/errors.ts";
 
 /** Default bound of the line of waiting requests (`--max-queue`). */
 export const DEFAULT_MAX_QUEUE = 16;
@@ -65,6 +66,15 @@ export interface ServerOptions {
   maxQueue?: number;
   /** One line per request (default: stderr); tests pass a no-op. */
   log?: (line: string) => void;
+  /**
+   * Answer only requests whose Host header names this machine (localhost,
+   * 127.x.x.x, [::1]): with the server on a loopback address, this stops a web
+   * page the user visits from reaching it through DNS rebinding. `serve` sets
+   * it when it binds a loopback address.
+   */
+  loopbackHostsOnly?: boolean;
+  /** Aborting it stops every generation in progress (shutdown). */
+  signal?: AbortSignal;
 }
 
 /** The handler and the state behind it. */
@@ -97,7 +107,32 @@ async function keyMatches(given: string, expected: Uint8Array): Promise<boolean>
   return diff === 0;
 }
 
+/** Whether an address or host name is this machine: localhost, 127.x.x.x, ::1. */
+export function isLoopbackAddress(name: string): boolean {
+  return name === "localhost" || name === "::1" || name === "[::1]" ||
+    /^127\.\d+\.\d+\.\d+$/.test(name);
+}
+
+/** Whether a Host header (a name and an optional port) names this machine. */
+export function isLoopbackHost(host: string): boolean {
+  return isLoopbackAddress(
+    host.startsWith("[") ? host.slice(0, host.indexOf("]") + 1) : host.split(":")[0],
+  );
+}
+
 async function readJsonBody(req: Request): Promise<unknown> {
+  // A JSON media type, as every OpenAI client sends: a cross-site form or
+  // text/plain post (which browsers send without asking) cannot start a generation.
+  const type = (req.headers.get("content-type") ?? "").split(";")[0].trim().toLowerCase();
+  if (type !== "application/json") {
+    throw new ApiError(
+      415,
+      `the request body must be JSON with 'Content-Type: application/json', got '${
+        type || "none"
+      }'`,
+      { code: "unsupported_media_type" },
+    );
+  }
   const tooLarge = () =>
     new ApiError(413, `the request body is larger than ${MAX_BODY_BYTES} bytes`, {
       code: "request_too_large",
@@ -180,7 +215,13 @@ export function createHandler(opts: ServerOptions): Handler {
           { code: "no_chat_template" },
         );
       }
-      prompt = engine.chatPrompt(r.messages);
+      try {
+        prompt = engine.chatPrompt(r.messages);
+      } catch (e) {
+        // The template's own refusal (`raise_exception`), e.g. roles out of order.
+        if (!(e instanceof UserError)) throw e;
+        throw new ApiError(400, e.message, { param: "messages", code: "invalid_value" });
+      }
     } else {
       prompt = engine.textPrompt(r.prompt);
     }
@@ -197,12 +238,20 @@ export function createHandler(opts: ServerOptions): Handler {
     }
   }
 
-  function describe(path: string, job: Job, r: RunResult | undefined, waitedMs: number): string {
+  /** The log line of a finished request: its tokens and speed, or how it ended early. */
+  function describe(
+    path: string,
+    job: Job,
+    r: RunResult | undefined,
+    failed: boolean,
+    waitedMs: number,
+  ): string {
+    const gone = opts.signal?.aborted ? "server shutting down" : "client gone";
     const what = r
       ? `${r.promptTokens} + ${r.completionTokens} tokens, ${
         r.tokensPerSecond.toFixed(1)
-      } tokens/s${r.cancelled ? ", client gone" : ""}`
-      : `${job.prompt.length} prompt tokens, client gone while waiting`;
+      } tokens/s${r.cancelled ? `, ${gone}` : ""}`
+      : `${job.prompt.length} prompt tokens, ${failed ? "failed" : `${gone} while waiting`}`;
     return `POST ${path}: ${what}, waited ${(waitedMs / 1000).toFixed(2)} s`;
   }
 
@@ -214,7 +263,9 @@ export function createHandler(opts: ServerOptions): Handler {
     const job = planJob(r);
     const abort = new AbortController();
     const onDisconnect = () => abort.abort(new DOMException("client disconnected", "AbortError"));
+    if (opts.signal?.aborted) throw new ApiError(503, "the server is shutting down");
     req.signal.addEventListener("abort", onDisconnect, { once: true });
+    opts.signal?.addEventListener("abort", onDisconnect, { once: true });
     const entry = queue.tryEnter(abort.signal);
     if (!entry) {
       req.signal.removeEventListener("abort", onDisconnect);
@@ -230,21 +281,27 @@ export function createHandler(opts: ServerOptions): Handler {
       model: modelName,
     };
     const queuedAt = performance.now();
-    const done = () => req.signal.removeEventListener("abort", onDisconnect);
+    const done = () => {
+      req.signal.removeEventListener("abort", onDisconnect);
+      opts.signal?.removeEventListener("abort", onDisconnect);
+    };
 
     if (!r.stream) {
       let release: Release | undefined;
       let result: RunResult | undefined;
+      let failed = false;
       try {
         release = await entry;
         result = await engine.run(job, { signal: abort.signal });
       } catch (e) {
+        // Nobody reads a reply to a client that left.
         if (abort.signal.aborted) return new Response(null, { status: 499 });
+        failed = true;
         throw e;
       } finally {
         release?.();
         done();
-        log(describe(path, job, result, performance.now() - queuedAt));
+        log(describe(path, job, result, failed, performance.now() - queuedAt));
       }
       const u = usage(result.promptTokens, result.completionTokens);
       return json(
@@ -268,6 +325,7 @@ export function createHandler(opts: ServerOptions): Handler {
         void (async () => {
           let release: Release | undefined;
           let result: RunResult | undefined;
+          let failed = false;
           try {
             release = await entry;
             if (r.kind === "chat") send(chatCompletionChunk(meta, { role: "assistant" }, null));
@@ -289,13 +347,14 @@ export function createHandler(opts: ServerOptions): Handler {
             send("[DONE]");
           } catch (e) {
             if (abort.signal.aborted) return;
+            failed = true;
             // The status line has gone out: report the failure in the stream, as OpenAI does.
             log(`POST ${path}: failed while streaming: ${(e as Error).stack ?? e}`);
             send(errorBody(new ApiError(500, `generation failed: ${(e as Error).message}`)));
           } finally {
             release?.();
             done();
-            log(describe(path, job, result, performance.now() - queuedAt));
+            log(describe(path, job, result, failed, performance.now() - queuedAt));
             if (!closed) {
               closed = true;
               controller.close();
@@ -319,6 +378,13 @@ export function createHandler(opts: ServerOptions): Handler {
 
   async function route(req: Request): Promise<Response> {
     const url = new URL(req.url);
+    if (opts.loopbackHostsOnly && !isLoopbackHost(req.headers.get("host") ?? "")) {
+      throw new ApiError(
+        403,
+        "this server answers only requests addressed to this machine (localhost, 127.0.0.1, [::1]); start it with --host to serve other names",
+        { type: "permission_error", code: "forbidden_host" },
+      );
+    }
     const path = url.pathname.replace(/\/+$/, "") || "/";
     const method = req.method;
     const allow = (methods: string) => {
@@ -381,16 +447,30 @@ export interface ListenOptions extends ServerOptions {
   hostname: string;
   /** Port; 0 picks a free one (see the returned server's `addr`). */
   port: number;
-  /** Aborting it shuts the server down. */
+  /** Aborting it shuts the server down, stopping generations in progress. */
   signal?: AbortSignal;
   /** Called once listening, with the address. */
   onListen?: (addr: Deno.NetAddr) => void;
 }
 
-/** Starts an HTTP server for `opts.engine`; `server.finished` resolves after shutdown. */
-export function serve(opts: ListenOptions): Deno.HttpServer<Deno.NetAddr> {
-  const handler = createHandler(opts);
-  return Deno.serve({
+/** A running server. */
+export interface RunningServer {
+  /** Where it listens (the port chosen when 0 was asked). */
+  readonly addr: Deno.NetAddr;
+  /**
+   * Resolves after a shutdown (`signal` aborted) once the HTTP server has
+   * closed and no generation is running, so the engine may be destroyed.
+   */
+  readonly finished: Promise<void>;
+}
+
+/** Starts an HTTP server for `opts.engine`. */
+export function serve(opts: ListenOptions): RunningServer {
+  const handler = createHandler({
+    loopbackHostsOnly: isLoopbackAddress(opts.hostname),
+    ...opts,
+  });
+  const server = Deno.serve({
     hostname: opts.hostname,
     port: opts.port,
     signal: opts.signal,
@@ -400,4 +480,5 @@ export function serve(opts: ListenOptions): Deno.HttpServer<Deno.NetAddr> {
       return errorResponse(new ApiError(500, "internal error"));
     },
   }, handler);
+  return { addr: server.addr, finished: server.finished.then(() => handler.queue.idle()) };
 }

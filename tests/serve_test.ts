@@ -77,12 +77,18 @@ Deno.test("serve: the slot goes to waiters in arrival order; a full line is refu
   assertEquals(reason, "client gone");
   assertEquals(q.waiting, 1);
   const d = q.tryEnter()!.then((r) => (order.push("d"), r));
+  let idle = false;
+  const idleAt = q.idle().then(() => (idle = true));
   first();
   first(); // a second release changes nothing
   (await b)();
-  (await d)();
+  const last = await d;
+  await Promise.resolve();
+  assert(!idle, "idle() resolved while a request still held the slot");
+  last();
   assertEquals(order, ["b", "d"]);
   assertEquals(q.busy, false);
+  await idleAt;
   // With no line at all, a request arriving while the slot is busy is refused.
   const none = new SlotQueue(0);
   const held = await none.tryEnter()!;
@@ -468,6 +474,7 @@ Deno.test({
       // The slot is busy and no one may wait: 503, OpenAI-style.
       const busy = await fetch(`${base2}/v1/chat/completions`, {
         method: "POST",
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({ model: "tiny-chat", messages: [{ role: "user", content: "hi" }] }),
       });
       assertEquals(busy.status, 503);
@@ -486,6 +493,7 @@ Deno.test({
       // The slot is free: the next request is served.
       const after = await fetch(`${base2}/v1/chat/completions`, {
         method: "POST",
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({
           model: "tiny-chat",
           messages: [{ role: "user", content: PROMPT }],
@@ -504,6 +512,7 @@ Deno.test({
       const pending = fetch(`${base2}/v1/completions`, {
         method: "POST",
         signal: impatient.signal,
+        headers: { "content-type": "application/json" },
         body: JSON.stringify({
           model: "tiny-chat",
           prompt: "Once upon a time",
@@ -533,9 +542,9 @@ Deno.test({
 /** A request to the main server and its JSON answer. */
 async function call(
   path: string,
-  init: { method?: string; body?: string; key?: string | null } = {},
+  init: { method?: string; body?: string; key?: string | null; type?: string } = {},
 ) {
-  const headers: Record<string, string> = { "content-type": "application/json" };
+  const headers: Record<string, string> = { "content-type": init.type ?? "application/json" };
   const key = init.key === undefined ? KEY : init.key;
   if (key !== null) headers.authorization = `Bearer ${key}`;
   const res = await fetch(`${base}${path}`, {
@@ -657,6 +666,20 @@ Deno.test({
     const get = await call(C, { method: "GET" });
     assertApiError(get, 405, { code: "method_not_allowed" });
     assertEquals(get.headers.get("allow"), "POST");
+    // 415: a body that is not declared JSON (as a cross-site form post would be).
+    assertApiError(await call(C, { body: chat({}), type: "text/plain" }), 415, {
+      code: "unsupported_media_type",
+    });
+    // 403: a Host that is not this machine (a DNS-rebinding page) on a loopback server.
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    await conn.write(
+      new TextEncoder().encode(
+        `GET /v1/models HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer ${KEY}\r\nConnection: close\r\n\r\n`,
+      ),
+    );
+    const rebound = await new Response(conn.readable).text();
+    assertStringIncludes(rebound.split("\r\n")[0], " 403 ");
+    assertStringIncludes(rebound, '"code":"forbidden_host"');
     // 413: a prompt that leaves no room in the context, a body over the size limit.
     assertApiError(
       await call(C, {
@@ -736,8 +759,29 @@ Deno.test({
     await until(() => port !== 0, 60_000, "the server to listen");
     const res = await fetch(`http://127.0.0.1:${port}/v1/models`);
     assertEquals((await res.json()).data[0].id, "tiny-chat");
+    // Shutting down ends a reply in progress (no [DONE]) instead of waiting for it.
+    const long = await fetch(`http://127.0.0.1:${port}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        model: "tiny-chat",
+        prompt: "Once upon a time",
+        temperature: 1,
+        seed: 3,
+        max_tokens: 100,
+        stream: true,
+      }),
+    });
+    const reader = long.body!.pipeThrough(new TextDecoderStream()).getReader();
+    let streamed = (await reader.read()).value ?? "";
     stop.abort();
     assertEquals(await running, 0);
+    // The body ends, or the connection closes under it (both are an end here).
+    try {
+      for (let r = await reader.read(); !r.done; r = await reader.read()) streamed += r.value;
+    } catch { /* connection closed by the shutdown */ }
+    assert(!streamed.includes("[DONE]"), "the reply ran to its end despite the shutdown");
+    assertStringIncludes(lines.join("\n"), "server shutting down");
     assertStringIncludes(lines.join("\n"), `http://127.0.0.1:${port}/v1`);
   },
 });
