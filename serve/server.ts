@@ -244,7 +244,8 @@ export function createHandler(opts: ServerOptions): Handler {
     job: Job,
     r: RunResult | undefined,
     failed: boolean,
-    waitedMs: number,
+    queuedAt: number,
+    startedAt: number,
   ): string {
     const gone = opts.signal?.aborted ? "server shutting down" : "client gone";
     const what = r
@@ -252,7 +253,10 @@ export function createHandler(opts: ServerOptions): Handler {
         r.tokensPerSecond.toFixed(1)
       } tokens/s${r.cancelled ? `, ${gone}` : ""}`
       : `${job.prompt.length} prompt tokens, ${failed ? "failed" : `${gone} while waiting`}`;
-    return `POST ${path}: ${what}, waited ${(waitedMs / 1000).toFixed(2)} s`;
+    const now = performance.now();
+    const waited = ((startedAt || now) - queuedAt) / 1000;
+    const took = startedAt ? `, generated in ${((now - startedAt) / 1000).toFixed(2)} s` : "";
+    return `POST ${path}: ${what}, waited ${waited.toFixed(2)} s${took}`;
   }
 
   async function complete(
@@ -290,8 +294,10 @@ export function createHandler(opts: ServerOptions): Handler {
       let release: Release | undefined;
       let result: RunResult | undefined;
       let failed = false;
+      let startedAt = 0;
       try {
         release = await entry;
+        startedAt = performance.now();
         result = await engine.run(job, { signal: abort.signal });
       } catch (e) {
         // Nobody reads a reply to a client that left.
@@ -301,7 +307,7 @@ export function createHandler(opts: ServerOptions): Handler {
       } finally {
         release?.();
         done();
-        log(describe(path, job, result, failed, performance.now() - queuedAt));
+        log(describe(path, job, result, failed, queuedAt, startedAt));
       }
       const u = usage(result.promptTokens, result.completionTokens);
       return json(
@@ -326,8 +332,10 @@ export function createHandler(opts: ServerOptions): Handler {
           let release: Release | undefined;
           let result: RunResult | undefined;
           let failed = false;
+          let startedAt = 0;
           try {
             release = await entry;
+            startedAt = performance.now();
             if (r.kind === "chat") send(chatCompletionChunk(meta, { role: "assistant" }, null));
             result = await engine.run(job, { signal: abort.signal, onText: (t) => send(piece(t)) });
             if (result.cancelled) return;
@@ -354,7 +362,7 @@ export function createHandler(opts: ServerOptions): Handler {
           } finally {
             release?.();
             done();
-            log(describe(path, job, result, failed, performance.now() - queuedAt));
+            log(describe(path, job, result, failed, queuedAt, startedAt));
             if (!closed) {
               closed = true;
               controller.close();
