@@ -9,6 +9,7 @@ import { pretrainCommand, sftCommand } from "./cli/train.ts";
 import { evalCommand } from "./cli/eval.ts";
 import { experimentCommand } from "./cli/experiment.ts";
 import { chatCommand, generateCommand } from "./cli/generate.ts";
+import { serveCommand } from "./cli/serve.ts";
 import { dataPrepareCommand, tokenizeCommand } from "./cli/data.ts";
 import { tokenizerTrainCommand } from "./cli/tokenizer.ts";
 
@@ -18,6 +19,7 @@ export const COMMANDS: CommandSpec[] = [
   sftCommand,
   generateCommand,
   chatCommand,
+  serveCommand,
   evalCommand,
   experimentCommand,
   tokenizeCommand,

@@ -28,6 +28,7 @@ import {
   resolveMaxNewTokens,
   resolveSampling,
   stopIds,
+  textPromptIds,
   TokenStreamer,
 } from "../infer/session.ts";
 import {
@@ -172,7 +173,7 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
   // Base models continue bos + the text; chat models answer a user turn.
   const promptIds = chat
     ? chatPromptIds(tokenizer, [{ role: "user", content: prompt }])
-    : [ckpt.special.bos, ...tokenizer.encode(prompt)];
+    : textPromptIds(tokenizer, ckpt.special.bos, prompt);
   const maxPos = ckpt.config.max_position_embeddings;
   if (promptIds.length >= maxPos) {
     throw new UserError(

@@ -105,6 +105,11 @@ export function chatPromptIds(tokenizer: TextTokenizer, messages: ChatMessage[])
   return tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }));
 }
 
+/** The prompt ids of a base-model continuation: bos, then the text's tokens. */
+export function textPromptIds(tokenizer: TextTokenizer, bos: number, text: string): number[] {
+  return [bos, ...tokenizer.encode(text)];
+}
+
 /**
  * The conversation's prompt ids with as many of the latest `history` turns as
  * fit `budget` tokens; older turns are dropped first. Undefined when not even
