@@ -63,10 +63,19 @@ export {
 export { modelForward, modelLossAndGrads } from "./model/reference.ts";
 /** The GPU model for training: forward, loss and backward of the whole network. */
 export {
-  type TrainableTensor,
+  type TrainableParameters,
   TrainingModel,
   type TrainingModelOptions,
 } from "./model/train_model.ts";
+/** The flat parameter layout (fused q|k|v and gate|up, decayed tensors first). */
+export {
+  type FloatRange,
+  type LayerSlots,
+  LAYOUT_ALIGN,
+  type ParamLayout,
+  paramLayout,
+  type TensorSlot,
+} from "./model/layout.ts";
 /** What a model and batch need of the device, checked before allocating. */
 export { checkDeviceLimits, LOGITS_CHUNK_BYTES, logitsChunkRows } from "./model/plan.ts";
 /** The GPU model for generation, with its KV cache, and the generation loop. */
@@ -79,7 +88,7 @@ export {
   AdamW,
   type AdamWHyperparameters,
   type AdamWState,
-  type OptimizedTensor,
+  type OptimizedParameters,
 } from "./optim/adamw.ts";
 /** Checkpoints that Hugging Face Transformers loads as they are. */
 export {

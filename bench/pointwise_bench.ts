@@ -126,24 +126,22 @@ export async function benchPointwise(gpu: Gpu, opts: { quick: boolean }): Promis
 
     // SwiGLU.
     const n = N * I;
-    const gate = buf(n, "gate");
-    const up = buf(n, "up");
+    const gateUp = buf(2 * n, "gate|up");
     const h = buf(n, "h");
-    const dgate = buf(n, "dgate");
-    const dup = buf(n, "dup");
+    const dGateUp = buf(2 * n, "d gate|up");
     await time(
       "swiglu forward",
       `n=${N}x${I}`,
       4 * 3 * n,
-      await swigluForward(gpu, { gate, up, h, n }),
+      await swigluForward(gpu, { gateUp, h, N, I }),
     );
     await time(
       "swiglu backward",
       `n=${N}x${I}`,
       4 * 5 * n,
-      await swigluBackward(gpu, { dh: h, gate, up, dgate, dup, n }),
+      await swigluBackward(gpu, { dh: h, gateUp, dGateUp, N, I }),
     );
-    for (const b of [gate, up, h, dgate, dup]) b.destroy();
+    for (const b of [gateUp, h, dGateUp]) b.destroy();
 
     // Cross-entropy, in place as the model runs it.
     const logits = buf(N * V, "logits", 3); // [N, V]

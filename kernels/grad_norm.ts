@@ -37,9 +37,11 @@ const FINAL_WG = 256;
  */
 export type GradNormTuning = "gpu" | "fallback";
 
-/** A gradient tensor: its buffer and entry count. */
+/** A gradient tensor: its buffer, first entry and entry count. */
 export interface GradTensor {
   buffer: GPUBuffer;
+  /** First float (default 0); times 4 must suit the device's storage offset alignment. */
+  offset?: number;
   n: number;
 }
 
@@ -136,14 +138,15 @@ export async function gradNormSquared(
   const dispatches: Dispatch[] = [];
   let offset = 0;
   for (const [k, t] of args.tensors.entries()) {
-    if (!Number.isInteger(t.n) || t.n < 0 || t.n * 4 > t.buffer.size) {
+    const first = t.offset ?? 0;
+    if (!Number.isInteger(t.n) || t.n < 0 || (first + t.n) * 4 > t.buffer.size) {
       throw new RangeError(`gradNormSquared: tensor ${k} has a bad size ${t.n}`);
     }
     if (t.n === 0) continue;
     const useVec4 = t.n % 4 === 0;
     const pipeline = useVec4 ? vec4 : scalar;
     const u = gpu.createUniform(new Uint32Array([t.n, offset]), "grad-norm params");
-    const g: Binding = { buffer: t.buffer, size: t.n * 4 };
+    const g: Binding = { buffer: t.buffer, offset: first * 4, size: t.n * 4 };
     const blocks = Math.ceil(t.n / BLOCK);
     dispatches.push({
       label: `grad-norm block sums tensor ${k} n=${t.n}`,

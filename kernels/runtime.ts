@@ -518,6 +518,58 @@ export function releaseDispatches(dispatches: Iterable<Dispatch>): void {
   }
 }
 
+/** The GPU time of one dispatch, from timestamp queries. */
+export interface DispatchTiming {
+  label: string;
+  /** Milliseconds between the start and end timestamps of its compute pass. */
+  ms: number;
+}
+
+/**
+ * Runs `dispatches` once, each in its own compute pass bracketed by GPU
+ * timestamps (the `timestamp-query` feature; undefined without it), and
+ * resolves to each one's GPU time. For profiling only: one pass per dispatch
+ * adds pass overhead that a training step, which records all of them into one
+ * pass, does not pay; host round trips are not in the figures.
+ */
+export async function profileDispatches(
+  gpu: Gpu,
+  dispatches: Dispatch[],
+): Promise<DispatchTiming[] | undefined> {
+  if (!gpu.features.timestampQuery || dispatches.length === 0) return undefined;
+  const count = dispatches.length * 2;
+  const querySet = gpu.device.createQuerySet({ type: "timestamp", count });
+  const resolve = gpu.device.createBuffer({
+    size: count * 8,
+    usage: 0x200 /* QUERY_RESOLVE */ | 0x04, /* COPY_SRC */
+  });
+  try {
+    gpu.submit((enc) => {
+      dispatches.forEach((d, i) => {
+        const pass = enc.beginComputePass({
+          timestampWrites: {
+            querySet,
+            beginningOfPassWriteIndex: 2 * i,
+            endOfPassWriteIndex: 2 * i + 1,
+          },
+        });
+        recordDispatches(gpu, pass, d);
+        pass.end();
+      });
+      enc.resolveQuerySet(querySet, 0, count, resolve, 0);
+    });
+    const ticks = new BigUint64Array(await gpu.read(resolve, 0, count * 8));
+    // Timestamps are in nanoseconds (WebGPU converts the device's ticks).
+    return dispatches.map((d, i) => ({
+      label: d.label,
+      ms: Number(ticks[2 * i + 1] - ticks[2 * i]) / 1e6,
+    }));
+  } finally {
+    querySet.destroy();
+    resolve.destroy();
+  }
+}
+
 /** Records `dispatches` in order into `pass`. */
 export function recordDispatches(
   gpu: Gpu,

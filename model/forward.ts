@@ -11,11 +11,12 @@
  * Per layer l (`x_l` is the residual stream entering it; `h1` its norm, made
  * by the previous layer's fused add + norm, or by the first norm for l = 0):
  *
- *   q, k, v = h1 Wq^T, h1 Wk^T, h1 Wv^T
+ *   qkv  = h1 [Wq; Wk; Wv]^T, split into q, k, v     (one matmul, model/layout.ts)
  *   q, k = rmsnorm_hd(q) * w_qn, rmsnorm_hd(k) * w_kn   (QK-norm only, per head over hd)
- *   a    = attention(rope(q), rope(k), v)            (the plugged-in step)
+ *   a    = attention(rope(q), rope(k), v)            (the plugged-in step; without
+ *                                                     QK-norm the split may rotate)
  *   m_l  = a Wo^T + x_l;  h2 = rmsnorm(m_l) * w_post  (one fused add + norm)
- *   act  = silu(h2 Wg^T) * (h2 Wu^T)
+ *   gu   = h2 [Wg; Wu]^T;  act = silu(gate) * up     (one matmul, then SwiGLU)
  *   x_l+1 = act Wd^T + m_l;  h1' = rmsnorm(x_l+1) * w_in'   (or the final norm)
  *
  * The projection that closes each residual branch writes into the buffer
@@ -31,8 +32,53 @@ import type { Binding, Dispatch, Gpu } from "../kernels/runtime.ts";
 import { embeddingForward } from "../kernels/embedding.ts";
 import { addRmsnormForward, rmsnormForward } from "../kernels/rmsnorm.ts";
 import { swigluForward } from "../kernels/swiglu.ts";
+import { splitQkv } from "../kernels/qkv.ts";
 import { headDim, type ModelConfig } from "./config.ts";
-import type { LayerTensors, ModelTensors } from "./params.ts";
+import type { FloatRange, ParamLayout } from "./layout.ts";
+
+/** One layer's weights as the forward binds them (the projections fused). */
+export interface DecoderLayerWeights {
+  inputNorm: Binding;
+  /** `[Wq; Wk; Wv]` `[nH*hd + 2 nKV*hd, H]`. */
+  qkv: Binding;
+  o: Binding;
+  qNorm?: Binding;
+  kNorm?: Binding;
+  postNorm: Binding;
+  /** `[Wgate; Wup]` `[2 I, H]`. */
+  gateUp: Binding;
+  down: Binding;
+}
+
+/** Every weight of the model as the forward binds them. */
+export interface DecoderWeights {
+  embed: Binding;
+  layers: DecoderLayerWeights[];
+  norm: Binding;
+  /** The output head (the embedding when tied). */
+  head: Binding;
+}
+
+/** Bindings of `layout`'s roles in `buffer` (a flat parameter or gradient buffer). */
+export function bindLayout(layout: ParamLayout, buffer: GPUBuffer): DecoderWeights {
+  const bind = (r: FloatRange): Binding => ({ buffer, offset: r.offset * 4, size: r.size * 4 });
+  const opt = (r: FloatRange | undefined) => (r ? bind(r) : undefined);
+  return {
+    embed: bind(layout.embed),
+    layers: layout.layers.map((l) => ({
+      inputNorm: bind(l.inputNorm),
+      qkv: bind(l.qkv),
+      o: bind(l.o),
+      qNorm: opt(l.qNorm),
+      kNorm: opt(l.kNorm),
+      postNorm: bind(l.postNorm),
+      gateUp: bind(l.gateUp),
+      down: bind(l.down),
+    })),
+    norm: bind(layout.norm),
+    head: bind(layout.head),
+  };
+}
 
 /** The buffers one layer's forward reads and writes (bindings of N rows). */
 export interface LayerBuffers {
@@ -41,6 +87,8 @@ export interface LayerBuffers {
   /** Its norm `[N, H]` and rstd `[N]` (written by the previous layer, or the first norm). */
   h1: Binding;
   rstd1: Binding;
+  /** The fused projection `[N, nH*hd + 2 nKV*hd]` (scratch: split at once). */
+  qkv: Binding;
   /** q and k projections before QK-norm `[N, nH*hd]`, `[N, nKV*hd]`, and the per-head rstd. */
   qProj?: Binding;
   kProj?: Binding;
@@ -56,9 +104,8 @@ export interface LayerBuffers {
   xMid: Binding;
   h2: Binding;
   rstd2: Binding;
-  /** MLP projections and `silu(gate) * up`, each `[N, I]`. */
-  gate: Binding;
-  up: Binding;
+  /** MLP projections `[N, 2I]` (row: gate then up) and `silu(gate) * up` `[N, I]`. */
+  gateUp: Binding;
   act: Binding;
   /** Where `act Wd^T + xMid` goes: the next layer's `x` (or the last stream). */
   next: Binding;
@@ -73,14 +120,19 @@ export interface DecoderForwardSpec {
   /** Rows of this forward (B*T for training, a prefill bucket, or 1). */
   N: number;
   /** Every weight, by role. */
-  weights: ModelTensors<Binding>;
+  weights: DecoderWeights;
   /** Token ids `[N]`. */
   ids: Binding;
   /** Layer l's buffers. */
   layer(l: number): LayerBuffers;
   /** `y = x W^T` over the N rows (K inputs, `out` outputs). */
   linear(x: Binding, w: Binding, y: Binding, K: number, out: number): Promise<Dispatch>;
-  /** RoPE and attention of layer l: from q, k, v (after QK-norm) to `attn`. */
+  /**
+   * RoPE the split applies to q and k when the model has no QK-norm (rows
+   * are whole `[B, T]` sequences), or none (then `attention` rotates).
+   */
+  ropeInSplit?: { T: number; theta: number };
+  /** Attention of layer l: from q, k, v (after QK-norm, and RoPE if split applied it) to `attn`. */
   attention(l: number, buffers: LayerBuffers): Promise<Dispatch[]>;
 }
 
@@ -115,11 +167,20 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
   ];
   for (let l = 0; l < L; l++) {
     const a = spec.layer(l);
-    const W: LayerTensors<Binding> = w.layers[l];
+    const W = w.layers[l];
+    const heads = { N, nH, nKV, hd };
     out.push(
-      await spec.linear(a.h1, W.q, a.qProj ?? a.q, H, qDim),
-      await spec.linear(a.h1, W.k, a.kProj ?? a.k, H, kvDim),
-      await spec.linear(a.h1, W.v, a.v, H, kvDim),
+      await spec.linear(a.h1, W.qkv, a.qkv, H, qDim + 2 * kvDim),
+      c.qk_norm
+        ? await splitQkv(gpu, { ...heads, qkv: a.qkv, q: a.qProj!, k: a.kProj!, v: a.v })
+        : await splitQkv(gpu, {
+          ...heads,
+          qkv: a.qkv,
+          q: a.q,
+          k: a.k,
+          v: a.v,
+          rope: spec.ropeInSplit,
+        }),
     );
     if (c.qk_norm) {
       // Per-head RMSNorm: each (row, head) vector of hd values is one norm row.
@@ -159,9 +220,8 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
         H,
         eps,
       }),
-      await spec.linear(a.h2, W.gate, a.gate, H, I),
-      await spec.linear(a.h2, W.up, a.up, H, I),
-      await swigluForward(gpu, { gate: a.gate, up: a.up, h: a.act, n: N * I }),
+      await spec.linear(a.h2, W.gateUp, a.gateUp, H, 2 * I),
+      await swigluForward(gpu, { gateUp: a.gateUp, h: a.act, N, I }),
       // next = act Wd^T, then += xMid with the next norm (or the final norm) fused.
       await spec.linear(a.act, W.down, a.next, I, H),
       await addRmsnormForward(gpu, {

@@ -42,14 +42,9 @@ import { attentionForward } from "../kernels/attention/mod.ts";
 import { attentionDecode, kvCacheAppend } from "../kernels/attention/decode.ts";
 import { greedyAdvance } from "../kernels/greedy.ts";
 import { headDim, type ModelConfig } from "./config.ts";
-import {
-  checkTensorSizes,
-  mapTensors,
-  type ModelTensors,
-  parameterSpecs,
-  tensorNames,
-} from "./params.ts";
-import { decoderForward, type LayerBuffers } from "./forward.ts";
+import { checkTensorSizes, parameterSpecs } from "./params.ts";
+import { flattenTensors, paramLayout } from "./layout.ts";
+import { bindLayout, decoderForward, type DecoderWeights, type LayerBuffers } from "./forward.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Options of `InferenceModel.create`. */
@@ -89,8 +84,8 @@ interface Scratch {
   v: GPUBuffer; // [Tmax, nKV, hd]
   attn: GPUBuffer; // [Tmax, nH, hd]
   lse: GPUBuffer; // [nH, Tmax]
-  gate: GPUBuffer; // [Tmax, I]
-  up: GPUBuffer; // [Tmax, I]
+  qkv: GPUBuffer; // [Tmax, (nH + 2 nKV) hd] fused projection
+  gateUp: GPUBuffer; // [Tmax, 2I]
   act: GPUBuffer; // [Tmax, I]
   xFinal: GPUBuffer; // [Tmax, H] final norm output (prefill)
   xLast: GPUBuffer; // [1, H] final norm output of the position the head reads
@@ -118,7 +113,7 @@ export class InferenceModel {
   readonly #buckets: number[];
   #gpu: Gpu;
   #owned: GPUBuffer[] = [];
-  #weights!: ModelTensors<GPUBuffer>;
+  #weights!: DecoderWeights;
   #cacheK: GPUBuffer[] = [];
   #cacheV: GPUBuffer[] = [];
   #s!: Scratch;
@@ -181,7 +176,12 @@ export class InferenceModel {
   #allocate(params: Map<string, Float32Array>): void {
     const c = this.config;
     checkTensorSizes(parameterSpecs(c), params, "parameters");
-    this.#weights = mapTensors(tensorNames(c), (name) => this.#buffer(params.get(name)!, name));
+    // The training model's flat layout: q|k|v and gate|up are one matrix each.
+    const layout = paramLayout(c);
+    this.#weights = bindLayout(
+      layout,
+      this.#buffer(flattenTensors(layout, params), `parameters [${layout.floats}]`),
+    );
     const H = c.hidden_size;
     const hd = headDim(c);
     const nH = c.num_attention_heads;
@@ -208,8 +208,8 @@ export class InferenceModel {
       v: a(T * nKV * hd, "v new [T, nKV, hd]"),
       attn: a(T * nH * hd, "attention out [T, nH, hd]"),
       lse: a(nH * T, "attention lse [nH, T]"),
-      gate: a(T * I, "gate [T, I]"),
-      up: a(T * I, "up [T, I]"),
+      qkv: a(T * (nH + 2 * nKV) * hd, "q|k|v [T, qkv]"),
+      gateUp: a(T * 2 * I, "gate|up [T, 2I]"),
       act: a(T * I, "act [T, I]"),
       xFinal: a(T * H, "final norm out [T, H]"),
       xLast: a(H, "last row final norm out [H]"),
@@ -256,8 +256,8 @@ export class InferenceModel {
       xMid: rows(s.xMid, H),
       h2: rows(s.h, H),
       rstd2: rows(s.rstd, 1),
-      gate: rows(s.gate, I),
-      up: rows(s.up, I),
+      qkv: rows(s.qkv, qDim + 2 * kvDim),
+      gateUp: rows(s.gateUp, 2 * I),
       act: rows(s.act, I),
       next: rows(s.x, H),
       nextNorm: l < L - 1 ? rows(s.h, H) : prefill ? rows(s.xFinal, H) : s.xLast,

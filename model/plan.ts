@@ -10,6 +10,7 @@
 import { formatBytes } from "../kernels/runtime.ts";
 import { headDim, type ModelConfig } from "./config.ts";
 import { parameterSpecs } from "./params.ts";
+import { paramLayout } from "./layout.ts";
 import { UserError } from "../util/errors.ts";
 
 /**
@@ -78,6 +79,20 @@ function planTensors(config: ModelConfig, B: number, T: number): TensorPlan[] {
       lower: LOWER_MODEL,
     });
   }
+  // The fused projections are bound as one matrix each (model/layout.ts).
+  const qkv = (nH + 2 * nKV) * hd;
+  plans.push({
+    name: "parameter q|k|v (one layer's fused projection)",
+    shape: `[heads*head_dim + 2*kv_heads*head_dim=${qkv}, hidden_size=${H}]`,
+    bytes: qkv * H * 4,
+    lower: LOWER_MODEL,
+  });
+  plans.push({
+    name: "parameter gate|up (one layer's fused projection)",
+    shape: `[2*intermediate_size=${2 * I}, hidden_size=${H}]`,
+    bytes: 2 * I * H * 4,
+    lower: LOWER_MODEL,
+  });
   const act = (name: string, dims: [string, number][]) =>
     plans.push({
       name,
@@ -88,7 +103,8 @@ function planTensors(config: ModelConfig, B: number, T: number): TensorPlan[] {
   act("residual stream / hidden activations", [["B*T", N], ["hidden_size", H]]);
   act("query activations", [["B*T", N], ["heads*head_dim", nH * hd]]);
   act("key/value activations", [["B*T", N], ["kv_heads*head_dim", nKV * hd]]);
-  act("MLP activations (gate, up)", [["B*T", N], ["intermediate_size", I]]);
+  act("fused q|k|v activations", [["B*T", N], ["(heads+2*kv_heads)*head_dim", qkv]]);
+  act("MLP activations (gate|up)", [["B*T", N], ["2*intermediate_size", 2 * I]]);
   act("attention log-sum-exp", [["B", B], ["heads", nH], ["T", T]]);
   return plans;
 }
@@ -126,6 +142,16 @@ export function checkDeviceLimits(
       `this GPU cannot hold the model: one chunk of logits [${align} rows, vocab_size=${V}] ` +
         `needs ${formatBytes(align * V * 4)}, over the device's ${limitName} of ` +
         `${formatBytes(limit)}; use a smaller vocab_size.`,
+    );
+  }
+  // Parameters, gradients and AdamW moments are flat buffers of every
+  // parameter (bound in ranges, so only maxBufferSize applies to them).
+  const flatBytes = paramLayout(config).floats * 4;
+  if (flatBytes > limits.maxBufferSize) {
+    throw new UserError(
+      `this GPU cannot hold the model: its parameters need one buffer of ${
+        formatBytes(flatBytes)
+      }, over the device's maxBufferSize of ${formatBytes(limits.maxBufferSize)}; ${LOWER_MODEL}.`,
     );
   }
 }

@@ -6,9 +6,11 @@
  * the AdamW moments, the global norm and the clip, and updates the parameters
  * through `trainable()`.
  *
- * Everything lives in GPU buffers for the whole run: one buffer per parameter
- * tensor and one per gradient (names, shapes and order from `parameterSpecs`),
- * and the activations of one micro-batch, allocated once. Every pipeline, bind
+ * Everything lives in GPU buffers for the whole run: the parameters in one
+ * flat buffer and the gradients in another at the same offsets
+ * (`model/layout.ts`: q/k/v and gate/up adjacent, so each sibling group is one
+ * matrix and one matmul), and the activations of one micro-batch, allocated
+ * once. Every pipeline, bind
  * group and dispatch is created in `create`; `forwardBackward` only writes the
  * batch (ids, targets, mask, the embedding backward's token groups) and the
  * cross-entropy scale, then records the prepared dispatches into one command
@@ -19,7 +21,9 @@
  * What is stored for the backward and what is recomputed: per layer we keep
  * `x_l`, `h1`, `rstd1`, q and k after RoPE (and before QK-norm their raw
  * projections and the per-head rstd, which the norm's backward needs), v, the
- * attention output and its lse, `m_l`, `h2`, `rstd2`, gate and up. `x_l` and
+ * attention output and its lse, `m_l`, `h2`, `rstd2`, and gate|up (one
+ * `[N, 2I]` buffer). The fused q|k|v projection output is split at once, so
+ * one scratch serves every layer (and, in the backward, holds d q|k|v). `x_l` and
  * `m_l` cannot be recovered from the normed outputs (that would divide by the
  * norm weight, which may be 0). `act = silu(gate) * up` is the one tensor we
  * recompute: it is the largest activation ([N, I], I ~ 2.75 H) and costs one
@@ -38,7 +42,8 @@
  * only one chunk of logits ever exists. With a tied head `dWhead` is the
  * embedding's gradient, which the embedding backward later adds its scatter to.
  *
- * The gradients are cleared at the start of a step and every gradient kernel
+ * The gradients are cleared at the start of a step (one clear of the flat
+ * buffer) and every gradient kernel
  * adds into them (`accumulate: true` for the dW matmuls; rmsnorm dw and the
  * embedding backward always add), so micro-batches of one step simply sum,
  * with the cross-entropy scale 1 / (mask sum over the whole step) making the
@@ -60,18 +65,20 @@ import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import { embeddingBackward, type EmbeddingGroups, groupByToken } from "../kernels/embedding.ts";
 import { rmsnormBackward } from "../kernels/rmsnorm.ts";
 import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
+import { mergeQkv } from "../kernels/qkv.ts";
 import { crossEntropy } from "../kernels/cross_entropy.ts";
 import type { Batch } from "../data/batch.ts";
 import { headDim, type ModelConfig } from "./config.ts";
+import { checkTensorSizes, initParameters, parameterSpecs, type ParamSpec } from "./params.ts";
 import {
-  checkTensorSizes,
-  initParameters,
-  mapTensors,
-  parameterSpecs,
-  type ParamSpec,
-  tensorNames,
-} from "./params.ts";
-import { decoderForward, type LayerBuffers } from "./forward.ts";
+  flattenTensors,
+  type FloatRange,
+  type ParamLayout,
+  paramLayout,
+  type TensorSlot,
+  unflattenTensors,
+} from "./layout.ts";
+import { bindLayout, decoderForward, type LayerBuffers } from "./forward.ts";
 import { checkDeviceLimits, logitsChunkRows } from "./plan.ts";
 import { UserError } from "../util/errors.ts";
 
@@ -93,18 +100,18 @@ export interface TrainingModelOptions {
   logitsChunkRows?: number;
 }
 
-/** A parameter tensor with its gradient, as the optimizer sees it. */
-export interface TrainableTensor {
-  /** Hugging Face name. */
-  name: string;
-  /** The parameter `[size]` the optimizer updates in place. */
-  param: GPUBuffer;
-  /** Its gradient, filled by `forwardBackward`. */
-  grad: GPUBuffer;
-  /** Number of elements. */
-  size: number;
-  /** Whether weight decay applies (matrices yes, norm weights no). */
-  decay: boolean;
+/** The parameters and gradients as the optimizer sees them: two flat buffers and their layout. */
+export interface TrainableParameters {
+  /** Every parameter, at the layout's offsets; the optimizer updates it in place. */
+  params: GPUBuffer;
+  /** The gradients at the same offsets, filled by `forwardBackward`. */
+  grads: GPUBuffer;
+  /** Floats in each buffer. */
+  floats: number;
+  /** Each tensor's name and range (the optimizer saves its moments by name). */
+  tensors: readonly TensorSlot[];
+  /** The ranges to update, with or without weight decay. */
+  runs: readonly (FloatRange & { decay: boolean })[];
 }
 
 /** Activations of one layer kept for the backward (the forward's buffers plus the lse). */
@@ -125,8 +132,7 @@ interface LayerActivations extends LayerBuffers {
   xMid: GPUBuffer;
   h2: GPUBuffer;
   rstd2: GPUBuffer;
-  gate: GPUBuffer;
-  up: GPUBuffer;
+  gateUp: GPUBuffer;
 }
 
 /** Dispatches of one head chunk. */
@@ -169,8 +175,9 @@ export class TrainingModel {
 
   #gpu: Gpu;
   #specs: ParamSpec[];
-  #params = new Map<string, GPUBuffer>();
-  #grads = new Map<string, GPUBuffer>();
+  #layout: ParamLayout;
+  #params!: GPUBuffer; // every parameter, flat (#layout)
+  #grads!: GPUBuffer; // every gradient, at the same offsets
   #owned: GPUBuffer[] = [];
 
   // Batch inputs [N].
@@ -195,6 +202,7 @@ export class TrainingModel {
     this.batchSize = batchSize;
     this.seqLen = seqLen;
     this.#specs = parameterSpecs(config);
+    this.#layout = paramLayout(config);
   }
 
   /**
@@ -239,21 +247,20 @@ export class TrainingModel {
 
   #allocateParameters(params: Map<string, Float32Array>): void {
     checkTensorSizes(this.#specs, params, "parameters");
-    for (const s of this.#specs) {
-      this.#params.set(s.name, this.#buffer(params.get(s.name)!, s.name));
-      this.#grads.set(s.name, this.#buffer(s.size * 4, `grad ${s.name}`));
-    }
+    const floats = this.#layout.floats;
+    this.#params = this.#buffer(flattenTensors(this.#layout, params), `parameters [${floats}]`);
+    this.#grads = this.#buffer(floats * 4, `gradients [${floats}]`);
   }
 
-  /** Every parameter with its gradient, in `parameterSpecs` order: what the optimizer updates. */
-  trainable(): TrainableTensor[] {
-    return this.#specs.map((s) => ({
-      name: s.name,
-      param: this.#params.get(s.name)!,
-      grad: this.#grads.get(s.name)!,
-      size: s.size,
-      decay: s.decay,
-    }));
+  /** The flat parameters and gradients with their layout: what the optimizer updates. */
+  trainable(): TrainableParameters {
+    return {
+      params: this.#params,
+      grads: this.#grads,
+      floats: this.#layout.floats,
+      tensors: this.#layout.tensors,
+      runs: this.#layout.runs,
+    };
   }
 
   async #build(requestedChunkRows?: number): Promise<void> {
@@ -274,9 +281,9 @@ export class TrainingModel {
     const theta = c.rope_theta;
     const qk = c.qk_norm;
     const f32 = (n: number) => n * 4;
-    const names = tensorNames(c);
-    const P = mapTensors(names, (name) => this.#params.get(name)!);
-    const G = mapTensors(names, (name) => this.#grads.get(name)!);
+    const P = bindLayout(this.#layout, this.#params);
+    const G = bindLayout(this.#layout, this.#grads);
+    const qkvDim = qDim + 2 * kvDim;
 
     this.#ids = this.#buffer(f32(N), "ids [B, T]");
     this.#targets = this.#buffer(f32(N), "targets [B, T]");
@@ -291,6 +298,8 @@ export class TrainingModel {
     const rstdFinal = this.#buffer(f32(N), "final rstd [N]");
     // act = silu(gate) * up for the layer at hand, rebuilt in the backward; then d act.
     const mlpScratch = this.#buffer(f32(N * I), "act / d act [N, I]");
+    // The fused q|k|v projection, split at once; in the backward, d q|k|v.
+    const qkvScratch = this.#buffer(f32(N * qkvDim), "q|k|v projection / its gradient [N, qkv]");
     // Activations kept for the backward, one set per layer; layer l's `next`
     // is layer l+1's x (the last layer's is xLast).
     const layers: LayerActivations[] = [];
@@ -312,8 +321,8 @@ export class TrainingModel {
         xMid: a(N * H, "x mid [N, H]"),
         h2: a(N * H, "h2 [N, H]"),
         rstd2: a(N, "rstd2 [N]"),
-        gate: a(N * I, "gate [N, I]"),
-        up: a(N * I, "up [N, I]"),
+        gateUp: a(N * 2 * I, "gate|up [N, 2I]"),
+        qkv: qkvScratch,
         act: mlpScratch,
         next: xLast,
         nextNorm: xFinal,
@@ -328,8 +337,7 @@ export class TrainingModel {
     // Backward scratch shared by all layers.
     const dResid = this.#buffer(f32(N * H), "d residual [N, H]");
     const dH = this.#buffer(f32(N * H), "d normed input [N, H]"); // also d xf for the head
-    const dGate = this.#buffer(f32(N * I), "d gate [N, I]");
-    const dUp = this.#buffer(f32(N * I), "d up [N, I]");
+    const dGateUp = this.#buffer(f32(N * 2 * I), "d gate|up [N, 2I]");
     const dAttn = this.#buffer(f32(N * qDim), "d attention out [B, T, nH, hd]");
     const dq = this.#buffer(f32(N * qDim), "d q [B, T, nH, hd]");
     const dk = this.#buffer(f32(N * kvDim), "d k [B, T, nKV, hd]");
@@ -341,10 +349,9 @@ export class TrainingModel {
     // for the whole backward, whose dispatches run one after another.
     const chunkRows = logitsChunkRows(gpu.limits, V, N, requestedChunkRows);
     const dwShapes: [number, number, number][] = [
-      [N, qDim, H],
-      [N, kvDim, H],
+      [N, qkvDim, H],
       [N, H, qDim],
-      [N, I, H],
+      [N, 2 * I, H],
       [N, H, I],
       [chunkRows, V, H],
     ];
@@ -369,11 +376,11 @@ export class TrainingModel {
     // (dW += dy^T x, accumulated across micro-batches; dx (+)= dy W).
     const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
       matmulXWt(gpu, { x, w, y, M: N, K, N: out });
-    const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: GPUBuffer, out: number, K: number) =>
+    const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: Binding, out: number, K: number) =>
       matmulDyTXSplitK(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true, partials });
     const linearDx = (
       dy: GPUBuffer,
-      w: GPUBuffer,
+      w: Binding,
       dx: GPUBuffer,
       out: number,
       K: number,
@@ -384,7 +391,8 @@ export class TrainingModel {
     const ropeBack = (dx: GPUBuffer, nHeads: number) =>
       ropeBackward(gpu, { dx, B, T, nHeads, hd, theta });
 
-    // ---- Forward: RoPE in place, then flash attention over the batch.
+    // ---- Forward: RoPE in the q|k|v split (or, with QK-norm, in place after
+    // the norms), then flash attention over the batch.
     this.#forward = await decoderForward(gpu, {
       config: c,
       N,
@@ -392,11 +400,11 @@ export class TrainingModel {
       ids: this.#ids,
       layer: (l) => layers[l],
       linear,
+      ropeInSplit: qk ? undefined : { T, theta },
       attention: async (l) => {
         const a = layers[l];
         return [
-          await rope(a.q, nH),
-          await rope(a.k, nKV),
+          ...(qk ? [await rope(a.q, nH), await rope(a.k, nKV)] : []),
           await attentionForward(gpu, {
             q: a.q,
             k: a.k,
@@ -482,22 +490,13 @@ export class TrainingModel {
       bwd.push(
         // MLP, y = act Wd^T: act is rebuilt, consumed by dWd, and its buffer
         // then takes d act = dy Wd.
-        await swigluForward(gpu, { gate: a.gate, up: a.up, h: mlpScratch, n: N * I }),
+        await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I }),
         ...await linearDw(dResid, mlpScratch, dW.down, H, I),
         await linearDx(dResid, W.down, mlpScratch, H, I),
-        await swigluBackward(gpu, {
-          dh: mlpScratch,
-          gate: a.gate,
-          up: a.up,
-          dgate: dGate,
-          dup: dUp,
-          n: N * I,
-        }),
-        ...await linearDw(dGate, a.h2, dW.gate, I, H),
-        ...await linearDw(dUp, a.h2, dW.up, I, H),
-        // h2 feeds both gate and up: d h2 = dgate Wg + dup Wu.
-        await linearDx(dGate, W.gate, dH, I, H),
-        await linearDx(dUp, W.up, dH, I, H, true),
+        await swigluBackward(gpu, { dh: mlpScratch, gateUp: a.gateUp, dGateUp, N, I }),
+        // gate|up = h2 [Wg; Wu]^T: one weight gradient, and d h2 = d(gate|up) [Wg; Wu].
+        ...await linearDw(dGateUp, a.h2, dW.gateUp, 2 * I, H),
+        await linearDx(dGateUp, W.gateUp, dH, 2 * I, H),
         ...await rmsnormBackward(gpu, {
           dy: dH,
           x: a.xMid,
@@ -528,11 +527,11 @@ export class TrainingModel {
           nKV,
           hd,
         }),
-        await ropeBack(dq, nH),
-        await ropeBack(dk, nKV),
       );
       if (qk) {
         bwd.push(
+          await ropeBack(dq, nH),
+          await ropeBack(dk, nKV),
           ...await rmsnormBackward(gpu, {
             dy: dq,
             x: a.qProj!,
@@ -558,13 +557,21 @@ export class TrainingModel {
         );
       }
       bwd.push(
-        ...await linearDw(dqProj, a.h1, dW.q, qDim, H),
-        ...await linearDw(dkProj, a.h1, dW.k, kvDim, H),
-        ...await linearDw(dv, a.h1, dW.v, kvDim, H),
-        // h1 feeds q, k and v: d h1 = dq Wq + dk Wk + dv Wv.
-        await linearDx(dqProj, W.q, dH, qDim, H),
-        await linearDx(dkProj, W.k, dH, kvDim, H, true),
-        await linearDx(dv, W.v, dH, kvDim, H, true),
+        // d q|k|v in the fused layout (through RoPE's backward unless QK-norm did it).
+        await mergeQkv(gpu, {
+          N,
+          nH,
+          nKV,
+          hd,
+          dqkv: qkvScratch,
+          dq: dqProj,
+          dk: dkProj,
+          dv,
+          rope: qk ? undefined : { T, theta },
+        }),
+        // q|k|v = h1 [Wq; Wk; Wv]^T: one weight gradient, and d h1 = d(q|k|v) [Wq; Wk; Wv].
+        ...await linearDw(qkvScratch, a.h1, dW.qkv, qkvDim, H),
+        await linearDx(qkvScratch, W.qkv, dH, qkvDim, H),
         ...await rmsnormBackward(gpu, {
           dy: dH,
           x: a.x,
@@ -623,7 +630,7 @@ export class TrainingModel {
   }
 
   #clearGradients(enc: GPUCommandEncoder): void {
-    for (const g of this.#grads.values()) enc.clearBuffer(g);
+    enc.clearBuffer(this.#grads);
     enc.clearBuffer(this.#loss);
   }
 
@@ -674,6 +681,20 @@ export class TrainingModel {
   }
 
   /**
+   * Every dispatch of one micro-batch's forward, loss and backward, in the
+   * order a step records them (for profiling and counting; the batch in the
+   * input buffers is whatever was written last).
+   */
+  stepDispatches(): Dispatch[] {
+    return [
+      ...this.#forward,
+      ...this.#headChunks.flatMap((h) => [h.logits, ...h.lossTrain, ...h.backward]),
+      ...this.#backward,
+      this.#embeddingBackward,
+    ];
+  }
+
+  /**
    * The mean masked loss of the last step submitted before this call (the
    * copy is queued now, so a later step does not change what it returns).
    */
@@ -691,7 +712,7 @@ export class TrainingModel {
   ): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
     this.forwardBackward([batch]);
     const loss = await this.readLoss();
-    return { loss, grads: await this.#readAll(this.#grads) };
+    return { loss, grads: await this.#readFlat(this.#grads) };
   }
 
   /**
@@ -719,23 +740,19 @@ export class TrainingModel {
     return { lossSum, count };
   }
 
-  async #readAll(buffers: Map<string, GPUBuffer>): Promise<Map<string, Float32Array>> {
-    const out = new Map<string, Float32Array>();
-    for (const s of this.#specs) {
-      out.set(s.name, await this.#gpu.readF32(buffers.get(s.name)!, 0, s.size));
-    }
-    return out;
+  async #readFlat(buffer: GPUBuffer): Promise<Map<string, Float32Array>> {
+    return unflattenTensors(this.#layout, await this.#gpu.readF32(buffer, 0, this.#layout.floats));
   }
 
   /** Every parameter tensor, by Hugging Face name (a copy). */
   getParameters(): Promise<Map<string, Float32Array>> {
-    return this.#readAll(this.#params);
+    return this.#readFlat(this.#params);
   }
 
   /** Replaces every parameter tensor (all names of `parameterSpecs` must be present). */
   setParameters(m: Map<string, Float32Array>): void {
     checkTensorSizes(this.#specs, m, "parameters");
-    for (const s of this.#specs) this.#gpu.write(this.#params.get(s.name)!, m.get(s.name)!);
+    this.#gpu.write(this.#params, flattenTensors(this.#layout, m));
   }
 
   /** Releases every buffer the model and its dispatches allocated. */

@@ -10,7 +10,11 @@
  * All three run on the GPU from buffers prepared once: the step's settings
  * (lr, betas, eps, weight decay, the bias corrections of step t, the clip
  * threshold) travel in one small buffer written before the submit, so nothing
- * model-sized crosses to the CPU and no step creates anything.
+ * model-sized crosses to the CPU and no step creates anything. Parameters,
+ * gradients and the two moments are flat buffers with one layout
+ * (`model/layout.ts`), so the norm and the update are a few dispatches over
+ * ranges: one range with weight decay (matrices), one without (norm weights),
+ * each cut where the device's binding limit requires.
  *
  * @module
  */
@@ -23,6 +27,9 @@ import {
 import { adamw, ADAMW_HYPER_FLOATS, adamwHyper } from "../kernels/adamw.ts";
 import { clipScale, gradNormPartialsSize, gradNormSquared } from "../kernels/grad_norm.ts";
 import { UserError } from "../util/errors.ts";
+
+/** Pieces of a run start at multiples of this many floats (256 bytes: any device's offset alignment). */
+const PIECE_ALIGN = 64;
 
 /** AdamW's settings for a run; the learning rate comes with each step (from the schedule). */
 export interface AdamWHyperparameters {
@@ -38,18 +45,18 @@ export interface AdamWHyperparameters {
   gradClip: number;
 }
 
-/** A tensor the optimizer updates: its parameter and gradient buffers. */
-export interface OptimizedTensor {
-  /** Name (the moments are saved under it). */
-  name: string;
+/** What the optimizer updates: flat parameter and gradient buffers and their layout. */
+export interface OptimizedParameters {
   /** Updated in place. */
-  param: GPUBuffer;
+  params: GPUBuffer;
   /** Read (scaled by the clip factor); left unchanged. */
-  grad: GPUBuffer;
-  /** Number of elements. */
-  size: number;
-  /** Whether weight decay applies. */
-  decay: boolean;
+  grads: GPUBuffer;
+  /** Floats in each buffer. */
+  floats: number;
+  /** Named ranges: the moments are saved and restored by these names. */
+  tensors: readonly { name: string; offset: number; size: number }[];
+  /** The ranges to update, with or without weight decay (gaps between tensors hold zeros). */
+  runs: readonly { offset: number; size: number; decay: boolean }[];
 }
 
 /** AdamW's moments by tensor name (what `optimizer.safetensors` holds). */
@@ -86,11 +93,11 @@ function checkHyperparameters(h: AdamWHyperparameters): void {
  */
 export class AdamW {
   #gpu: Gpu;
-  #tensors: OptimizedTensor[];
+  #target: OptimizedParameters;
   #hyperparameters: AdamWHyperparameters;
   #steps: number;
-  #m = new Map<string, GPUBuffer>();
-  #v = new Map<string, GPUBuffer>();
+  #m!: GPUBuffer; // first moments, at the parameters' offsets
+  #v!: GPUBuffer; // second moments
   #owned: GPUBuffer[] = [];
   #hyper!: GPUBuffer; // adamwHyper(...): the step's settings
   #normSq!: GPUBuffer; // [1] sum of squares of all gradients
@@ -99,24 +106,24 @@ export class AdamW {
 
   private constructor(
     gpu: Gpu,
-    tensors: OptimizedTensor[],
+    target: OptimizedParameters,
     hyperparameters: AdamWHyperparameters,
     steps: number,
   ) {
     this.#gpu = gpu;
-    this.#tensors = tensors;
+    this.#target = target;
     this.#hyperparameters = { ...hyperparameters };
     this.#steps = steps;
   }
 
   /**
-   * Allocates zero moments for `tensors` and prepares the norm, clip and
+   * Allocates zero moments for `target` and prepares the norm, clip and
    * update dispatches. `steps` is the number of updates already applied (a
    * resumed run: the next update's bias correction uses `steps + 1`).
    */
   static async create(
     gpu: Gpu,
-    tensors: OptimizedTensor[],
+    target: OptimizedParameters,
     hyperparameters: AdamWHyperparameters,
     opts: { steps?: number } = {},
   ): Promise<AdamW> {
@@ -125,7 +132,7 @@ export class AdamW {
     if (!Number.isInteger(steps) || steps < 0) {
       throw new UserError(`AdamW: steps already taken must be a whole number, got ${steps}`);
     }
-    const opt = new AdamW(gpu, tensors, hyperparameters, steps);
+    const opt = new AdamW(gpu, target, hyperparameters, steps);
     try {
       await opt.#build();
     } catch (e) {
@@ -143,28 +150,47 @@ export class AdamW {
 
   async #build(): Promise<void> {
     const gpu = this.#gpu;
-    for (const t of this.#tensors) {
-      this.#m.set(t.name, this.#buffer(t.size * 4, `adam m ${t.name}`));
-      this.#v.set(t.name, this.#buffer(t.size * 4, `adam v ${t.name}`));
-    }
+    const t = this.#target;
+    this.#m = this.#buffer(t.floats * 4, `adam m [${t.floats}]`);
+    this.#v = this.#buffer(t.floats * 4, `adam v [${t.floats}]`);
     this.#hyper = this.#buffer(ADAMW_HYPER_FLOATS * 4, "adamw hyper");
     this.#normSq = this.#buffer(4, "grad norm squared");
     this.#clip = this.#buffer(4, "grad clip scale");
-    const grads = this.#tensors.map((t) => ({ buffer: t.grad, n: t.size }));
+    // Pieces of the runs that one binding can hold (aligned, so any device binds them).
+    const limits = gpu.limits;
+    const most = Math.floor(
+      Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize) / 4 / PIECE_ALIGN,
+    ) * PIECE_ALIGN;
+    const pieces: { offset: number; size: number; decay: boolean }[] = [];
+    for (const run of t.runs) {
+      for (let o = 0; o < run.size; o += most) {
+        pieces.push({
+          offset: run.offset + o,
+          size: Math.min(most, run.size - o),
+          decay: run.decay,
+        });
+      }
+    }
+    const grads = pieces.map((p) => ({ buffer: t.grads, offset: p.offset, n: p.size }));
     const partials = this.#buffer(gradNormPartialsSize(grads) * 4, "grad norm partials");
     this.#dispatches.push(
       ...await gradNormSquared(gpu, { tensors: grads, partials, total: this.#normSq }),
       await clipScale(gpu, { total: this.#normSq, hyper: this.#hyper, scale: this.#clip }),
     );
-    for (const t of this.#tensors) {
+    const range = (buffer: GPUBuffer, p: { offset: number; size: number }) => ({
+      buffer,
+      offset: p.offset * 4,
+      size: p.size * 4,
+    });
+    for (const p of pieces) {
       this.#dispatches.push(
         await adamw(gpu, {
-          param: t.param,
-          grad: t.grad,
-          m: this.#m.get(t.name)!,
-          v: this.#v.get(t.name)!,
-          n: t.size,
-          decay: t.decay,
+          param: range(t.params, p),
+          grad: range(t.grads, p),
+          m: range(this.#m, p),
+          v: range(this.#v, p),
+          n: p.size,
+          decay: p.decay,
           hyper: this.#hyper,
           gradScale: this.#clip,
         }),
@@ -209,6 +235,11 @@ export class AdamW {
     });
   }
 
+  /** Every dispatch of one update, in order (for profiling and counting). */
+  stepDispatches(): Dispatch[] {
+    return [...this.#dispatches];
+  }
+
   /** The global gradient norm of the last step submitted before this call, before clipping. */
   async readGradNorm(): Promise<number> {
     return Math.sqrt((await this.#gpu.readF32(this.#normSq, 0, 1))[0]);
@@ -216,14 +247,12 @@ export class AdamW {
 
   /** The moments, by tensor name (copies). */
   async getState(): Promise<AdamWState> {
-    const read = async (buffers: Map<string, GPUBuffer>) => {
-      const out = new Map<string, Float32Array>();
-      for (const t of this.#tensors) {
-        out.set(t.name, await this.#gpu.readF32(buffers.get(t.name)!, 0, t.size));
-      }
-      return out;
+    const t = this.#target;
+    const byName = async (buffer: GPUBuffer) => {
+      const flat = await this.#gpu.readF32(buffer, 0, t.floats);
+      return new Map(t.tensors.map((x) => [x.name, flat.slice(x.offset, x.offset + x.size)]));
     };
-    return { m: await read(this.#m), v: await read(this.#v) };
+    return { m: await byName(this.#m), v: await byName(this.#v) };
   }
 
   /** Replaces the moments (resuming) and the count of updates they come from. */
@@ -231,21 +260,22 @@ export class AdamW {
     if (!Number.isInteger(steps) || steps < 0) {
       throw new UserError(`AdamW: steps already taken must be a whole number, got ${steps}`);
     }
+    const t = this.#target;
+    const flats = { m: new Float32Array(t.floats), v: new Float32Array(t.floats) };
     for (const [what, map] of [["m", state.m], ["v", state.v]] as const) {
-      for (const t of this.#tensors) {
-        const values = map.get(t.name);
-        if (!values) throw new UserError(`optimizer state ${what}: missing tensor ${t.name}`);
-        if (values.length !== t.size) {
+      for (const x of t.tensors) {
+        const values = map.get(x.name);
+        if (!values) throw new UserError(`optimizer state ${what}: missing tensor ${x.name}`);
+        if (values.length !== x.size) {
           throw new UserError(
-            `optimizer state ${what}: tensor ${t.name} has ${values.length} values, expected ${t.size}`,
+            `optimizer state ${what}: tensor ${x.name} has ${values.length} values, expected ${x.size}`,
           );
         }
+        flats[what].set(values, x.offset);
       }
     }
-    for (const t of this.#tensors) {
-      this.#gpu.write(this.#m.get(t.name)!, state.m.get(t.name)!);
-      this.#gpu.write(this.#v.get(t.name)!, state.v.get(t.name)!);
-    }
+    this.#gpu.write(this.#m, flats.m);
+    this.#gpu.write(this.#v, flats.v);
     this.#steps = steps;
   }
 

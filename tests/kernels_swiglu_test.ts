@@ -21,24 +21,27 @@ const TOL = { atol: 1e-6, rtol: 1e-5 };
 
 const f64 = (a: Float32Array) => Float64Array.from(a);
 
-// n = 910 is not a multiple of 4 (scalar lanes); 33 * 96 is (vec4), and is
-// also run with forced scalar lanes; 70001 spans many workgroups.
-const cases: { n: number; vec?: 1 | 4 }[] = [
-  { n: 1 },
-  { n: 7 },
-  { n: 910 },
-  { n: 33 * 96 },
-  { n: 33 * 96, vec: 1 },
-  { n: 70001 },
+// gate and up come fused, row n = gate[n, :] then up[n, :] (the [Wg; Wu]
+// projection's layout). I = 910 is not a multiple of 4 (scalar lanes); 96 is
+// (vec4), and is also run with forced scalar lanes; N * I = 70001 spans many
+// workgroups.
+const cases: { N: number; I: number; vec?: 1 | 4 }[] = [
+  { N: 1, I: 1 },
+  { N: 1, I: 7 },
+  { N: 3, I: 910 },
+  { N: 33, I: 96 },
+  { N: 33, I: 96, vec: 1 },
+  { N: 7, I: 10001 },
 ];
 
-for (const { n, vec } of cases) {
+for (const { N, I, vec } of cases) {
   // The device outlives each test (one Gpu per file), so its async ops and
   // resources are not this test's leaks.
   Deno.test({
-    name: `swiglu forward and backward match the reference: n=${n}${vec ? " scalar" : ""}`,
+    name: `swiglu forward and backward match the reference: N=${N} I=${I}${vec ? " scalar" : ""}`,
     ...GPU_TEST,
     fn: async () => {
+      const n = N * I;
       const rng = new Rng(3 + n);
       const gate = randomF32(rng, n, 3);
       // Saturated ends and zero, where a naive sigmoid would give NaN or inf.
@@ -46,29 +49,39 @@ for (const { n, vec } of cases) {
       for (let i = 0; i < Math.min(n, ends.length); i++) gate[n - 1 - i] = ends[i];
       const up = randomF32(rng, n);
       const dh = randomF32(rng, n);
-      const gateBuf = gpu.createBuffer(gate, "gate");
-      const upBuf = gpu.createBuffer(up, "up");
+      // The fused layout: row r is gate row r, then up row r.
+      const gateUp = new Float32Array(2 * n);
+      for (let r = 0; r < N; r++) {
+        gateUp.set(gate.subarray(r * I, (r + 1) * I), 2 * r * I);
+        gateUp.set(up.subarray(r * I, (r + 1) * I), (2 * r + 1) * I);
+      }
+      const guBuf = gpu.createBuffer(gateUp, "gate|up");
       const hBuf = gpu.createBuffer(n * 4, "h");
       const dhBuf = gpu.createBuffer(dh, "dh");
-      const dgateBuf = gpu.createBuffer(n * 4, "dgate");
-      const dupBuf = gpu.createBuffer(n * 4, "dup");
+      const dguBuf = gpu.createBuffer(2 * n * 4, "d gate|up");
       const options = vec ? { vec } : undefined;
-      const fwd = await swigluForward(gpu, { gate: gateBuf, up: upBuf, h: hBuf, n, options });
+      const fwd = await swigluForward(gpu, { gateUp: guBuf, h: hBuf, N, I, options });
       const bwd = await swigluBackward(gpu, {
         dh: dhBuf,
-        gate: gateBuf,
-        up: upBuf,
-        dgate: dgateBuf,
-        dup: dupBuf,
-        n,
+        gateUp: guBuf,
+        dGateUp: dguBuf,
+        N,
+        I,
         options,
       });
       submitPass(gpu, [fwd, bwd]);
       const h = await gpu.readF32(hBuf);
       assertClose(h, ref.swigluForward(f64(gate), f64(up)), TOL, "h");
       const g = ref.swigluBackward(f64(dh), f64(gate), f64(up));
-      assertClose(await gpu.readF32(dgateBuf), g.dgate, TOL, "dgate");
-      assertClose(await gpu.readF32(dupBuf), g.dup, TOL, "dup");
+      const dgu = await gpu.readF32(dguBuf);
+      const dgate = new Float32Array(n);
+      const dup = new Float32Array(n);
+      for (let r = 0; r < N; r++) {
+        dgate.set(dgu.subarray(2 * r * I, (2 * r + 1) * I), r * I);
+        dup.set(dgu.subarray((2 * r + 1) * I, (2 * r + 2) * I), r * I);
+      }
+      assertClose(dgate, g.dgate, TOL, "dgate");
+      assertClose(dup, g.dup, TOL, "dup");
       assertEquals(h.every(Number.isFinite), true, "finite at the saturated ends");
     },
   });

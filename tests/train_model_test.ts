@@ -432,7 +432,7 @@ Deno.test("logits chunks: aligned, within the byte budget and the binding limit"
 Deno.test("checkDeviceLimits refuses what the device cannot hold, naming tensor and limit", () => {
   const MiB = 1024 * 1024;
   const small = presetConfig("minimind2-small");
-  // The MLP activations [4096, 1408] (22 MiB) are the first tensor over 16 MiB.
+  // The MLP activations gate|up [4096, 2816] (44 MiB) are the first tensor over 16 MiB.
   const e1 = assertThrows(
     () => checkDeviceLimits(fakeLimits(16 * MiB, 1024 * MiB), small, 8, 512),
     UserError,
@@ -440,8 +440,8 @@ Deno.test("checkDeviceLimits refuses what the device cannot hold, naming tensor 
   for (
     const part of [
       "MLP activations",
-      "intermediate_size=1408",
-      "22 MiB",
+      "2*intermediate_size=2816",
+      "44 MiB",
       "maxStorageBufferBindingSize",
       "16 MiB",
       "--batch-size",

@@ -1,0 +1,176 @@
+/**
+ * The fused q/k/v projection's split and its backward merge. One matmul with
+ * the stacked weight `[Wq; Wk; Wv]` gives `qkv [N, (nH + 2 nKV) hd]`: per row,
+ * nH query heads, then nKV key heads, then nKV value heads, hd floats each.
+ * Attention wants q `[N, nH, hd]`, k and v `[N, nKV, hd]` apart, so:
+ *
+ *   splitQkv:  q, k, v <- qkv, with RoPE applied to q and k on the way
+ *              (optional: QK-norm models norm first and rotate after, and the
+ *              KV-cache append rotates at generation time)
+ *   mergeQkv:  dqkv <- dq, dk, dv, with RoPE's backward applied to dq and dk
+ *              on the way (optional, likewise)
+ *
+ * RoPE is the rotate-half of `kernels/rope.ts` with its table (float64
+ * angles rounded once): row n of a `[B, T]` batch sits at position n mod T;
+ * pair i of a head (i < hd/2, partner i + hd/2) turns by angle a:
+ *   forward  y_i = x_i cos a - x_{i+h} sin a,  y_{i+h} = x_{i+h} cos a + x_i sin a
+ *   backward the transpose, R(-a).
+ *
+ * One invocation per (row, head, pair): it reads and writes two floats, so
+ * each call moves every element of qkv once each way: 8 N (nH + 2 nKV) hd
+ * bytes, 3 FLOP per rotated element.
+ *
+ * @module
+ */
+import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { ropeTable } from "./rope.ts";
+
+/** Shape of a split or merge: N rows, head counts, head dimension, optional RoPE. */
+export interface QkvShape {
+  /** Rows (B*T tokens). */
+  N: number;
+  /** Query heads. */
+  nH: number;
+  /** Key/value heads. */
+  nKV: number;
+  /** Head dimension (even when RoPE is applied). */
+  hd: number;
+  /** Rotate q and k: rows are `[B, T]`, row n at position n mod T. */
+  rope?: { T: number; theta: number };
+}
+
+const WG = 64;
+
+function wgsl(direction: "split" | "merge", rope: boolean): string {
+  // Pair (e0, e1) of head `slot` in row `n` of qkv; q/k/v index it by their own layout.
+  const io = direction === "split"
+    ? `@group(0) @binding(1) var<storage, read> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read_write> q: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;`
+    : `@group(0) @binding(1) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> q: array<f32>;
+@group(0) @binding(3) var<storage, read> k: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<f32>;`;
+  const table = rope
+    ? "@group(0) @binding(5) var<storage, read> table: array<vec2f>; // [T, half] (cos, sin)"
+    : "";
+  // The rotation: forward R(a) on the way out of qkv, R(-a) on the way back.
+  const sign = direction === "split" ? "1.0" : "-1.0";
+  const turn = rope
+    ? `if (slot < p.nH + p.nKV) {
+    let cs = table[(n % p.T) * p.half + i];
+    let s = cs.y * ${sign};
+    let a = x1 * cs.x - x2 * s;
+    let b = x2 * cs.x + x1 * s;
+    x1 = a;
+    x2 = b;
+  }`
+    : "";
+  const move = direction === "split"
+    ? `var x1 = qkv[src];
+  var x2 = qkv[src + p.half];
+  ${turn}
+  if (slot < p.nH) {
+    let d = (n * p.nH + slot) * hd + i;
+    q[d] = x1;
+    q[d + p.half] = x2;
+  } else if (slot < p.nH + p.nKV) {
+    let d = (n * p.nKV + slot - p.nH) * hd + i;
+    k[d] = x1;
+    k[d + p.half] = x2;
+  } else {
+    let d = (n * p.nKV + slot - p.nH - p.nKV) * hd + i;
+    v[d] = x1;
+    v[d + p.half] = x2;
+  }`
+    : `var x1: f32;
+  var x2: f32;
+  if (slot < p.nH) {
+    let d = (n * p.nH + slot) * hd + i;
+    x1 = q[d];
+    x2 = q[d + p.half];
+  } else if (slot < p.nH + p.nKV) {
+    let d = (n * p.nKV + slot - p.nH) * hd + i;
+    x1 = k[d];
+    x2 = k[d + p.half];
+  } else {
+    let d = (n * p.nKV + slot - p.nH - p.nKV) * hd + i;
+    x1 = v[d];
+    x2 = v[d + p.half];
+  }
+  ${turn}
+  qkv[src] = x1;
+  qkv[src + p.half] = x2;`;
+  return `${LINEAR_WORKGROUP_WGSL}
+struct Params { nH: u32, nKV: u32, half: u32, T: u32, count: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+${io}
+${table}
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let e = linear_workgroup(wid, nwg) * ${WG}u + lid;
+  if (e >= p.count) { return; }
+  let heads = p.nH + 2u * p.nKV;
+  let hd = 2u * p.half;
+  let i = e % p.half;
+  let slot = (e / p.half) % heads;
+  let n = e / (p.half * heads);
+  let src = (n * heads + slot) * hd + i;
+  ${move}
+}`;
+}
+
+async function qkvDispatch(
+  gpu: Gpu,
+  direction: "split" | "merge",
+  buffers: { qkv: Binding; q: Binding; k: Binding; v: Binding },
+  s: QkvShape,
+): Promise<Dispatch> {
+  for (const [name, v] of Object.entries({ N: s.N, nH: s.nH, nKV: s.nKV, hd: s.hd })) {
+    if (!Number.isInteger(v) || v < 1) throw new RangeError(`${direction}Qkv: ${name} = ${v}`);
+  }
+  if (s.hd % 2 !== 0) throw new RangeError(`${direction}Qkv: head_dim ${s.hd} must be even`);
+  const half = s.hd / 2;
+  const count = s.N * (s.nH + 2 * s.nKV) * half;
+  const rope = s.rope !== undefined;
+  const T = s.rope?.T ?? 1;
+  if (rope && (!Number.isInteger(T) || T < 1 || s.N % T !== 0)) {
+    throw new RangeError(`${direction}Qkv: rows ${s.N} are not whole sequences of T = ${T}`);
+  }
+  const pipeline = await gpu.pipeline(`qkv ${direction} rope=${rope}`, wgsl(direction, rope));
+  const params = gpu.createUniform(
+    new Uint32Array([s.nH, s.nKV, half, T, count]),
+    `qkv ${direction} params`,
+  );
+  const bindings = [params, buffers.qkv, buffers.q, buffers.k, buffers.v];
+  if (s.rope) bindings.push(ropeTable(gpu, T, s.hd, s.rope.theta));
+  return {
+    label: `qkv ${direction}${rope ? " + rope" : ""} N=${s.N}`,
+    pipeline,
+    bindGroup: gpu.bindGroup(pipeline, bindings),
+    workgroups: Math.ceil(count / WG),
+    owned: [params],
+  };
+}
+
+/** q, k, v (overwritten) from the fused projection `qkv`, RoPE on q and k when `rope` is given. */
+export function splitQkv(
+  gpu: Gpu,
+  args: QkvShape & { qkv: Binding; q: Binding; k: Binding; v: Binding },
+): Promise<Dispatch> {
+  return qkvDispatch(gpu, "split", args, args);
+}
+
+/**
+ * The gradient of the fused projection, `dqkv` (overwritten), from dq, dk, dv;
+ * with `rope`, dq and dk are gradients w.r.t. the rotated q and k and go
+ * through RoPE's backward on the way.
+ */
+export function mergeQkv(
+  gpu: Gpu,
+  args: QkvShape & { dqkv: Binding; dq: Binding; dk: Binding; dv: Binding },
+): Promise<Dispatch> {
+  return qkvDispatch(gpu, "merge", { qkv: args.dqkv, q: args.dq, k: args.dk, v: args.dv }, args);
+}
