@@ -77,7 +77,13 @@ export {
   type TensorSlot,
 } from "./model/layout.ts";
 /** What a model and batch need of the device, checked before allocating. */
-export { checkDeviceLimits, LOGITS_CHUNK_BYTES, logitsChunkRows } from "./model/plan.ts";
+export {
+  checkDeviceLimits,
+  LOGITS_CHUNK_BYTES,
+  LOGITS_CHUNK_BYTES_CPU,
+  logitsChunkBudget,
+  logitsChunkRows,
+} from "./model/plan.ts";
 /** The GPU model for generation, with its KV cache, and the generation loop. */
 export { InferenceModel, type InferenceModelOptions } from "./model/inference.ts";
 export { generate, type GenerateOptions, type GenerateResult } from "./model/generate.ts";

@@ -8,7 +8,7 @@
  * Run alone: `deno run -A bench/attention_bench.ts [--quick] [--design=tiled|rows]`.
  */
 import { type BenchRow, rates, timeGpu } from "./harness.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { Gpu } from "../kernels/runtime.ts";
 import {
   attentionBackward,
   type AttentionDesign,
@@ -79,14 +79,9 @@ export async function benchAttention(
       dv,
       ...shapeArgs,
     });
-    const record = (d: Parameters<typeof recordDispatches>[2]) => (enc: GPUCommandEncoder) => {
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, d);
-      pass.end();
-    };
     const forwardFlop = 2 * 2 * B * nH * (T * T / 2) * hd;
     const shape = `${s.name}: B=${B} T=${T} nH=${nH} nKV=${nKV} hd=${hd}`;
-    const fwdMs = await timeGpu(gpu, record(fwd), timing);
+    const fwdMs = await timeGpu(gpu, fwd, timing);
     rows.push({
       name: "attention forward",
       shape,
@@ -94,7 +89,7 @@ export async function benchAttention(
       flop: forwardFlop,
       bytes: 4 * (2 * nq + 2 * nkv + B * nH * T),
     });
-    const bwdMs = await timeGpu(gpu, record(bwd), timing);
+    const bwdMs = await timeGpu(gpu, bwd, timing);
     rows.push({
       name: "attention backward",
       shape,

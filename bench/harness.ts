@@ -1,9 +1,9 @@
 /**
- * Timing helpers for `deno task bench`. GPU work is timed from submit to
- * `onSubmittedWorkDone` over several iterations after a warm-up, so the
- * figure includes queue overhead, as a training step sees it.
+ * Timing helpers for `deno task bench`: kernels by GPU timestamps on GPUs
+ * (`timestamp-query`), by submit-to-done wall time on CPU drivers; several
+ * iterations after a warm-up, the median.
  */
-import type { Gpu } from "../kernels/runtime.ts";
+import { type Dispatch, type Gpu, recordDispatches } from "../kernels/runtime.ts";
 
 /** One row of the benchmark table. */
 export interface BenchRow {
@@ -29,31 +29,60 @@ export function median(values: number[]): number {
 }
 
 /**
- * Milliseconds per call of `record` (median over `iterations` timed runs, each
- * a submit of `repeat` recordings followed by a wait), after `warmup` runs.
+ * Whether `timeGpu` reads GPU timestamps here: on GPUs with `timestamp-query`
+ * (kernel time only, no host round trip in the figure). CPU drivers run the
+ * GPU's work on the host threads, where wall time from submit to completion
+ * is what a step costs, so they are timed by the clock.
+ */
+export function usesTimestamps(gpu: Gpu): boolean {
+  return gpu.features.timestampQuery && !gpu.adapterSummary.isFallback;
+}
+
+/**
+ * Milliseconds per recording of `dispatches` (median over `iterations` timed
+ * runs, each one compute pass of `repeat` recordings in one submit), after
+ * `warmup` runs. GPU timestamps bracket the pass where `usesTimestamps`;
+ * elsewhere submit-to-done wall time.
  */
 export async function timeGpu(
   gpu: Gpu,
-  record: (encoder: GPUCommandEncoder) => void,
+  dispatches: Dispatch | Dispatch[],
   opts: { warmup?: number; iterations?: number; repeat?: number } = {},
 ): Promise<number> {
   const warmup = opts.warmup ?? 1;
   const iterations = opts.iterations ?? 3;
   const repeat = opts.repeat ?? 1;
-  const run = async () => {
+  const stamps = usesTimestamps(gpu);
+  const querySet = stamps ? gpu.device.createQuerySet({ type: "timestamp", count: 2 }) : undefined;
+  const resolve = stamps
+    ? gpu.device.createBuffer({ size: 16, usage: 0x200 /* QUERY_RESOLVE */ | 0x04 /* COPY_SRC */ })
+    : undefined;
+  const run = async (): Promise<number> => {
+    const t0 = performance.now();
     const encoder = gpu.device.createCommandEncoder();
-    for (let i = 0; i < repeat; i++) record(encoder);
+    const pass = encoder.beginComputePass(
+      querySet
+        ? { timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } }
+        : {},
+    );
+    for (let i = 0; i < repeat; i++) recordDispatches(gpu, pass, dispatches);
+    pass.end();
+    if (querySet && resolve) encoder.resolveQuerySet(querySet, 0, 2, resolve, 0);
     gpu.device.queue.submit([encoder.finish()]);
     await gpu.device.queue.onSubmittedWorkDone();
+    if (!resolve) return performance.now() - t0;
+    const ticks = new BigUint64Array(await gpu.read(resolve, 0, 16));
+    return Number(ticks[1] - ticks[0]) / 1e6;
   };
-  for (let i = 0; i < warmup; i++) await run();
-  const times: number[] = [];
-  for (let i = 0; i < iterations; i++) {
-    const t0 = performance.now();
-    await run();
-    times.push((performance.now() - t0) / repeat);
+  try {
+    for (let i = 0; i < warmup; i++) await run();
+    const times: number[] = [];
+    for (let i = 0; i < iterations; i++) times.push((await run()) / repeat);
+    return median(times);
+  } finally {
+    querySet?.destroy();
+    resolve?.destroy();
   }
-  return median(times);
 }
 
 /** `GFLOP/s` and `GB/s` of a row. */

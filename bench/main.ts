@@ -7,10 +7,14 @@
  *   deno task bench --quick    # smaller shapes, one timed run each
  *   deno task bench --only matmul,train --markdown
  *   deno task bench --json results.json
+ *   deno task bench --only train --vs-pytorch
  *
  * `--markdown` prints the tables as Markdown for docs/benchmarks.md; `--json
  * FILE` also writes every row as `{date, adapter, peakFlops, suites}` (what
- * `bench/pytorch_compare.py --ours` reads).
+ * `bench/pytorch_compare.py --ours` reads). `--vs-pytorch` runs that script on
+ * the training-step shapes in the same sitting, on the same device kind (the
+ * CPU when the adapter is a CPU driver, the GPU otherwise), where Python with
+ * torch is found (`PYTHON`, else `python3`), and prints both and the ratio.
  */
 import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
@@ -23,6 +27,8 @@ import { benchDecode } from "./decode_bench.ts";
 import { benchData } from "./data_bench.ts";
 import { benchTokenizer } from "./tokenizer_bench.ts";
 import { peakFlopsFor } from "../train/peak.ts";
+import { PRESETS } from "../model/config.ts";
+import { usesTimestamps } from "./harness.ts";
 
 const GPU_SUITES = {
   matmul: benchMatmul,
@@ -35,7 +41,7 @@ const CPU_SUITES = { data: () => benchData(), tokenizer: () => benchTokenizer() 
 
 function fmt(v: number | undefined, digits = 2): string {
   if (v === undefined || !Number.isFinite(v)) return "";
-  return v >= 100 ? v.toFixed(0) : v.toFixed(digits);
+  return v >= 100 || Number.isInteger(v) ? v.toFixed(0) : v.toFixed(digits);
 }
 
 function gpuTable(rows: BenchRow[], markdown: boolean): string {
@@ -70,8 +76,10 @@ if (import.meta.main) {
       only: { type: "string" },
       "peak-tflops": { type: "string" },
       json: { type: "string" },
+      "vs-pytorch": { type: "boolean" },
     },
   });
+  const vsPytorch = values["vs-pytorch"] ?? false;
   const only = values.only?.split(",").map((s) => s.trim());
   const unknown = only?.filter((s) => !(s in GPU_SUITES) && !(s in CPU_SUITES)) ?? [];
   if (unknown.length > 0) {
@@ -82,7 +90,7 @@ if (import.meta.main) {
     );
     Deno.exit(2);
   }
-  const want = (name: string) => !only || only.includes(name);
+  const want = (name: string) => !only || only.includes(name) || (vsPytorch && name === "train");
   const quick = values.quick ?? false;
   const gpu = await Gpu.request();
   const a = gpu.adapterSummary;
@@ -98,7 +106,9 @@ if (import.meta.main) {
       }\n` +
       `Deno ${Deno.version.deno}, ${Deno.build.os} ${Deno.build.arch}; ${
         quick ? "quick mode" : "full mode"
-      }; FP32 peak ${peakFlops ? `${(peakFlops / 1e12).toFixed(1)} TFLOP/s` : "unknown (no MFU)"}`,
+      }; FP32 peak ${
+        peakFlops ? `${(peakFlops / 1e12).toFixed(1)} TFLOP/s` : "unknown (no MFU)"
+      }; kernels timed by ${usesTimestamps(gpu) ? "GPU timestamps" : "wall clock, submit to done"}`,
   );
   const suites: Record<string, BenchRow[] | ThroughputRow[]> = {};
   for (const [name, suite] of Object.entries(GPU_SUITES)) {
@@ -122,17 +132,69 @@ if (import.meta.main) {
       ),
     );
   }
+  const report: Record<string, unknown> = {
+    date: new Date().toISOString(),
+    adapter: a,
+    features: gpu.features,
+    deno: Deno.version.deno,
+    quick,
+    peakFlops: peakFlops ?? null,
+    suites,
+  };
+  gpu.destroy();
+  if (vsPytorch) {
+    console.log(`\n## PyTorch on the same shapes, this sitting\n`);
+    const torch = await comparePytorch(report, a.isFallback);
+    if (torch.ok) {
+      console.log(torch.table);
+      report["pytorch"] = torch.results;
+    } else {
+      console.log(`not run: ${torch.reason}`);
+    }
+  }
   if (values.json) {
-    const report = {
-      date: new Date().toISOString(),
-      adapter: a,
-      features: gpu.features,
-      deno: Deno.version.deno,
-      quick,
-      peakFlops: peakFlops ?? null,
-      suites,
-    };
     await Deno.writeTextFile(values.json, JSON.stringify(report, null, 2) + "\n");
   }
-  gpu.destroy();
+}
+
+/**
+ * Runs bench/pytorch_compare.py on our training-step rows (the same presets, B
+ * and T): PyTorch eager FP32 on the CPU for a CPU driver (same arithmetic,
+ * same cores), FP32 and bf16 autocast on the GPU otherwise.
+ */
+async function comparePytorch(
+  report: Record<string, unknown>,
+  onCpu: boolean,
+): Promise<{ ok: true; table: string; results: unknown } | { ok: false; reason: string }> {
+  const python = Deno.env.get("PYTHON") ?? "python3";
+  const dir = await Deno.makeTempDir({ prefix: "trainer-bench-" });
+  try {
+    const ours = `${dir}/ours.json`;
+    const presets = `${dir}/presets.json`;
+    const out = `${dir}/pytorch.json`;
+    await Deno.writeTextFile(ours, JSON.stringify(report));
+    await Deno.writeTextFile(presets, JSON.stringify(PRESETS));
+    const script = new URL("./pytorch_compare.py", import.meta.url).pathname;
+    const args = [script, "--ours", ours, "--presets", presets, "--json", out];
+    args.push(...(onCpu ? ["--device", "cpu", "--modes", "fp32"] : ["--modes", "fp32,bf16"]));
+    let result: Deno.CommandOutput;
+    try {
+      result = await new Deno.Command(python, { args, stdout: "piped", stderr: "piped" }).output();
+    } catch (e) {
+      return { ok: false, reason: `${python} could not be started (${(e as Error).message})` };
+    }
+    const text = new TextDecoder().decode(result.stdout);
+    if (!result.success) {
+      const err = new TextDecoder().decode(result.stderr).trim().split("\n").slice(-3).join(" ");
+      return {
+        ok: false,
+        reason: /No module named 'torch'/.test(err)
+          ? `${python} has no torch (pip install torch; or set PYTHON to one that has)`
+          : `${python} bench/pytorch_compare.py failed: ${err}`,
+      };
+    }
+    return { ok: true, table: text.trim(), results: JSON.parse(await Deno.readTextFile(out)) };
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 }

@@ -8,7 +8,7 @@
  * Run alone: `deno run -A --unstable-webgpu bench/matmul_bench.ts [--quick] [--variant=NAME]`.
  */
 import { type BenchRow, rates, timeGpu } from "./harness.ts";
-import { type Dispatch, Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu } from "../kernels/runtime.ts";
 import {
   matmulDyTXSplitK,
   matmulDyW,
@@ -85,11 +85,7 @@ export async function benchMatmul(
     // swamp them: about 2^30 FLOP per timed run, 16 calls at most.
     const repeat = Math.min(16, Math.max(1, Math.round(2 ** 30 / flop)));
     for (const [name, d] of forms) {
-      const ms = await timeGpu(gpu, (enc) => {
-        const pass = enc.beginComputePass();
-        recordDispatches(gpu, pass, d);
-        pass.end();
-      }, { warmup: 1, iterations: opts.quick ? 3 : 5, repeat });
+      const ms = await timeGpu(gpu, d, { warmup: 1, iterations: opts.quick ? 3 : 5, repeat });
       rows.push({
         name: `${name} (${s.name})`,
         shape: `M=${M} K=${K} N=${N}`,

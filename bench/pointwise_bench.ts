@@ -9,7 +9,7 @@
  * Run alone: `deno run -A bench/pointwise_bench.ts [--quick]`.
  */
 import { type BenchRow, rates, timeGpu } from "./harness.ts";
-import { type Dispatch, Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu } from "../kernels/runtime.ts";
 import { embeddingBackward, embeddingForward, groupByToken } from "../kernels/embedding.ts";
 import { addRmsnormForward, rmsnormBackward, rmsnormForward } from "../kernels/rmsnorm.ts";
 import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
@@ -60,17 +60,12 @@ export async function benchPointwise(gpu: Gpu, opts: { quick: boolean }): Promis
       return b;
     };
     const time = async (name: string, shape: string, bytes: number, d: Dispatch | Dispatch[]) => {
-      const record = (enc: GPUCommandEncoder) => {
-        const pass = enc.beginComputePass();
-        recordDispatches(gpu, pass, d);
-        pass.end();
-      };
       // A submit-and-wait costs ~10 ms on Mesa whatever the work: record the
       // op enough times per submit that one run takes >= ~100 ms (and 1x on a
       // GPU, where one call is long enough only at the larger shapes).
-      const once = await timeGpu(gpu, record, { warmup: 1, iterations: 1 });
+      const once = await timeGpu(gpu, d, { warmup: 1, iterations: 1 });
       const repeat = Math.min(50, Math.max(1, Math.ceil(100 / Math.max(once, 1e-3))));
-      const ms = await timeGpu(gpu, record, { ...timing, warmup: 0, repeat });
+      const ms = await timeGpu(gpu, d, { ...timing, warmup: 0, repeat });
       rows.push({ name, shape: tag + shape, ms, bytes });
     };
 

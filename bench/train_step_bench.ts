@@ -27,6 +27,7 @@ import { Gpu } from "../kernels/runtime.ts";
 import { type BenchRow, median, rates } from "./harness.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { AdamW } from "../optim/adamw.ts";
+import { ADAMW_HYPER_FLOATS } from "../kernels/adamw.ts";
 import type { Batch } from "../data/batch.ts";
 import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
@@ -43,26 +44,47 @@ function randomBatch(rng: Rng, B: number, T: number, V: number): Batch {
 }
 
 /**
- * Times whole training steps of `tiny` (B=8, T=256) and `minimind2-small`
- * (B=16, T=512 on a GPU, the shape the PyTorch comparison uses; B=8 on a CPU
- * fallback adapter, where one step already takes minutes; quick: B=2, T=128,
- * one step, no warm-up). `peakFlops` (FLOP/s of the device, e.g. 66.9e12 for
- * an H100 SXM in FP32) adds MFU.
+ * The training steps timed: on CPU drivers the shapes of the side-by-side
+ * comparison with PyTorch on the CPU (`tiny` B16 T128, the default pretrain;
+ * `minimind2-small` B4 T256); on GPUs `tiny` B16 T128 and the MiniMind
+ * shapes at B16 T512 (`minimind2-small`, `minimind-3`). Quick: small shapes,
+ * one timed step.
+ */
+export function trainStepCases(
+  gpu: Gpu,
+  quick: boolean,
+): { preset: string; B: number; T: number; warmup: number; steps: number }[] {
+  if (quick) {
+    return [
+      { preset: "tiny", B: 4, T: 64, warmup: 1, steps: 1 },
+      { preset: "minimind2-small", B: 2, T: 64, warmup: 0, steps: 1 },
+    ];
+  }
+  if (gpu.adapterSummary.isFallback) {
+    return [
+      { preset: "tiny", B: 16, T: 128, warmup: 2, steps: 5 },
+      { preset: "minimind2-small", B: 4, T: 256, warmup: 1, steps: 3 },
+    ];
+  }
+  return [
+    { preset: "tiny", B: 16, T: 128, warmup: 3, steps: 10 },
+    { preset: "minimind2-small", B: 16, T: 512, warmup: 2, steps: 5 },
+    { preset: "minimind-3", B: 16, T: 512, warmup: 2, steps: 5 },
+  ];
+}
+
+/**
+ * Times whole training steps (forward, backward, clip, AdamW: submit to done)
+ * at `trainStepCases`, and reports per step the dispatches recorded, the bytes
+ * written from the host (batch, embedding groups, scalars) and the GPU memory
+ * the model and optimizer hold. `peakFlops` (FLOP/s of the device, e.g.
+ * 66.9e12 for an H100 SXM in FP32) adds MFU.
  */
 export async function benchTrainStep(
   gpu: Gpu,
   opts: { quick: boolean; peakFlops?: number },
 ): Promise<BenchRow[]> {
-  const cases: { preset: string; B: number; T: number; warmup: number; steps: number }[] = [
-    { preset: "tiny", B: 8, T: 256, warmup: 1, steps: opts.quick ? 1 : 3 },
-    opts.quick ? { preset: "minimind2-small", B: 2, T: 128, warmup: 0, steps: 1 } : {
-      preset: "minimind2-small",
-      B: gpu.adapterSummary.isFallback ? 8 : 16,
-      T: 512,
-      warmup: 1,
-      steps: 2,
-    },
-  ];
+  const cases = trainStepCases(gpu, opts.quick);
   const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
   const rows: BenchRow[] = [];
   for (const c of cases) {
@@ -89,6 +111,10 @@ export async function benchTrainStep(
       const flop = trainFlopsPerToken(config, c.T) * N;
       const extra: Record<string, number> = { "tokens/s": N / (ms / 1000) };
       if (opts.peakFlops) extra["MFU %"] = (100 * flop) / (ms / 1000) / opts.peakFlops;
+      // The structure of a step: what is recorded, what crosses from the host, what is held.
+      extra["dispatches/step"] = model.stepDispatches().length + optimizer.stepDispatches().length;
+      extra["host KiB/step"] = (model.batchUploadBytes + ADAMW_HYPER_FLOATS * 4) / 1024;
+      extra["GPU MiB"] = (model.gpuBytes + optimizer.gpuBytes) / 2 ** 20;
       rows.push({
         name: `train step ${c.preset}`,
         shape: `B=${c.B} T=${c.T} (${c.steps} timed, ${c.warmup} warm-up)`,

@@ -299,6 +299,28 @@ export class Gpu {
     return out;
   }
 
+  /**
+   * The first float of each of `cells`, in one copy and one map: the copies
+   * are submitted now (after all work submitted before), and the promise
+   * resolves when the GPU has reached them. Work submitted after this call
+   * keeps the GPU busy while the caller waits.
+   */
+  readScalars(cells: GPUBuffer[]): Promise<Float32Array> {
+    const staging = this.device.createBuffer({
+      size: Math.max(4, cells.length * 4),
+      usage: 0x01 /* MAP_READ */ | 0x08, /* COPY_DST */
+    });
+    const encoder = this.device.createCommandEncoder();
+    cells.forEach((c, i) => encoder.copyBufferToBuffer(c, 0, staging, i * 4, 4));
+    this.device.queue.submit([encoder.finish()]);
+    return staging.mapAsync(0x01 /* READ */).then(() => {
+      const out = new Float32Array(staging.getMappedRange().slice(0, cells.length * 4));
+      staging.unmap();
+      staging.destroy();
+      return out;
+    });
+  }
+
   /** `read` as float32 values (`count` elements from element `offset`). */
   async readF32(buffer: GPUBuffer, offset = 0, count?: number): Promise<Float32Array> {
     const n = count ?? buffer.size / 4 - offset;

@@ -14,10 +14,25 @@ import { paramLayout } from "./layout.ts";
 import { UserError } from "../util/errors.ts";
 
 /**
- * Bytes one chunk of logits may take by default. Beyond a few thousand rows
- * a bigger chunk buys nothing (the head matmul is already large) but memory.
+ * Bytes one chunk of logits may take by default on a GPU. Beyond a few
+ * thousand rows a bigger chunk buys nothing (the head matmul is already large)
+ * but memory.
  */
 export const LOGITS_CHUNK_BYTES = 64 * 1024 * 1024;
+
+/**
+ * The budget on CPU drivers (Mesa lavapipe/llvmpipe): a chunk's logits are
+ * written by the head matmul, read and rewritten by the cross-entropy, then
+ * read by both backward matmuls; a chunk that stays in the CPU's caches
+ * through those passes saves memory traffic, at the cost of more dispatches
+ * (see docs/benchmarks.md for the measurement behind the figure).
+ */
+export const LOGITS_CHUNK_BYTES_CPU = 4 * 1024 * 1024;
+
+/** The logits chunk budget for an adapter: smaller on CPU drivers. */
+export function logitsChunkBudget(isFallback: boolean): number {
+  return isFallback ? LOGITS_CHUNK_BYTES_CPU : LOGITS_CHUNK_BYTES;
+}
 
 /** A tensor the model allocates, for the up-front limit check. */
 interface TensorPlan {
@@ -38,7 +53,7 @@ function rowAlignment(limits: GPUSupportedLimits): number {
 
 /**
  * Rows per head chunk (logits `[rows, V]`) for `rows` = B*T: all of them when
- * they fit the byte budget (`LOGITS_CHUNK_BYTES`, or `requested` rows) and the
+ * they fit the byte budget (`budgetBytes`, or `requested` rows) and the
  * binding limits; otherwise a multiple of the storage offset alignment (chunk
  * c binds `xf[r0 .. r0 + chunk)` and `targets[r0 ..]`, and `r0 * 4` bytes must
  * be aligned) that fits. 0 when not even one aligned group of rows fits.
@@ -48,11 +63,12 @@ export function logitsChunkRows(
   V: number,
   rows: number,
   requested?: number,
+  budgetBytes: number = LOGITS_CHUNK_BYTES,
 ): number {
   const align = rowAlignment(limits);
   const bindLimit = Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize);
   const fit = Math.floor(bindLimit / (V * 4));
-  const wanted = requested ?? Math.floor(LOGITS_CHUNK_BYTES / (V * 4));
+  const wanted = requested ?? Math.floor(budgetBytes / (V * 4));
   if (rows <= fit && rows <= wanted) return rows;
   // Requested rows round up to the alignment; the byte budget, a cap, rounds
   // down. Either way no more than fits the binding.

@@ -79,7 +79,7 @@ import {
   unflattenTensors,
 } from "./layout.ts";
 import { bindLayout, decoderForward, type LayerBuffers } from "./forward.ts";
-import { checkDeviceLimits, logitsChunkRows } from "./plan.ts";
+import { checkDeviceLimits, logitsChunkBudget, logitsChunkRows } from "./plan.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Options of `TrainingModel.create`. */
@@ -94,7 +94,7 @@ export interface TrainingModelOptions {
   seed?: number;
   /**
    * Rows per head chunk (logits `[rows, V]`). Default: as many as fit in
-   * `LOGITS_CHUNK_BYTES` and the device's binding limit. Rounded up to the
+   * `logitsChunkBudget` (smaller on CPU drivers) and the device's binding limit. Rounded up to the
    * device's storage offset alignment; tests use it to force several chunks.
    */
   logitsChunkRows?: number;
@@ -347,7 +347,13 @@ export class TrainingModel {
 
     // The weight gradients' split-K partials (GPUs, small grids): one scratch
     // for the whole backward, whose dispatches run one after another.
-    const chunkRows = logitsChunkRows(gpu.limits, V, N, requestedChunkRows);
+    const chunkRows = logitsChunkRows(
+      gpu.limits,
+      V,
+      N,
+      requestedChunkRows,
+      logitsChunkBudget(gpu.adapterSummary.isFallback),
+    );
     const dwShapes: [number, number, number][] = [
       [N, qkvDim, H],
       [N, H, qDim],
@@ -692,6 +698,25 @@ export class TrainingModel {
       ...this.#backward,
       this.#embeddingBackward,
     ];
+  }
+
+  /** Bytes of GPU memory the model holds (its buffers and its dispatches' scratch). */
+  get gpuBytes(): number {
+    let bytes = 0;
+    for (const b of this.#owned) bytes += b.size;
+    for (const d of this.stepDispatches()) for (const b of d.owned ?? []) bytes += b.size;
+    return bytes;
+  }
+
+  /** Bytes a micro-batch writes from the host: ids, targets, mask, the embedding groups, the scale. */
+  get batchUploadBytes(): number {
+    const N = this.batchSize * this.seqLen;
+    return 3 * N * 4 + (3 * N + 2) * 4 + 4;
+  }
+
+  /** The one-float buffer holding the last step's mean masked loss (for `Gpu.readScalars`). */
+  get lossCell(): GPUBuffer {
+    return this.#loss;
   }
 
   /**

@@ -235,9 +235,22 @@ export class AdamW {
     });
   }
 
+  /** Bytes of GPU memory the optimizer holds (moments, partials, settings). */
+  get gpuBytes(): number {
+    let bytes = 0;
+    for (const b of this.#owned) bytes += b.size;
+    for (const d of this.#dispatches) for (const b of d.owned ?? []) bytes += b.size;
+    return bytes;
+  }
+
   /** Every dispatch of one update, in order (for profiling and counting). */
   stepDispatches(): Dispatch[] {
     return [...this.#dispatches];
+  }
+
+  /** The one-float buffer holding the last step's squared gradient norm (for `Gpu.readScalars`). */
+  get gradNormSquaredCell(): GPUBuffer {
+    return this.#normSq;
   }
 
   /** The global gradient norm of the last step submitted before this call, before clipping. */

@@ -197,16 +197,58 @@ async function loop(
   };
 
   /** Stops the run on a non-finite loss, keeping the last good checkpoint. */
-  const checkFinite = (loss: number, where: string) => {
+  const checkFinite = (loss: number, where: string, atStep = step) => {
     if (Number.isFinite(loss)) return;
     progress.clear();
     throw new UserError(
-      `the ${where} loss became ${loss} at step ${step}: training diverged. ` +
+      `the ${where} loss became ${loss} at step ${atStep}: training diverged. ` +
         (lastGoodStep > 0 || ctx.start.step > 0
           ? `The last good checkpoint (step ${lastGoodStep}) is kept in ${run.out}. `
           : "No checkpoint was written. ") +
         "Try a lower --lr, a longer --warmup-steps, or --grad-clip 1.",
     );
+  };
+
+  /** Records a logged step: metrics line, progress, the loss history. */
+  const logStep = async (
+    at: { step: number; lr: number; tokens: number },
+    loss: number,
+    gradNorm: number,
+  ): Promise<void> => {
+    checkFinite(loss, "training", at.step);
+    const now = performance.now();
+    const dt = (now - windowStart.time) / 1000;
+    const tokensPerSecond = dt > 0 ? (at.tokens - windowStart.tokens) / dt : 0;
+    windowStart = { time: now, tokens: at.tokens };
+    losses.push({ step: at.step, loss });
+    const record: TrainMetrics = {
+      step: at.step,
+      split: "train",
+      loss,
+      lr: at.lr,
+      grad_norm: gradNorm,
+      tokens: at.tokens,
+      tokens_per_s: tokensPerSecond,
+      elapsed_s: elapsed(),
+    };
+    await metrics.write(record);
+    const flopsPerSecond = (tokensPerSecond / tokensPerStep) * flopsPerStep;
+    progress.update({
+      step: at.step,
+      loss,
+      lr: at.lr,
+      tokensPerSecond,
+      mfu: ctx.peakFlops ? flopsPerSecond / ctx.peakFlops : undefined,
+      gflops: flopsPerSecond / 1e9,
+      elapsed_s: elapsed() - ctx.start.elapsed_s,
+      stepsDone: at.step - ctx.start.step,
+    });
+  };
+  let pendingLog: Promise<void> | undefined;
+  const flushLog = async (): Promise<void> => {
+    const p = pendingLog;
+    pendingLog = undefined;
+    await p;
   };
 
   if (run.steps === 0 || step >= run.steps) {
@@ -233,42 +275,22 @@ async function loop(
     optimizer.step(lr);
     step++;
     tokens += micro.length * run.batchSize * run.seqLen;
+    // The previous log step's figures: its GPU work is done or nearly, and
+    // this step is queued behind it, so the GPU does not wait for the CPU.
+    await flushLog();
 
     const last = step === run.steps;
     const stop = (ctx.interrupted?.() ?? false) || step === ctx.interruptAtStep;
+    const evalDue = ctx.openEval !== undefined && (step % run.evalEvery === 0 || last);
+    const saveDue = step % run.saveEvery === 0 || last || stop;
     if (step % run.logEvery === 0 || last || stop) {
-      const loss = await model.readLoss();
-      const gradNorm = await optimizer.readGradNorm();
-      checkFinite(loss, "training");
-      const now = performance.now();
-      const dt = (now - windowStart.time) / 1000;
-      const tokensPerSecond = dt > 0 ? (tokens - windowStart.tokens) / dt : 0;
-      windowStart = { time: now, tokens };
-      losses.push({ step, loss });
-      const record: TrainMetrics = {
-        step,
-        split: "train",
-        loss,
-        lr,
-        grad_norm: gradNorm,
-        tokens,
-        tokens_per_s: tokensPerSecond,
-        elapsed_s: elapsed(),
-      };
-      await metrics.write(record);
-      const flopsPerSecond = (tokensPerSecond / tokensPerStep) * flopsPerStep;
-      progress.update({
-        step,
-        loss,
-        lr,
-        tokensPerSecond,
-        mfu: ctx.peakFlops ? flopsPerSecond / ctx.peakFlops : undefined,
-        gflops: flopsPerSecond / 1e9,
-        elapsed_s: elapsed() - ctx.start.elapsed_s,
-        stepsDone: step - ctx.start.step,
-      });
+      // Loss and gradient norm in one copy, mapped while the next step runs.
+      const at = { step, lr, tokens };
+      pendingLog = ctx.gpu.readScalars([model.lossCell, optimizer.gradNormSquaredCell])
+        .then(([loss, normSquared]) => logStep(at, loss, Math.sqrt(normSquared)));
+      if (last || stop || evalDue || saveDue) await flushLog();
     }
-    if (ctx.openEval && (step % run.evalEvery === 0 || last)) {
+    if (ctx.openEval && evalDue) {
       evalLoss = await evaluate(model, await ctx.openEval());
       checkFinite(evalLoss, "eval");
       const record: EvalMetrics = {
@@ -286,7 +308,7 @@ async function loop(
         }`,
       );
     }
-    if (step % run.saveEvery === 0 || last || stop) {
+    if (saveDue) {
       // A save writes the weights only after the loss they produced is known
       // to be finite, so the checkpoint on disk is always a good one.
       checkFinite(await model.readLoss(), "training");
@@ -299,6 +321,7 @@ async function loop(
       break;
     }
   }
+  await flushLog();
   progress.clear();
   const totalTime = elapsed() - ctx.start.elapsed_s;
   return {
