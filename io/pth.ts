@@ -36,7 +36,7 @@
  */
 
 import { UserError } from "../util/errors.ts";
-import { bytesToFloat32 } from "../model/safetensors.ts";
+import { bytesToFloat32 } from "./safetensors.ts";
 
 /** Element types a `.pth` state dict may hold here. */
 export type PthDtype = "F32" | "F16" | "BF16";

@@ -95,9 +95,9 @@ for (const name of MODELS) {
     const ids = fx.input_ids;
     const T = ids.length;
     const { logits } = modelForward(config, params, {
-      ids,
-      targets: ids,
-      mask: ids.map(() => 1),
+      ids: Int32Array.from(ids),
+      targets: Int32Array.from(ids),
+      mask: new Float32Array(T).fill(1),
       B: 1,
       T,
     });
