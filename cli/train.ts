@@ -8,6 +8,9 @@
 import { Gpu } from "../kernels/runtime.ts";
 import { prepareRun, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
 import { runPrepared } from "../train/run.ts";
+import { DataParallel } from "../train/distributed.ts";
+import { openCommunicator } from "../dist/comm.ts";
+import { UserError } from "../util/errors.ts";
 import {
   type CommandSpec,
   flagOption,
@@ -226,32 +229,72 @@ export async function runTraining(
     interruptAtStep?: number;
   } = {},
 ): Promise<number> {
-  const print = io.print ?? ((line: string) => console.log(line));
   const opts = trainOptionsFrom(kind, args);
+  // Under mpirun/srun every rank joins (libmpi through FFI); alone, nothing is loaded.
+  const comm = openCommunicator();
+  const parallel = comm.size > 1 ? new DataParallel(comm) : undefined;
+  const print = comm.rank === 0
+    ? (io.print ?? ((line: string) => console.log(line)))
+    : () => {}; // rank 0 speaks for the run
+  try {
+    return await trainOnDevice(kind, opts, { ...io, print, parallel });
+  } catch (e) {
+    // One rank's error ends every rank at once, rather than leaving them waiting.
+    if (parallel && e instanceof UserError) {
+      comm.abort(`trainer ${kind} (rank ${comm.rank} of ${comm.size}): ${e.message}`, e.exitCode);
+    }
+    throw e;
+  } finally {
+    await comm.finalize();
+  }
+}
+
+async function trainOnDevice(
+  kind: Kind,
+  opts: TrainOptions,
+  io: {
+    print: (line: string) => void;
+    gpu?: Gpu;
+    interruptAtStep?: number;
+    parallel?: DataParallel;
+  },
+): Promise<number> {
+  const { print, parallel } = io;
   const gpu = io.gpu ?? await Gpu.request();
   try {
-    const prepared = await prepareRun(opts, { gpu, print });
+    const prepared = await prepareRun(opts, {
+      gpu,
+      print,
+      worldSize: parallel?.comm.size ?? 1,
+    });
     let interrupted = false;
-    const onSigint = () => {
+    const onSignal = () => {
       if (interrupted) Deno.exit(130); // a second Ctrl-C: stop now
       interrupted = true;
       print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)");
     };
-    let listening = false;
+    // Ctrl-C on mpirun reaches the ranks as SIGTERM (Open MPI does not forward
+    // SIGINT), and `kill -USR2 <mpirun>` is forwarded as it is: all three mean
+    // "stop after this step" under MPI (docs/distributed.md).
+    const signals: Deno.Signal[] = parallel ? ["SIGINT", "SIGTERM", "SIGUSR2"] : ["SIGINT"];
+    const listening: Deno.Signal[] = [];
     try {
-      try {
-        Deno.addSignalListener("SIGINT", onSigint);
-        listening = true;
-      } catch { /* no signals here (Windows without a console): Ctrl-C just ends the process */ }
+      for (const signal of signals) {
+        try {
+          Deno.addSignalListener(signal, onSignal);
+          listening.push(signal);
+        } catch { /* no such signal here (Windows): it just ends the process */ }
+      }
       const { status } = await runPrepared(prepared, {
         gpu,
         print,
         interrupted: () => interrupted,
         interruptAtStep: io.interruptAtStep,
+        parallel,
       });
       return status;
     } finally {
-      if (listening) Deno.removeSignalListener("SIGINT", onSigint);
+      for (const signal of listening) Deno.removeSignalListener(signal, onSignal);
     }
   } finally {
     if (!io.gpu) gpu.destroy();

@@ -654,9 +654,11 @@ export class TrainingModel {
   }
 
   /** Writes the step's cross-entropy scale: 1 / (mask sum over all its micro-batches). */
-  #writeScale(batches: Batch[]): void {
-    let total = 0;
-    for (const b of batches) for (let i = 0; i < b.mask.length; i++) total += b.mask[i];
+  #writeScale(batches: Batch[], maskTotal?: number): void {
+    let total = maskTotal ?? 0;
+    if (maskTotal === undefined) {
+      for (const b of batches) for (let i = 0; i < b.mask.length; i++) total += b.mask[i];
+    }
     // A step with no masked-in target has loss 0 and zero gradients (as the reference).
     this.#gpu.write(this.#ceScale, new Float32Array([total > 0 ? 1 / total : 0]));
   }
@@ -667,14 +669,18 @@ export class TrainingModel {
    * micro-batch writes it and submits its forward, loss and backward, the
    * gradients adding up. The loss is the masked mean over all of them. Returns
    * without waiting; the optimizer's `step` then reads the gradients.
+   *
+   * `maskTotal` replaces the mean's denominator (the mask sum of these
+   * batches): data parallelism passes the whole step's, over every rank's
+   * rows, so that the ranks' losses and gradients sum to the global mean's.
    */
-  forwardBackward(microBatches: Batch[]): void {
+  forwardBackward(microBatches: Batch[], opts: { maskTotal?: number } = {}): void {
     if (microBatches.length === 0) {
       throw new UserError("a training step needs at least one micro-batch");
     }
     microBatches.forEach((b, i) => this.#checkBatch(b, `micro-batch ${i}`));
     const gpu = this.#gpu;
-    this.#writeScale(microBatches);
+    this.#writeScale(microBatches, opts.maskTotal);
     microBatches.forEach((b, i) => {
       this.#writeBatch(b, true);
       gpu.submit((enc) => {
@@ -767,6 +773,24 @@ export class TrainingModel {
 
   async #readFlat(buffer: GPUBuffer): Promise<Map<string, Float32Array>> {
     return unflattenTensors(this.#layout, await this.#gpu.readF32(buffer, 0, this.#layout.floats));
+  }
+
+  /** The flat gradient buffer's contents (`trainable().tensors` says where each tensor is). */
+  readGradients(): Promise<Float32Array> {
+    return this.#gpu.readF32(this.#grads, 0, this.#layout.floats);
+  }
+
+  /** Replaces the flat gradients (a data-parallel sum over ranks). */
+  writeGradients(flat: Float32Array): void {
+    if (flat.length !== this.#layout.floats) {
+      throw new Error(`writeGradients: ${flat.length} floats, expected ${this.#layout.floats}`);
+    }
+    this.#gpu.write(this.#grads, flat);
+  }
+
+  /** Replaces the step's loss (a data-parallel sum over ranks), for the next `readLoss`. */
+  writeLoss(loss: number): void {
+    this.#gpu.write(this.#loss, new Float32Array([loss]));
   }
 
   /** Every parameter tensor, by Hugging Face name (a copy). */

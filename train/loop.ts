@@ -28,6 +28,7 @@ import { evaluate } from "./eval.ts";
 import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from "./metrics.ts";
 import { lossPlotSvg } from "./plot.ts";
 import { Progress } from "./progress.ts";
+import { DataParallel } from "./distributed.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
 export interface RunConfig {
@@ -52,6 +53,11 @@ export interface RunConfig {
   out: string;
   /** Held-out data evaluated during the run (kept so a resume evaluates the same). */
   evalData: string[];
+  /**
+   * Data-parallel ranks (absent: 1). `batchSize` is per rank; a step trains
+   * on `worldSize * batchSize` rows, the global batch the data stream yields.
+   */
+  worldSize?: number;
 }
 
 /** What `trainer_state.json` holds. */
@@ -94,6 +100,12 @@ export interface TrainContext {
   interrupted?: () => boolean;
   /** Tests: behave as if Ctrl-C came during this step. */
   interruptAtStep?: number;
+  /**
+   * Data parallelism over MPI ranks (train/distributed.ts): the stream yields
+   * global batches, this rank trains on its rows, gradients are summed over
+   * the ranks; rank 0 alone logs, evaluates and saves. Absent: one process.
+   */
+  parallel?: DataParallel;
 }
 
 /** How a run ended. */
@@ -141,12 +153,19 @@ async function loop(
   optimizer: AdamW,
   print: (line: string) => void,
 ): Promise<TrainResult> {
+  const dp = ctx.parallel;
+  // Rank 0 alone writes files and evaluates; every rank trains.
+  const writer = (dp?.comm.rank ?? 0) === 0;
   const metricsPath = `${run.out}/metrics.jsonl`;
-  const metrics = await MetricsWriter.open(metricsPath, {
-    keepThroughStep: ctx.start.step > 0 ? ctx.start.step : undefined,
-  });
-  const tokensPerStep = run.batchSize * run.seqLen * run.accum;
-  const progress = new Progress(run.steps, print);
+  const metrics = writer
+    ? await MetricsWriter.open(metricsPath, {
+      keepThroughStep: ctx.start.step > 0 ? ctx.start.step : undefined,
+    })
+    : undefined;
+  const globalRows = run.batchSize * (run.worldSize ?? 1);
+  const tokensPerStep = globalRows * run.seqLen * run.accum;
+  // Only rank 0 shows progress (its live line writes to the terminal itself).
+  const progress = new Progress(run.steps, print, writer ? undefined : false);
   const schedule = {
     lr: run.lr,
     steps: run.steps,
@@ -166,6 +185,10 @@ async function loop(
   let windowStart = { time: performance.now(), tokens };
 
   const save = async (): Promise<void> => {
+    if (!writer) {
+      lastGoodStep = step;
+      return;
+    }
     const state: TrainerState = {
       version: 1,
       step,
@@ -230,8 +253,9 @@ async function loop(
       tokens: at.tokens,
       tokens_per_s: tokensPerSecond,
       elapsed_s: elapsed(),
+      ...(dp ? { allreduce_ms: dp.lastReduce.ms } : {}),
     };
-    await metrics.write(record);
+    await metrics?.write(record);
     const flopsPerSecond = (tokensPerSecond / tokensPerStep) * flopsPerStep;
     progress.update({
       step: at.step,
@@ -271,17 +295,26 @@ async function loop(
       micro.push(batch);
     }
     if (micro.length === 0) break; // --epochs reached: the data ended
-    model.forwardBackward(micro);
+    if (dp) {
+      // This rank's rows, the loss over every rank's; then the sum over ranks.
+      const maskTotal = DataParallel.maskTotal(micro);
+      model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal });
+      await dp.reduce(model);
+    } else {
+      model.forwardBackward(micro);
+    }
     optimizer.step(lr);
     step++;
-    tokens += micro.length * run.batchSize * run.seqLen;
+    tokens += micro.length * globalRows * run.seqLen;
     // The previous log step's figures: its GPU work is done or nearly, and
     // this step is queued behind it, so the GPU does not wait for the CPU.
     await flushLog();
 
     const last = step === run.steps;
-    const stop = (ctx.interrupted?.() ?? false) || step === ctx.interruptAtStep;
-    const evalDue = ctx.openEval !== undefined && (step % run.evalEvery === 0 || last);
+    let stop = (ctx.interrupted?.() ?? false) || step === ctx.interruptAtStep;
+    // Every rank stops at the same step when any rank was asked to.
+    if (dp) stop = await dp.comm.agree(stop);
+    const evalDue = writer && ctx.openEval !== undefined && (step % run.evalEvery === 0 || last);
     const saveDue = step % run.saveEvery === 0 || last || stop;
     if (step % run.logEvery === 0 || last || stop) {
       // Loss and gradient norm in one copy, mapped while the next step runs.
@@ -301,7 +334,7 @@ async function loop(
         tokens,
         elapsed_s: elapsed(),
       };
-      await metrics.write(record);
+      await metrics?.write(record);
       progress.note(
         `eval at step ${step}: loss ${evalLoss.toFixed(4)}, perplexity ${
           Math.exp(evalLoss).toFixed(2)

@@ -15,6 +15,8 @@ export interface TrainMetrics {
   tokens: number;
   tokens_per_s: number;
   elapsed_s: number;
+  /** Data parallel: milliseconds of the step's gradient all-reduce (absent for one process). */
+  allreduce_ms?: number;
 }
 
 /** A held-out evaluation. */

@@ -10,6 +10,7 @@ import { type ModelConfig, parameterCount } from "../model/config.ts";
 import { trainLoop, type TrainResult } from "./loop.ts";
 import type { PreparedRun } from "./setup.ts";
 import { formatDuration } from "./progress.ts";
+import type { DataParallel } from "./distributed.ts";
 
 /** How the user is told and asked. */
 export interface RunIo {
@@ -20,6 +21,8 @@ export interface RunIo {
   interrupted?: () => boolean;
   /** Tests: behave as if Ctrl-C came during this step. */
   interruptAtStep?: number;
+  /** Data parallelism over MPI ranks; absent for one process. */
+  parallel?: DataParallel;
 }
 
 /** The model's shape in one line. */
@@ -48,11 +51,19 @@ export async function runPrepared(
         (parameterCount(run.model).total / 1e6).toFixed(2)
       }M parameters) on ${adapter.name}${adapter.isFallback ? " (CPU fallback)" : ""}`,
     );
+    const ranks = io.parallel ? `${io.parallel.comm.size} ranks x ` : "";
     print(
       `${
         prepared.resumed ? `resuming at step ${start.step} of ${run.steps}` : `${run.steps} steps`
-      }, batch ${run.batchSize} x ${run.seqLen} x accum ${run.accum}, lr ${run.lr} (cosine to x${run.minLrRatio}), into ${out}`,
+      }, batch ${ranks}${run.batchSize} x ${run.seqLen} x accum ${run.accum}, lr ${run.lr} (cosine to x${run.minLrRatio}), into ${out}`,
     );
+    if (io.parallel) {
+      print(
+        `data parallel: ${io.parallel.comm.size} ranks (${io.parallel.comm.description}); each trains on its ${run.batchSize} of the step's ${
+          run.batchSize * io.parallel.comm.size
+        } rows, gradients summed in rank order; rank 0 writes`,
+      );
+    }
     const result = await trainLoop(run, {
       gpu: io.gpu,
       tokenizer: prepared.tokenizer,
@@ -63,6 +74,7 @@ export async function runPrepared(
       print,
       interrupted: io.interrupted,
       interruptAtStep: io.interruptAtStep,
+      parallel: io.parallel,
     });
     const stats = train.stats;
     if (stats.skippedLines > 0) {
@@ -77,6 +89,16 @@ export async function runPrepared(
       ? `loss ${result.firstLoss.toFixed(4)} -> ${result.lastLoss!.toFixed(4)}` +
         (result.evalLoss !== undefined ? `, eval loss ${result.evalLoss.toFixed(4)}` : "")
       : "";
+    if (io.parallel) {
+      const r = io.parallel.lastReduce;
+      print(
+        `all-reduce of the gradients: ${(r.bytes / 2 ** 20).toFixed(1)} MiB per step; on the last step ${
+          r.ms.toFixed(1)
+        } ms in MPI (${(r.bytes / 1e6 / (r.ms / 1000)).toFixed(0)} MB/s, waits for the slowest rank included), ${
+          r.totalMs.toFixed(1)
+        } ms with the GPU read-back and upload`,
+      );
+    }
     print(
       `${result.interrupted ? "stopped" : "done"} at step ${result.steps}${
         lossLine ? `: ${lossLine}` : ""

@@ -295,8 +295,14 @@ async function startingPoint(
  */
 export async function prepareRun(
   opts: TrainOptions,
-  io: { gpu: Gpu; print: (line: string) => void },
+  io: {
+    gpu: Gpu;
+    print: (line: string) => void;
+    /** Data-parallel ranks (default 1): the stream yields `worldSize * batchSize` rows. */
+    worldSize?: number;
+  },
 ): Promise<PreparedRun> {
+  const worldSize = io.worldSize ?? 1;
   const { kind } = opts;
   const print = io.print;
   if (opts.steps !== undefined && opts.epochs !== undefined) {
@@ -326,7 +332,30 @@ export async function prepareRun(
     const given = opts[key] as number | undefined;
     return given !== undefined ? given : saved ? saved[key] as number : fallback;
   };
-  const batchSize = pick("batchSize", d.batchSize);
+  // The per-rank batch: the given one, else the saved run's global batch over
+  // this run's ranks (a resume with another rank count keeps the global batch).
+  const savedGlobal = saved ? saved.batchSize * (saved.worldSize ?? 1) : undefined;
+  let batchSize = opts.batchSize ?? (savedGlobal !== undefined
+    ? savedGlobal / worldSize
+    : d.batchSize);
+  if (
+    saved && opts.batchSize !== undefined && (saved.worldSize ?? 1) === worldSize &&
+    opts.batchSize !== saved.batchSize
+  ) {
+    throw new UserError(
+      `--resume: --batch-size ${opts.batchSize} differs from the run's ${saved.batchSize}; a resumed run keeps its batch shape and data order`,
+    );
+  }
+  if (savedGlobal !== undefined && batchSize * worldSize !== savedGlobal) {
+    throw new UserError(
+      `--resume: the run trained on ${savedGlobal} rows per step (${saved!.batchSize} on each of ${
+        saved!.worldSize ?? 1
+      } ranks); ${worldSize} ranks cannot split that evenly${
+        opts.batchSize !== undefined ? ` with --batch-size ${opts.batchSize}` : ""
+      }. Resume with a rank count that divides it, so each step sees the same rows.`,
+    );
+  }
+  batchSize = Math.round(batchSize);
   const seqLen = pick("seqLen", d.seqLen);
   const accum = pick("accum", TRAIN_DEFAULTS.accum);
   if (batchSize < 1 || seqLen < 1 || accum < 1) {
@@ -340,7 +369,6 @@ export async function prepareRun(
   const seed = pick("seed", TRAIN_DEFAULTS.seed);
   if (saved) {
     const kept = [
-      ["batch-size", opts.batchSize, batchSize, saved.batchSize],
       ["seq-len", opts.seqLen, seqLen, saved.seqLen],
       ["accum", opts.accum, accum, saved.accum],
       ["seed", opts.seed, seed, saved.seed],
@@ -381,7 +409,8 @@ export async function prepareRun(
     data,
     kind,
     tokenizer,
-    batchSize,
+    // Every rank reads the global batch and keeps its rows (train/distributed.ts).
+    batchSize: batchSize * worldSize,
     seqLen,
     seed,
     shuffleBuffer,
@@ -423,6 +452,7 @@ export async function prepareRun(
     evalEvery: Math.max(1, pick("evalEvery", four)),
     saveEvery: Math.max(1, pick("saveEvery", four)),
     out,
+    ...(worldSize > 1 ? { worldSize } : {}),
   };
   if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
   if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
