@@ -29,6 +29,8 @@ import { benchTokenizer } from "./tokenizer_bench.ts";
 import { peakFlopsFor } from "../train/peak.ts";
 import { PRESETS } from "../model/config.ts";
 import { usesTimestamps } from "./harness.ts";
+import { benchAllreduce } from "./allreduce_bench.ts";
+import { detectLaunch } from "../dist/comm.ts";
 
 const GPU_SUITES = {
   matmul: benchMatmul,
@@ -38,6 +40,8 @@ const GPU_SUITES = {
   decode: benchDecode,
 } as const;
 const CPU_SUITES = { data: () => benchData(), tokenizer: () => benchTokenizer() } as const;
+/** Suites that run under an MPI launcher (every rank joins; rank 0 prints). */
+const MPI_SUITES = ["allreduce"] as const;
 
 function fmt(v: number | undefined, digits = 2): string {
   if (v === undefined || !Number.isFinite(v)) return "";
@@ -81,16 +85,44 @@ if (import.meta.main) {
   });
   const vsPytorch = values["vs-pytorch"] ?? false;
   const only = values.only?.split(",").map((s) => s.trim());
-  const unknown = only?.filter((s) => !(s in GPU_SUITES) && !(s in CPU_SUITES)) ?? [];
+  const unknown = only?.filter((s) =>
+    !(s in GPU_SUITES) && !(s in CPU_SUITES) && !MPI_SUITES.includes(s as "allreduce")
+  ) ?? [];
   if (unknown.length > 0) {
     console.error(
       `unknown suite ${unknown.join(", ")}; suites: ${
-        [...Object.keys(GPU_SUITES), ...Object.keys(CPU_SUITES)].join(", ")
+        [...Object.keys(GPU_SUITES), ...Object.keys(CPU_SUITES), ...MPI_SUITES].join(", ")
       }`,
     );
     Deno.exit(2);
   }
-  const want = (name: string) => !only || only.includes(name) || (vsPytorch && name === "train");
+  // Under mpirun every rank runs this program: only the all-reduce suite
+  // makes sense there (the others would run N times over on shared devices).
+  const launch = detectLaunch(Deno.env);
+  if (launch || only?.includes("allreduce")) {
+    if (launch && (only?.length !== 1 || only[0] !== "allreduce")) {
+      console.error("under an MPI launcher, run only the all-reduce suite: --only allreduce");
+      Deno.exit(2);
+    }
+    const r = await benchAllreduce(values.quick ?? false);
+    if (r.rank === 0) {
+      console.log(`# all-reduce of gradients — ${r.ranks} rank(s), ${r.description}\n`);
+      if (r.rows.length === 0) {
+        console.log("one process: nothing crosses; run under mpirun -np N to measure");
+      } else {
+        console.log(
+          table(
+            ["what", "value", "unit"],
+            r.rows.map((x) => [x.name, fmt(x.value), x.unit]),
+            values.markdown ?? false,
+          ),
+        );
+      }
+    }
+    Deno.exit(0);
+  }
+  const want = (name: string) =>
+    !only || only.includes(name) || (vsPytorch && name === "train");
   const quick = values.quick ?? false;
   const gpu = await Gpu.request();
   const a = gpu.adapterSummary;

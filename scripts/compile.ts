@@ -17,11 +17,14 @@
  *
  * Permissions baked in (`PERMISSIONS`): read and write (data, tokenizers,
  * checkpoints, metrics; and the private XDG_RUNTIME_DIR the GPU runtime makes
- * to keep Mesa quiet), env (that variable, DENO_WEBGPU_BACKEND, NO_COLOR) and
- * WebGPU (`--unstable-webgpu`; deno.json's `"unstable": ["webgpu"]` says the
- * same, given again so the binary does not depend on config discovery).
- * Nothing runs subprocesses, opens sockets or loads native libraries, so no
- * `--allow-run`, `--allow-net`, `--allow-ffi`, and never `-A`.
+ * to keep Mesa quiet), env (that variable, DENO_WEBGPU_BACKEND, NO_COLOR, the
+ * MPI launchers' variables), net (`trainer serve`: it listens on 127.0.0.1
+ * unless told otherwise), ffi (data-parallel training: libmpi is loaded only
+ * when the process was launched by mpirun or srun) and WebGPU
+ * (`--unstable-webgpu`; deno.json's `"unstable"` says the same, given again so
+ * the binary does not depend on config discovery), plus
+ * `--unstable-no-legacy-abort` for the server (deno.json has it too). Nothing
+ * runs subprocesses, so no `--allow-run`, and never `-A`.
  *
  * `deno compile` downloads `denort` (Deno's runtime without the tooling) from
  * dl.deno.land on first use, unless `DENORT_BIN` names one. Where neither
@@ -49,7 +52,10 @@ export const PERMISSIONS: readonly string[] = [
   "--allow-read",
   "--allow-write",
   "--allow-env",
+  "--allow-net",
+  "--allow-ffi",
   "--unstable-webgpu",
+  "--unstable-no-legacy-abort",
 ];
 
 /** Modules embedded beyond `main.ts`'s static graph: Worker entry points. */

@@ -20,6 +20,7 @@ import { parseCommandArgs } from "../cli/args.ts";
 import { UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import { assert, assertEquals, assertRejects, assertThrows } from "./assert.ts";
+import { findPython } from "./helpers.ts";
 
 /** Mixed text: English, Chinese, digits, punctuation, whitespace runs. */
 function sampleTexts(n: number, seed: number): string[] {
@@ -282,30 +283,14 @@ Deno.test("tokenizer train command writes a loadable tokenizer directory", async
   }
 });
 
-/** Whether python3 can import the Hugging Face `tokenizers` package (optional cross-check). */
-async function pythonHasTokenizers(): Promise<boolean> {
-  try {
-    const probe = await new Deno.Command("python3", {
-      args: ["-c", "import tokenizers"],
-      stdout: "null",
-      stderr: "null",
-    }).output();
-    return probe.success;
-  } catch {
-    return false;
-  }
-}
-
-const hasPythonTokenizers = await pythonHasTokenizers();
-if (!hasPythonTokenizers) {
-  console.log(
-    "skipped: the Python tokenizers cross-check: python3 with the `tokenizers` package is not installed here",
-  );
+const { python: PYTHON, missing: tokenizersMissing } = findPython(["tokenizers"]);
+if (tokenizersMissing) {
+  console.log(`skipped: the Python tokenizers cross-check: ${tokenizersMissing}`);
 }
 
 Deno.test({
   name: "python tokenizers loads our files and encodes as we do",
-  ignore: !hasPythonTokenizers,
+  ignore: tokenizersMissing !== undefined,
 }, async () => {
   const dir = await Deno.makeTempDir();
   try {
@@ -318,7 +303,7 @@ Deno.test({
     const script = "import sys, json, tokenizers\n" +
       "t = tokenizers.Tokenizer.from_file(sys.argv[1])\n" +
       "print(json.dumps(t.encode(sys.argv[2], add_special_tokens=False).ids))";
-    const out = await new Deno.Command("python3", {
+    const out = await new Deno.Command(PYTHON!, {
       args: ["-c", script, `${dir}/tokenizer.json`, text],
     }).output();
     assert(out.success, new TextDecoder().decode(out.stderr));

@@ -38,7 +38,7 @@ import {
   assertStringIncludes,
   assertThrows,
 } from "./assert.ts";
-import { referenceLogits } from "./helpers.ts";
+import { findPython, referenceLogits } from "./helpers.ts";
 
 const FIXTURE = "../shared/fixtures/minimind-tokenizer";
 
@@ -838,22 +838,7 @@ Deno.test("checkpoint: a sharded F16 + BF16 checkpoint from elsewhere", async ()
 // ---------------------------------------------------------------------------
 // Optional: Transformers loads our checkpoint and computes the same logits.
 
-function transformersAvailability(): string | undefined {
-  try {
-    const out = new Deno.Command("python3", {
-      args: ["-c", "import torch, transformers"],
-      stdout: "null",
-      stderr: "piped",
-    }).outputSync();
-    if (out.success) return undefined;
-    const last = new TextDecoder().decode(out.stderr).trim().split("\n").pop();
-    return `python3 cannot import torch and transformers (${last})`;
-  } catch (e) {
-    return `python3 is not runnable (${(e as Error).message})`;
-  }
-}
-
-const transformersMissing = transformersAvailability();
+const { python: PYTHON, missing: transformersMissing } = findPython(["torch", "transformers"]);
 if (transformersMissing) {
   console.log(`checkpoint_test: skipping the Transformers cross-check: ${transformersMissing}`);
 }
@@ -888,7 +873,7 @@ Deno.test({
         }
         await saveCheckpoint(dir, c);
         const ids = [1, 5, 9, 3, 17, 2, 40, 8];
-        const out = await new Deno.Command("python3", {
+        const out = await new Deno.Command(PYTHON!, {
           args: ["-c", LOGITS_SCRIPT, dir, JSON.stringify(ids)],
           stdout: "piped",
           stderr: "piped",

@@ -56,14 +56,22 @@ const HELLO_IDS = defaultTokenizer().encode("hello");
 
 // --- The compile command line ---------------------------------------------------
 
-Deno.test("compile bakes in read, write, env and WebGPU only, and embeds the tokenizer worker", () => {
+Deno.test("compile bakes in read, write, env, net (serve), ffi (MPI) and WebGPU, and embeds the tokenizer worker", () => {
   const args = compileArgs({ output: "/tmp/x/trainer" });
   for (const p of PERMISSIONS) assert(args.includes(p), `missing ${p} in ${args.join(" ")}`);
   assertEquals(
     [...PERMISSIONS].sort(),
-    ["--allow-env", "--allow-read", "--allow-write", "--unstable-webgpu"],
+    [
+      "--allow-env",
+      "--allow-ffi",
+      "--allow-net",
+      "--allow-read",
+      "--allow-write",
+      "--unstable-no-legacy-abort",
+      "--unstable-webgpu",
+    ],
   );
-  for (const broad of ["-A", "--allow-all", "--allow-run", "--allow-net", "--allow-ffi"]) {
+  for (const broad of ["-A", "--allow-all", "--allow-run"]) {
     assert(!args.some((a) => a.startsWith(broad)), `${broad} must not be baked in`);
   }
   assertEquals(INCLUDES, ["data/tokenize_worker.ts"]);

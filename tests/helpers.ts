@@ -82,3 +82,28 @@ export function referenceLogits(
     T: ids.length,
   }).logits;
 }
+
+/**
+ * A Python that can import `modules` for the optional cross-checks: `$PYTHON`
+ * (a venv's; `.ci/run` sets it) if set and able, else `python3`; or, when
+ * neither can, why (for the test's "ignored" line).
+ */
+export function findPython(modules: string[]): { python?: string; missing?: string } {
+  const why: string[] = [];
+  const candidates = [Deno.env.get("PYTHON"), "python3"].filter((p): p is string => !!p);
+  for (const python of new Set(candidates)) {
+    try {
+      const out = new Deno.Command(python, {
+        args: ["-c", `import ${modules.join(", ")}`],
+        stdout: "null",
+        stderr: "piped",
+      }).outputSync();
+      if (out.success) return { python };
+      const last = new TextDecoder().decode(out.stderr).trim().split("\n").pop();
+      why.push(`${python} cannot import ${modules.join(", ")} (${last})`);
+    } catch (e) {
+      why.push(`${python} is not runnable (${(e as Error).message})`);
+    }
+  }
+  return { missing: `${why.join("; ")}; set PYTHON to a Python that has them` };
+}

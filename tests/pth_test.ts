@@ -11,6 +11,7 @@ import { parameterSpecs } from "../model/params.ts";
 import { modelForward } from "../model/reference.ts";
 import { UserError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
+import { findPython } from "./helpers.ts";
 import {
   assert,
   assertClose,
@@ -503,24 +504,7 @@ Deno.test("pth fuzz: mutated files (directory, headers, data, deflate)", async (
 // ---------------------------------------------------------------------------
 // Optional: PyTorch saves fresh random views now, and we read what torch.load reads.
 
-const PYTHON = Deno.env.get("PYTHON") ?? "python3";
-
-function torchMissing(): string | undefined {
-  try {
-    const out = new Deno.Command(PYTHON, {
-      args: ["-c", "import torch"],
-      stdout: "null",
-      stderr: "piped",
-    }).outputSync();
-    if (out.success) return undefined;
-    const last = new TextDecoder().decode(out.stderr).trim().split("\n").pop();
-    return `${PYTHON} cannot import torch (${last}); set PYTHON to a Python with torch`;
-  } catch (e) {
-    return `${PYTHON} is not runnable (${(e as Error).message})`;
-  }
-}
-
-const missing = torchMissing();
+const { python: PYTHON, missing } = findPython(["torch"]);
 if (missing) console.log(`pth_test: skipping the live torch.save test: ${missing}`);
 
 const VIEWS_SCRIPT = `
@@ -552,7 +536,7 @@ Deno.test({
     try {
       for (const seed of [1, 2, 3]) {
         const path = `${dir}/v${seed}.pth`;
-        const out = await new Deno.Command(PYTHON, {
+        const out = await new Deno.Command(PYTHON!, {
           args: ["-c", VIEWS_SCRIPT, path, String(seed)],
           stdout: "piped",
           stderr: "piped",

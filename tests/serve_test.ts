@@ -28,7 +28,7 @@ import { GPU_TEST } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
 import { saveCheckpoint } from "../io/checkpoint.ts";
 import { parameterSpecs } from "../model/params.ts";
-import { tinyConfig } from "./helpers.ts";
+import { findPython, tinyConfig } from "./helpers.ts";
 import { defaultTokenizer } from "../data/corpus.ts";
 import { formatHelp, parseCommandArgs, type ParsedArgs } from "../cli/args.ts";
 import { generateCommand, runGenerate } from "../cli/generate.ts";
@@ -789,27 +789,7 @@ Deno.test({
 
 // ---- Python's openai client (optional).
 
-/** A python with the openai package: $PYTHON (e.g. a venv's), else python3; or why there is none. */
-function findPythonOpenAi(): { python?: string; missing?: string } {
-  const why: string[] = [];
-  for (const python of [Deno.env.get("PYTHON"), "python3"]) {
-    if (!python) continue;
-    try {
-      const out = new Deno.Command(python, {
-        args: ["-c", "import openai"],
-        stdout: "null",
-        stderr: "piped",
-      }).outputSync();
-      if (out.success) return { python };
-      const last = new TextDecoder().decode(out.stderr).trim().split("\n").pop();
-      why.push(`${python} cannot import openai (${last})`);
-    } catch (e) {
-      why.push(`${python} is not runnable (${(e as Error).message})`);
-    }
-  }
-  return { missing: `${why.join("; ")}; set PYTHON to a python with the openai package` };
-}
-const { python, missing: pythonMissing } = findPythonOpenAi();
+const { python, missing: pythonMissing } = findPython(["openai"]);
 if (pythonMissing) console.log(`serve_test: skipping the Python client test: ${pythonMissing}`);
 
 const PYTHON_CLIENT = `
