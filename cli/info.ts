@@ -7,6 +7,7 @@ import { Gpu } from "../kernels/runtime.ts";
 import { formatGpuReport, gpuReport } from "../kernels/info.ts";
 import { type CommandSpec, flagOption } from "./args.ts";
 import { detectLaunch } from "../dist/comm.ts";
+import { applyGpuForRank } from "../dist/gpu.ts";
 
 /** The `info` command. */
 export const infoCommand: CommandSpec = {
@@ -18,15 +19,17 @@ export const infoCommand: CommandSpec = {
     json: { type: "boolean", help: "print one JSON object instead of text" },
   },
   async run(args) {
+    // Under mpirun/srun each rank reports what it sees (without loading libmpi),
+    // with the GPU TRAINER_GPUS gives its local rank.
+    const launch = detectLaunch(Deno.env);
+    const gpuPick = applyGpuForRank(launch);
     const gpu = await Gpu.request();
     try {
-      // Under mpirun/srun each rank reports what it sees (without loading libmpi).
-      const launch = detectLaunch(Deno.env);
       const report = { ...gpuReport(gpu), ...(launch ? { mpi: launch } : {}) };
       const rankLine = launch
         ? `MPI rank ${launch.rank}${launch.size ? ` of ${launch.size}` : ""} (local rank ${
           launch.localRank ?? "?"
-        }, ${launch.launcher})\n`
+        }, ${launch.launcher}${gpuPick ? `, DRI_PRIME=${gpuPick}` : ""})\n`
         : "";
       console.log(
         flagOption(args, "json")

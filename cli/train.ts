@@ -9,7 +9,8 @@ import { Gpu } from "../kernels/runtime.ts";
 import { prepareRun, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
 import { runPrepared } from "../train/run.ts";
 import { DataParallel } from "../train/distributed.ts";
-import { openCommunicator } from "../dist/comm.ts";
+import { detectLaunch, openCommunicator } from "../dist/comm.ts";
+import { applyGpuForRank } from "../dist/gpu.ts";
 import { UserError } from "../util/errors.ts";
 import {
   type CommandSpec,
@@ -231,13 +232,13 @@ export async function runTraining(
 ): Promise<number> {
   const opts = trainOptionsFrom(kind, args);
   // Under mpirun/srun every rank joins (libmpi through FFI); alone, nothing is loaded.
+  // Each rank's GPU is chosen before any adapter is requested (TRAINER_GPUS).
+  const gpuPick = applyGpuForRank(detectLaunch(Deno.env));
   const comm = openCommunicator();
   const parallel = comm.size > 1 ? new DataParallel(comm) : undefined;
-  const print = comm.rank === 0
-    ? (io.print ?? ((line: string) => console.log(line)))
-    : () => {}; // rank 0 speaks for the run
+  const print = comm.rank === 0 ? (io.print ?? ((line: string) => console.log(line))) : () => {}; // rank 0 speaks for the run
   try {
-    return await trainOnDevice(kind, opts, { ...io, print, parallel });
+    return await trainOnDevice(kind, opts, { ...io, print, parallel, gpuPick });
   } catch (e) {
     // One rank's error ends every rank at once, rather than leaving them waiting.
     if (parallel && e instanceof UserError) {
@@ -257,10 +258,20 @@ async function trainOnDevice(
     gpu?: Gpu;
     interruptAtStep?: number;
     parallel?: DataParallel;
+    /** The DRI_PRIME value this rank selected its GPU with, if any. */
+    gpuPick?: string;
   },
 ): Promise<number> {
   const { print, parallel } = io;
   const gpu = io.gpu ?? await Gpu.request();
+  if (parallel) {
+    // Every rank names its adapter once (stderr for ranks > 0), so two ranks sharing a GPU show.
+    const line = `rank ${parallel.comm.rank} of ${parallel.comm.size} (local rank ${
+      parallel.comm.localRank ?? "?"
+    }) on ${gpu.adapterSummary.name}${io.gpuPick ? ` (DRI_PRIME=${io.gpuPick})` : ""}`;
+    if (parallel.comm.rank === 0) print(line);
+    else console.error(`trainer ${kind}: ${line}`);
+  }
   try {
     const prepared = await prepareRun(opts, {
       gpu,

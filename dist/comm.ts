@@ -71,7 +71,12 @@ export const LAUNCH_ENV_VARS: readonly string[] = [
  * Every environment variable the distributed path reads: what a compiled
  * binary's `--allow-env=...` must list besides its own.
  */
-export const DIST_ENV_VARS: readonly string[] = [...LAUNCH_ENV_VARS, LIBMPI_ENV];
+export const DIST_ENV_VARS: readonly string[] = [
+  ...LAUNCH_ENV_VARS,
+  LIBMPI_ENV,
+  "TRAINER_GPUS",
+  "DRI_PRIME",
+];
 
 /** Slurm's step ids for the batch script, the interactive step and the extern step (`slurm.h`). */
 const SLURM_SPECIAL_STEPS = new Set([0xfffffffb, 0xfffffffa, 0xfffffffc]);

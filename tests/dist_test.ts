@@ -10,6 +10,7 @@
  * The mpirun is `mpirun` on PATH, or `TRAINER_TEST_MPIRUN` (e.g. MPICH's
  * `mpiexec.hydra`, with `TRAINER_LIBMPI` naming its library).
  */
+import { gpuForRank } from "../dist/gpu.ts";
 import {
   chunkBounds,
   detectLaunch,
@@ -381,4 +382,26 @@ Deno.test({
     assertEquals(a.bytes, 4 << 20);
     assertEquals({ ...a, rank: 0 }, { ...b, rank: 0 }, "the slowest rank's figure, everywhere");
   },
+});
+
+Deno.test("gpuForRank: TRAINER_GPUS entry by local rank, as DRI_PRIME with '!'", () => {
+  const env = (v?: string) => new Map(v === undefined ? [] : [["TRAINER_GPUS", v]]);
+  const launch = (localRank?: number) => ({
+    launcher: "openmpi" as const,
+    rank: 3,
+    size: 4,
+    localRank,
+  });
+  assertEquals(
+    gpuForRank(env("pci-0000_41_00_0, pci-0000_42_00_0"), launch(1)),
+    "pci-0000_42_00_0!",
+  );
+  assertEquals(
+    gpuForRank(env("pci-0000_41_00_0,pci-0000_42_00_0"), launch(2)),
+    "pci-0000_41_00_0!",
+  );
+  assertEquals(gpuForRank(env("1!"), launch(0)), "1!");
+  assertEquals(gpuForRank(env(), launch(0)), undefined);
+  assertEquals(gpuForRank(env("a,b"), launch(undefined)), undefined);
+  assertEquals(gpuForRank(env("a,b"), undefined), undefined);
 });
