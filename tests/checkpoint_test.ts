@@ -846,16 +846,19 @@ if (transformersMissing) {
 const LOGITS_SCRIPT = `
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+model, info = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], torch_dtype=torch.float32, output_loading_info=True)
 model.eval()
 ids = torch.tensor([json.loads(sys.argv[2])])
 with torch.no_grad():
     logits = model(input_ids=ids).logits[0]
-print(json.dumps(logits.reshape(-1).tolist()))
+keys = {k: sorted(str(x) for x in v) for k, v in info.items()}
+print(json.dumps({"logits": logits.reshape(-1).tolist(), "info": keys,
+                  "arch": type(model).__name__}))
 `;
 
 Deno.test({
-  name: "checkpoint: Transformers loads it and computes the reference logits",
+  name: "checkpoint: Transformers loads it with no missing or unexpected keys, same logits",
   ignore: transformersMissing !== undefined,
   fn: async () => {
     await withTempDir(async (root) => {
@@ -879,7 +882,13 @@ Deno.test({
           stderr: "piped",
         }).output();
         assert(out.success, new TextDecoder().decode(out.stderr));
-        const theirs: number[] = JSON.parse(new TextDecoder().decode(out.stdout));
+        const result = JSON.parse(new TextDecoder().decode(out.stdout));
+        // Every tensor found its place, none was left over or reshaped.
+        for (const field of ["missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"]) {
+          assertEquals(result.info[field] ?? [], [], `variant ${i}: ${field}`);
+        }
+        assertEquals(result.arch, config.qk_norm ? "Qwen3ForCausalLM" : "LlamaForCausalLM");
+        const theirs: number[] = result.logits;
         const ours = referenceLogits(config, c.params, ids);
         // PyTorch computes in float32 (rounding ~6e-8 relative per op, a few
         // hundred ops deep), the reference in float64; logits are O(0.1-1).
