@@ -192,6 +192,43 @@ export {
   type TrainResult,
 } from "./train/loop.ts";
 /** The PRNG every random choice uses. */
+export {
+  loadPth,
+  MAX_PICKLE_BYTES,
+  type PthDtype,
+  type PthTensor,
+  readPthStateDict,
+} from "./io/pth.ts";
+export {
+  type Communicator,
+  type CommunicatorOptions,
+  detectLaunch,
+  type LaunchInfo,
+  openCommunicator,
+  singleProcess,
+} from "./dist/comm.ts";
+export { type AllreduceBandwidth, allreduceBandwidth } from "./dist/bandwidth.ts";
+export { DataParallel } from "./train/distributed.ts";
+export {
+  chatPromptIds,
+  fitConversation,
+  type GenerationModel,
+  loadGenerationModel,
+  resolveMaxNewTokens,
+  resolveSampling,
+  stopIds,
+  textPromptIds,
+  TokenStreamer,
+} from "./infer/session.ts";
+export { type EngineOptions, ServeEngine } from "./serve/engine.ts";
+export {
+  createHandler,
+  type Handler,
+  type ListenOptions,
+  type RunningServer,
+  serve,
+  type ServerOptions,
+} from "./serve/server.ts";
 export { Rng, type RngState } from "./util/random.ts";
 /** Errors that carry a user-facing message. */
 export { UsageError, UserError } from "./util/errors.ts";
