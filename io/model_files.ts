@@ -123,7 +123,10 @@ export async function loadModel(
   const describe = opts.describe ?? ckpt.source;
   if (opts.shape) checkSameShape(opts.shape, ckpt.config, describe);
   if (opts.tokenizer) {
-    ckpt.tokenizer = { ...opts.tokenizer };
+    ckpt.tokenizer = {
+      tokenizerJson: opts.tokenizer.tokenizerJson,
+      tokenizerConfigJson: opts.tokenizer.tokenizerConfigJson,
+    };
     // The model's own ids stay; the tokenizer's must at least be its tokens.
     checkedTokenizerIds(ckpt.tokenizer, "--tokenizer", ckpt.config.vocab_size);
   }
@@ -149,7 +152,9 @@ export function checkSameShape(shape: RequestedShape, have: ModelConfig, where: 
 
 /** The tokenizer of a state dict: given, or the two files beside it. */
 async function stateDictTokenizer(path: string, given?: TokenizerFiles): Promise<TokenizerFiles> {
-  if (given) return given;
+  if (given) {
+    return { tokenizerJson: given.tokenizerJson, tokenizerConfigJson: given.tokenizerConfigJson };
+  }
   const cut = Math.max(path.lastIndexOf("/"), path.lastIndexOf("\\"));
   const dir = cut < 0 ? "." : path.slice(0, cut) || "/";
   try {
