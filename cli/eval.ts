@@ -77,7 +77,7 @@ export const evalCommand: CommandSpec = {
   summary: "Mean next-token loss and perplexity of a model on JSONL data",
   usage: "--model PATH --data PATH... [options]",
   description:
-    'Each line is its own sequence: a {"text"} line is bos, tokens..., eos, truncated to its first seq-len + 1 tokens, and every target counts; a {"conversations"} line is rendered with the chat template and only assistant tokens count. The kind is detected per file from its first line. Bos, eos and the chat template are the tokenizer's, as in training. (The eval loss printed during training is measured on packed windows of the same kind of data, so the two figures differ slightly.)',
+    'Each line is its own sequence: a {"text"} line is bos, tokens..., eos, truncated to its first seq-len + 1 tokens, and every target counts; a {"conversations"} line is rendered with the chat template and only assistant tokens count. The kind is detected per file from its first line. Bos, eos and the chat template come from the tokenizer, as in training. (The eval loss printed during training is measured on packed windows of the same kind of data, so the two figures differ slightly.)',
   options: {
     model: {
       type: "string",
