@@ -324,7 +324,14 @@ async function loadStateDictModel(path: string, opts: LoadModelOptions): Promise
     );
   }
 
+  // Shapes first: a wrong shape says more than the missing tensors it implies.
   const specs = parameterSpecs(config);
+  for (const s of specs) {
+    const t = tensors.get(s.name);
+    if (t && (t.shape.length !== s.shape.length || t.shape.some((d, i) => d !== s.shape[i]))) {
+      throw shapeMismatch(describe, against, s.name, t.shape, s.shape);
+    }
+  }
   const expected = new Set(specs.map((s) => s.name));
   const missing = specs.filter((s) => !tensors.has(s.name)).map((s) => s.name);
   if (missing.length > 0) {
@@ -349,9 +356,6 @@ async function loadStateDictModel(path: string, opts: LoadModelOptions): Promise
   const params = new Map<string, Float32Array>();
   for (const s of specs) {
     const t = tensors.get(s.name)!;
-    if (t.shape.length !== s.shape.length || t.shape.some((d, i) => d !== s.shape[i])) {
-      throw shapeMismatch(describe, against, s.name, t.shape, s.shape);
-    }
     // Tensors that were one view of one storage share an array; parameters must not.
     params.set(s.name, [...params.values()].includes(t.data) ? t.data.slice() : t.data);
   }
