@@ -119,6 +119,22 @@ export async function loadModel(
     }
     return await loadStateDictModel(path, opts);
   }
+  if (st?.isDirectory && !(await statOrUndefined(`${path}/config.json`))) {
+    // MiniMind's out/ holds .pth files only: point at them.
+    const dicts: string[] = [];
+    for await (const e of Deno.readDir(path)) {
+      if (e.isFile && isStateDictPath(e.name)) dicts.push(e.name);
+    }
+    if (dicts.length > 0) {
+      throw new UserError(
+        `${path}: not a checkpoint directory (no config.json); it holds PyTorch state dict${
+          dicts.length > 1 ? "s" : ""
+        }: pass the file itself (${
+          dicts.sort().map((n) => `${path.replace(/\/+$/, "")}/${n}`).join(", ")
+        })`,
+      );
+    }
+  }
   const ckpt = await loadCheckpoint(path);
   const describe = opts.describe ?? ckpt.source;
   if (opts.shape) checkSameShape(opts.shape, ckpt.config, describe);

@@ -174,17 +174,19 @@ Deno.test("model files: what the tensors cannot say needs a flag; a wrong shape 
   );
   // MoE state dicts are refused by the reader, naming the tensors.
   await assertRejects(() => loadModel(`${DIR}/moe.pth`, { tokenizer }), UserError, "expert");
-  // A tokenizer larger than the model's vocabulary.
+  // A tokenizer whose bos is outside the model's vocabulary.
+  const vocab = JSON.parse(tokenizer.tokenizerJson).model.vocab as Record<string, number>;
+  const big = Object.entries(vocab).find(([, id]) => id === 100)![0];
   await assertRejects(
     () =>
       loadModel(`${DIR}/minimind3_qk.pth`, {
         tokenizer: {
           tokenizerJson: tokenizer.tokenizerJson,
-          tokenizerConfigJson: JSON.stringify({ eos_token: "<|im_end|>", bos_token: "好" }),
+          tokenizerConfigJson: JSON.stringify({ eos_token: "<|im_end|>", bos_token: big }),
         },
       }),
     UserError,
-    "outside the model's vocabulary (vocab_size = 72)",
+    "the bos token is id 100, outside the model's vocabulary (vocab_size = 72)",
   );
 });
 
