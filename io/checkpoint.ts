@@ -454,7 +454,7 @@ async function openWeights(dir: string): Promise<WeightSource> {
     throw new UserError(
       `${dir}: no ${FILES.model} or ${FILES.modelIndex}` +
         (pickles.length === 1
-          ? `; it has a PyTorch checkpoint: pass the file itself (${
+          ? `; it has PyTorch pickle weights (${pickles[0]}): pass the file itself (${
             join(dir, pickles[0])
           }), which is read as a state dict`
           : pickles.length > 1

@@ -217,7 +217,7 @@ async function startingPoint(
       throw new UserError(
         kind === "sft" && initDir === "out/pretrain"
           ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint), --init FILE.pth (a PyTorch state dict) or --init none (random weights)"
-          : `--init ${initDir}: no such checkpoint (a directory, or a PyTorch .pth file)`,
+          : `--init ${initDir}: no such checkpoint directory (or PyTorch .pth file)`,
       );
     }
     const given = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : undefined;
