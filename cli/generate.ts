@@ -15,7 +15,7 @@ import { Gpu } from "../kernels/runtime.ts";
 import type { LoadedCheckpoint } from "../io/checkpoint.ts";
 import { InferenceModel } from "../model/inference.ts";
 import { generate, type GenerateResult } from "../model/generate.ts";
-import type { SamplingOptions } from "../model/sampling.ts";
+import { DEFAULT_SAMPLING, type SamplingOptions } from "../model/sampling.ts";
 import type { ChatMessage } from "../data/tokenizer.ts";
 import { LineSplitStream } from "../data/lines.ts";
 import {
@@ -126,7 +126,7 @@ const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
     type: "string",
     valueName: "T",
     help:
-      `softmax temperature; 0 = greedy, deterministic, > 0 samples (default: the model's ${SAMPLING_FROM}, then its temperature, else ${TRANSFORMERS_SAMPLING.temperature}; our checkpoints say do_sample: true, temperature 0.7, top_p 0.9; a .pth has no such file: greedy)`,
+      `softmax temperature; 0 = greedy, deterministic, > 0 samples (default: the model's ${SAMPLING_FROM}, then its temperature, else ${TRANSFORMERS_SAMPLING.temperature}; checkpoints trained here say do_sample: true, temperature ${DEFAULT_SAMPLING.temperature}, top_p ${DEFAULT_SAMPLING.topP}; a .pth has no such file: greedy)`,
   },
   "top-k": {
     type: "string",
