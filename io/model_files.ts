@@ -194,6 +194,11 @@ interface InferredShape {
   notes: string[];
 }
 
+/** 1e6 and 1e-6 as written in configs, not 1000000 and 0.000001. */
+function short(x: number): string {
+  return x >= 1e5 || x < 1e-3 ? x.toExponential().replace("e+", "e") : String(x);
+}
+
 /**
  * Reads the shape from a state dict's tensors (see the module comment);
  * throws when the head count cannot be known.
@@ -283,7 +288,11 @@ export function inferStateDictShape(
     `read from the tensors: vocab_size ${vocab}, hidden_size ${hidden}, num_hidden_layers ${layers}, ` +
       `num_attention_heads ${heads}, num_key_value_heads ${config.num_key_value_heads} (head_dim ${hd} from q_norm), ` +
       `intermediate_size ${inter}, QK-norm`,
-    `not in the tensors, MiniMind's defaults: rope_theta ${STATE_DICT_DEFAULTS.rope_theta}, rms_norm_eps ${STATE_DICT_DEFAULTS.rms_norm_eps}, max_position_embeddings ${STATE_DICT_DEFAULTS.max_position_embeddings} (pass --model-config to set them)`,
+    `not in the tensors, MiniMind's defaults: rope_theta ${
+      short(STATE_DICT_DEFAULTS.rope_theta)
+    }, rms_norm_eps ${
+      short(STATE_DICT_DEFAULTS.rms_norm_eps)
+    }, max_position_embeddings ${STATE_DICT_DEFAULTS.max_position_embeddings} (pass --model-config to set them)`,
   );
   return { config, notes };
 }
