@@ -498,3 +498,29 @@ Deno.test({
     });
   },
 });
+
+Deno.test("model files: MiniMind's resume file loads its model part, the optimizer left aside", async () => {
+  // scripts/make_pth_fixtures.py resume(): LlamaConfig(hidden 8, 1 layer, 2/1 heads, MLP 12,
+  // vocab 16, tied), no q_norm, so the shape is given.
+  const shape = shapeOf({
+    hidden_size: 8,
+    num_hidden_layers: 1,
+    num_attention_heads: 2,
+    num_key_value_heads: 1,
+    intermediate_size: 12,
+    vocab_size: 16,
+    max_position_embeddings: 2048,
+    rope_theta: 10000,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: true,
+    qk_norm: false,
+  });
+  const m = await loadModel(`${DIR}/resume.pth`, { shape, tokenizer });
+  const records = JSON.parse(await Deno.readTextFile(`${DIR}/resume.tensors.json`));
+  // Every tensor of the state dict but the second copy of the tied head.
+  assertEquals(
+    [...m.params.keys()].sort(),
+    Object.keys(records).filter((n) => n !== "lm_head.weight").sort(),
+  );
+  assertEquals(m.params.get("model.norm.weight")!.length, 8);
+});
