@@ -106,6 +106,15 @@ export {
   type SaveCheckpointOptions,
   type SaveStep,
 } from "./io/checkpoint.ts";
+/**
+ * Any model a command loads: a checkpoint directory, or a PyTorch `.pth`
+ * state dict (MiniMind's), its shape read from the tensors or given.
+ */
+export { type LoadedModel, loadModel, type LoadModelOptions } from "./io/model_files.ts";
+/** A model shape asked for by preset name or config file. */
+export { type RequestedShape, requestedShape } from "./io/model_config.ts";
+/** PyTorch `.pth` state dicts, read without running their pickles. */
+export { loadPth, type PthDtype, type PthTensor, readPthStateDict } from "./io/pth.ts";
 /** Special token ids and `generation_config.json` contents, as checkpoints carry them. */
 export {
   type ParsedGenerationConfig,

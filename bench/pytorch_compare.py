@@ -60,7 +60,7 @@ PRESETS = {
                             qk_norm=False),
     "minimind-3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=4, intermediate_size=2432, vocab_size=6400,
-                       rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=True, qk_norm=True),
+                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, qk_norm=True),
 }
 
 OPTIM = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)

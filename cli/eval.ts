@@ -5,10 +5,10 @@
  * @module
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { loadCheckpoint } from "../io/checkpoint.ts";
+import { loadGenerationModel } from "../infer/session.ts";
+import { modelFrom, STATE_DICT_OPTIONS } from "./generate.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { resolveDataPaths } from "../data/sources.ts";
-import { TextTokenizer } from "../data/tokenizer.ts";
 import { evaluateLines } from "../train/eval.ts";
 import {
   type CommandSpec,
@@ -21,8 +21,7 @@ import {
 import { UsageError, UserError } from "../util/errors.ts";
 
 async function runEval(args: ParsedArgs): Promise<number> {
-  const dir = stringOption(args, "model");
-  if (!dir) throw new UsageError("--model DIR is required");
+  if (!stringOption(args, "model")) throw new UsageError("--model PATH is required");
   const data = listOption(args, "data");
   if (data.length === 0) throw new UsageError("--data PATH is required");
   const resolved = await resolveDataPaths(data);
@@ -31,12 +30,9 @@ async function runEval(args: ParsedArgs): Promise<number> {
       "trainer eval reads JSONL files (each line its own sequence), not token shards",
     );
   }
-  const ckpt = await loadCheckpoint(dir);
-  const tokenizer = TextTokenizer.fromJson(
-    ckpt.tokenizer.tokenizerJson,
-    ckpt.tokenizer.tokenizerConfigJson,
-    dir,
-  );
+  const { path, opts } = modelFrom(args);
+  const { ckpt, tokenizer } = await loadGenerationModel(path, opts);
+  for (const line of ckpt.notes) console.error(`${ckpt.source}: ${line}`);
   const seqLen = numberOption(args, "seq-len", Math.min(512, ckpt.config.max_position_embeddings), {
     integer: true,
     min: 1,
@@ -79,11 +75,17 @@ async function runEval(args: ParsedArgs): Promise<number> {
 export const evalCommand: CommandSpec = {
   name: "eval",
   summary: "Mean next-token loss and perplexity of a model on JSONL data",
-  usage: "--model DIR --data PATH... [options]",
+  usage: "--model PATH --data PATH... [options]",
   description:
-    'Each line is its own sequence: a {"text"} line is bos, tokens..., eos, truncated to its first seq-len + 1 tokens, and every target counts; a {"conversations"} line is rendered with the chat template and only assistant tokens count. The kind is detected per file from its first line. (The eval loss printed during training is measured on packed windows of the same kind of data, so the two figures differ slightly.)',
+    'Each line is its own sequence: a {"text"} line is bos, tokens..., eos, truncated to its first seq-len + 1 tokens, and every target counts; a {"conversations"} line is rendered with the chat template and only assistant tokens count. The kind is detected per file from its first line. Bos, eos and the chat template come from the tokenizer, as in training. (The eval loss printed during training is measured on packed windows of the same kind of data, so the two figures differ slightly.)',
   options: {
-    model: { type: "string", valueName: "DIR", help: "checkpoint or Hugging Face model directory" },
+    model: {
+      type: "string",
+      valueName: "PATH",
+      help:
+        "checkpoint or Hugging Face model directory, or a PyTorch .pth state dict as MiniMind saves",
+    },
+    ...STATE_DICT_OPTIONS,
     data: { type: "string", multiple: true, valueName: "PATH", help: "JSONL files, dirs or globs" },
     "seq-len": {
       type: "string",

@@ -24,12 +24,15 @@ import {
   DEFAULT_MAX_NEW_TOKENS,
   DEFAULT_MODEL_DIR,
   fitConversation,
+  type GenerationModelOptions,
   loadGenerationModel,
   resolveMaxNewTokens,
   resolveSampling,
+  samplingSource,
   stopIds,
   textPromptIds,
   TokenStreamer,
+  TRANSFORMERS_SAMPLING,
 } from "../infer/session.ts";
 import {
   type CommandSpec,
@@ -71,9 +74,46 @@ function resolveIo(io: GenerationIo) {
 
 const MODEL_OPTION: OptionSpec = {
   type: "string",
-  valueName: "DIR",
-  help: `checkpoint or Hugging Face model directory (default ${DEFAULT_MODEL_DIR})`,
+  valueName: "PATH",
+  help:
+    `checkpoint or Hugging Face model directory, or a PyTorch .pth state dict as MiniMind saves (default ${DEFAULT_MODEL_DIR})`,
 };
+
+/** What a `.pth` state dict does not carry: its tokenizer and, without QK-norm, its head count. */
+export const STATE_DICT_OPTIONS: Record<string, OptionSpec> = {
+  tokenizer: {
+    type: "string",
+    valueName: "DIR",
+    help:
+      "tokenizer directory (tokenizer.json + tokenizer_config.json) instead of the model's; a .pth has none, so it is needed there unless those files lie beside the .pth (MiniMind's: model/ in its repository)",
+  },
+  preset: {
+    type: "string",
+    valueName: "NAME",
+    help:
+      "shape of a .pth: tiny, minimind2-small, minimind-3; default: read from the tensors (heads from q_norm; rope_theta 1e6, rms_norm_eps 1e-6 as MiniMind) — a .pth without q_norm needs it",
+  },
+  "model-config": {
+    type: "string",
+    valueName: "FILE",
+    help: "shape of a .pth from a JSON/JSONC file of Hugging Face config fields (+ qk_norm)",
+  },
+};
+
+/** Model path and the state-dict options, as `loadGenerationModel` takes them. */
+export function modelFrom(args: ParsedArgs): { path?: string; opts: GenerationModelOptions } {
+  return {
+    path: stringOption(args, "model"),
+    opts: {
+      tokenizer: stringOption(args, "tokenizer"),
+      preset: stringOption(args, "preset"),
+      modelConfig: stringOption(args, "model-config"),
+    },
+  };
+}
+
+const SAMPLING_FROM =
+  "generation_config.json as Transformers reads it: greedy unless it says do_sample: true";
 
 const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
   "max-new-tokens": {
@@ -86,27 +126,32 @@ const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
     type: "string",
     valueName: "T",
     help:
-      `softmax temperature; 0 = greedy, deterministic (default: generation_config.json, greedy when it says do_sample: false, else ${DEFAULT_SAMPLING.temperature})`,
+      `softmax temperature; 0 = greedy, deterministic, > 0 samples (default: the model's ${SAMPLING_FROM}, then its temperature, else ${TRANSFORMERS_SAMPLING.temperature}; checkpoints trained here say do_sample: true, temperature ${DEFAULT_SAMPLING.temperature}, top_p ${DEFAULT_SAMPLING.topP}; a .pth has no such file: greedy)`,
   },
   "top-k": {
     type: "string",
     valueName: "K",
     help:
-      `sample among the K most likely tokens only; 0 = off (default: generation_config.json, else ${DEFAULT_SAMPLING.topK})`,
+      `sample among the K most likely tokens only; 0 = off (default: generation_config.json, else Transformers' ${TRANSFORMERS_SAMPLING.topK})`,
   },
   "top-p": {
     type: "string",
     valueName: "P",
     help:
-      `nucleus sampling: the smallest set of likely tokens with mass >= P; 1 = off (default: generation_config.json, else ${DEFAULT_SAMPLING.topP})`,
+      `nucleus sampling: the smallest set of likely tokens with mass >= P; 1 = off (default: generation_config.json, else ${TRANSFORMERS_SAMPLING.topP})`,
   },
   "repetition-penalty": {
     type: "string",
     valueName: "R",
-    help: "divide (multiply, when negative) the logits of tokens already seen by R; 1 = off",
+    help:
+      "divide (multiply, when negative) the logits of tokens already seen by R; 1 = off (default: generation_config.json, else 1)",
   },
   seed: { type: "string", valueName: "N", help: "seed of the sampling draws (default: random)" },
-  verbose: { type: "boolean", help: "print prefill time and decode speed on stderr" },
+  verbose: {
+    type: "boolean",
+    help:
+      "print the sampling settings and where they came from, prefill time and decode speed on stderr",
+  },
 };
 
 /** Sampling settings: command line, else `generation_config.json`, else the defaults. */
@@ -145,6 +190,20 @@ function maxNewTokensFrom(args: ParsedArgs, ckpt: LoadedCheckpoint): number {
     : numberOption(args, "max-new-tokens", 0, { integer: true, min: 1 });
 }
 
+/** The sampling settings in use and where their defaults came from. */
+function settingsLine(
+  s: SamplingOptions,
+  ckpt: Pick<LoadedCheckpoint, "generation" | "source">,
+  args: ParsedArgs,
+): string {
+  const flags = ["temperature", "top-k", "top-p", "repetition-penalty"].filter((f) =>
+    args.values[f] !== undefined
+  );
+  return `sampling: temperature ${s.temperature}, top_k ${s.topK}, top_p ${s.topP}, repetition_penalty ${s.repetitionPenalty} (defaults: ${
+    samplingSource(ckpt)
+  }${flags.length > 0 ? `; given: --${flags.join(", --")}` : ""})`;
+}
+
 function speedLine(r: GenerateResult, gpu: Gpu): string {
   const decoded = Math.max(0, r.ids.length - 1);
   return `prefill: ${r.promptTokens} tokens in ${
@@ -164,16 +223,19 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
   const chat = flagOption(args, "chat");
   const json = flagOption(args, "json");
   const verbose = flagOption(args, "verbose");
-  const loaded = await loadGenerationModel(stringOption(args, "model"));
+  const { path, opts } = modelFrom(args);
+  const loaded = await loadGenerationModel(path, opts);
   const { ckpt, tokenizer } = loaded;
+  for (const line of ckpt.notes) note(`${ckpt.source}: ${line}`);
   const sampling = samplingFrom(args, ckpt);
   const { rng, seed } = rngFrom(args);
   const maxNew = maxNewTokensFrom(args, ckpt);
+  if (verbose) note(settingsLine(sampling, ckpt, args));
 
   // Base models continue bos + the text; chat models answer a user turn.
   const promptIds = chat
     ? chatPromptIds(tokenizer, [{ role: "user", content: prompt }])
-    : textPromptIds(tokenizer, ckpt.special.bos, prompt);
+    : textPromptIds(tokenizer, prompt);
   const maxPos = ckpt.config.max_position_embeddings;
   if (promptIds.length >= maxPos) {
     throw new UserError(
@@ -229,11 +291,12 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
 export const generateCommand: CommandSpec = {
   name: "generate",
   summary: "Generate text from a model (streams as it goes)",
-  usage: "[--model DIR] [--prompt TEXT] [options]",
+  usage: "[--model PATH] [--prompt TEXT] [options]",
   description:
-    `Without --chat the model continues bos + the prompt's tokens, as a base model does; with --chat the prompt is a user turn rendered with the model's chat template and the generation prompt, and the reply ends at <|im_end|> or eos. Text streams to stdout as it is generated (whole UTF-8 characters only). The prompt plus --max-new-tokens must fit the model's context (max_position_embeddings): a longer prompt is an error, and generation stops early, with a note on stderr, when the context fills up.`,
+    `Without --chat the model continues bos + the prompt's tokens (bos and eos are the tokenizer's, as for training and eval; generation also stops at every eos id of generation_config.json), as a base model does; with --chat the prompt is a user turn rendered with the model's chat template and the generation prompt, and the reply ends at <|im_end|> or eos. Text streams to stdout as it is generated (whole UTF-8 characters only). The prompt plus --max-new-tokens must fit the model's context (max_position_embeddings): a longer prompt is an error, and generation stops early, with a note on stderr, when the context fills up. Sampling defaults follow the model's generation_config.json as Transformers reads it: no do_sample: true (or no file, as for a .pth) means greedy; --verbose prints the settings and where they came from. A .pth state dict (MiniMind's out/*.pth) needs its tokenizer (--tokenizer, or the files beside it); its shape is read from the tensors, or given by --preset / --model-config.`,
   options: {
     model: MODEL_OPTION,
+    ...STATE_DICT_OPTIONS,
     prompt: { type: "string", valueName: "TEXT", help: "the text to continue (default empty)" },
     chat: { type: "boolean", help: "answer the prompt as a user turn of a chat" },
     json: {
@@ -260,8 +323,10 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
   const verbose = flagOption(args, "verbose");
   const historyTurns = numberOption(args, "history", 8, { integer: true, min: 0 });
   const system = stringOption(args, "system");
-  const loaded = await loadGenerationModel(stringOption(args, "model"));
+  const { path, opts } = modelFrom(args);
+  const loaded = await loadGenerationModel(path, opts);
   const { ckpt, tokenizer } = loaded;
+  for (const line of ckpt.notes) note(`${ckpt.source}: ${line}`);
   if (!tokenizer.hasChatTemplate) {
     throw new UserError(
       `${ckpt.source}: the tokenizer has no chat_template, so there is no chat format; use 'trainer generate' to continue text`,
@@ -270,6 +335,7 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
   const sampling = samplingFrom(args, ckpt);
   const { rng, seed } = rngFrom(args);
   const maxNew = maxNewTokensFrom(args, ckpt);
+  if (verbose) note(settingsLine(sampling, ckpt, args));
   const maxPos = ckpt.config.max_position_embeddings;
   const context = numberOption(args, "context", Math.min(DEFAULT_CHAT_CONTEXT, maxPos), {
     integer: true,
@@ -365,11 +431,12 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
 export const chatCommand: CommandSpec = {
   name: "chat",
   summary: "Chat with a model in the terminal (history, streaming replies)",
-  usage: "[--model DIR] [options]",
+  usage: "[--model PATH] [options]",
   description:
-    `Each line you type is a user turn; the reply streams back. The prompt is the conversation rendered with the model's chat template (the last --history turns, plus --system), and a reply ends at <|im_end|> or eos. /reset clears the history, /exit or Ctrl-D (end of input) quits. When the conversation plus the reply budget outgrows the context (--context), the oldest turns are dropped. Works with piped input: typed lines are then echoed after '> ', so stdout reads as a transcript.`,
+    `Each line you type is a user turn; the reply streams back. The prompt is the conversation rendered with the model's chat template (the last --history turns, plus --system), and a reply ends at <|im_end|> or eos. /reset clears the history, /exit or Ctrl-D (end of input) quits. When the conversation plus the reply budget outgrows the context (--context), the oldest turns are dropped. Works with piped input: typed lines are then echoed after '> ', so stdout reads as a transcript. Sampling defaults follow the model's generation_config.json as Transformers reads it (no do_sample: true means greedy); --model takes a .pth state dict as generate does.`,
   options: {
     model: MODEL_OPTION,
+    ...STATE_DICT_OPTIONS,
     history: {
       type: "string",
       valueName: "N",

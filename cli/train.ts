@@ -39,8 +39,8 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
       type: "string",
       valueName: "DIR",
       help: kind === "pretrain"
-        ? "Hugging Face tokenizer dir (default: the embedded tokenizer, or --init's)"
-        : "Hugging Face tokenizer dir (default: the --init checkpoint's)",
+        ? "Hugging Face tokenizer dir (default: the embedded tokenizer, or --init's; a .pth has none: give it unless tokenizer.json and tokenizer_config.json lie beside the .pth)"
+        : "Hugging Face tokenizer dir (default: the --init checkpoint's; a .pth has none: give it unless tokenizer.json and tokenizer_config.json lie beside the .pth)",
     },
     "eval-data": {
       type: "string",
@@ -69,10 +69,12 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
     },
     init: {
       type: "string",
-      valueName: "DIR",
-      help: kind === "pretrain"
-        ? "start from this checkpoint's weights (fresh optimizer, step 0)"
-        : "start from this checkpoint's weights (default out/pretrain; 'none' = random weights)",
+      valueName: "PATH",
+      help:
+        (kind === "pretrain"
+          ? "start from this checkpoint's weights (fresh optimizer, step 0)"
+          : "start from this checkpoint's weights (default out/pretrain; 'none' = random weights)") +
+        ": a checkpoint directory, or a PyTorch .pth state dict as MiniMind saves (shape read from the tensors, or --preset / --model-config; needed without q_norm)",
     },
     steps: { type: "string", valueName: "N", help: `optimizer steps (default ${d.steps})` },
     epochs: {

@@ -7,8 +7,10 @@
  *
  * @module
  */
-import { loadCheckpoint, type LoadedCheckpoint } from "../io/checkpoint.ts";
-import { checkSamplingOptions, DEFAULT_SAMPLING, type SamplingOptions } from "../model/sampling.ts";
+import type { LoadedCheckpoint } from "../io/checkpoint.ts";
+import { type LoadedModel, loadModel } from "../io/model_files.ts";
+import { requestedShape } from "../io/model_config.ts";
+import { checkSamplingOptions, type SamplingOptions } from "../model/sampling.ts";
 import { type ChatMessage, StreamingDecoder, TextTokenizer } from "../data/tokenizer.ts";
 import { UserError } from "../util/errors.ts";
 
@@ -23,18 +25,33 @@ export const DEFAULT_CHAT_CONTEXT = 2048;
 
 /** A checkpoint and its tokenizer, ready to generate. */
 export interface GenerationModel {
-  ckpt: LoadedCheckpoint;
+  ckpt: LoadedModel;
   tokenizer: TextTokenizer;
-  /** The directory it was loaded from. */
+  /** The directory (or state dict file) it was loaded from. */
   dir: string;
 }
 
+/** How to read a model that does not carry everything itself (a `.pth` state dict). */
+export interface GenerationModelOptions {
+  /** `--preset`: the shape of a state dict (checked against a directory's config). */
+  preset?: string;
+  /** `--model-config`: the same from a JSON/JSONC file. */
+  modelConfig?: string;
+  /** `--tokenizer`: a tokenizer directory, instead of the checkpoint's (a state dict has none). */
+  tokenizer?: string;
+}
+
 /**
- * Loads `dir` (a checkpoint or Hugging Face model directory; default
- * `DEFAULT_MODEL_DIR`, with a message that says how to make one when it is
- * missing) with its tokenizer, which must fit the model's vocabulary.
+ * Loads `dir` (a checkpoint or Hugging Face model directory, or a PyTorch
+ * `.pth` state dict; default `DEFAULT_MODEL_DIR`, with a message that says
+ * how to make one when it is missing) with its tokenizer, which must fit the
+ * model's vocabulary. `opts` gives what a state dict lacks (see
+ * `io/model_files.ts`).
  */
-export async function loadGenerationModel(dir?: string): Promise<GenerationModel> {
+export async function loadGenerationModel(
+  dir?: string,
+  opts: GenerationModelOptions = {},
+): Promise<GenerationModel> {
   const path = dir ?? DEFAULT_MODEL_DIR;
   if (dir === undefined) {
     try {
@@ -42,43 +59,75 @@ export async function loadGenerationModel(dir?: string): Promise<GenerationModel
     } catch (e) {
       if (!(e instanceof Deno.errors.NotFound)) throw e;
       throw new UserError(
-        `no model at ${DEFAULT_MODEL_DIR} (the default): make one with \`deno task pretrain\` then \`deno task sft\`, or pass --model DIR (a checkpoint or Hugging Face model directory)`,
+        `no model at ${DEFAULT_MODEL_DIR} (the default): make one with \`deno task pretrain\` then \`deno task sft\`, or pass --model DIR (a checkpoint or Hugging Face model directory) or --model FILE.pth (a PyTorch state dict, as MiniMind saves)`,
       );
     }
   }
-  const ckpt = await loadCheckpoint(path);
-  const tokenizer = TextTokenizer.fromJson(
+  const given = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : undefined;
+  const ckpt = await loadModel(path, { shape: await requestedShape(opts), tokenizer: given });
+  const tokenizer = given ?? TextTokenizer.fromJson(
     ckpt.tokenizer.tokenizerJson,
     ckpt.tokenizer.tokenizerConfigJson,
     ckpt.source,
   );
   if (tokenizer.vocabSize > ckpt.config.vocab_size) {
     throw new UserError(
-      `${ckpt.source}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${ckpt.config.vocab_size}`,
+      `${ckpt.source}: the tokenizer${
+        given ? ` (--tokenizer ${opts.tokenizer})` : ""
+      } has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${ckpt.config.vocab_size}`,
     );
   }
   return { ckpt, tokenizer, dir: path };
 }
 
 /**
- * Sampling settings: each one from `given`, else `generation_config.json`,
- * else `DEFAULT_SAMPLING`. A config that says `do_sample: false` means greedy
- * decoding, as in Transformers. Throws a `UserError` for an out-of-range one.
+ * Transformers' `GenerationConfig` defaults, which apply when a model's
+ * `generation_config.json` asks to sample but leaves a setting out.
+ */
+export const TRANSFORMERS_SAMPLING: Readonly<SamplingOptions> = {
+  temperature: 1,
+  topK: 50,
+  topP: 1,
+  repetitionPenalty: 1,
+};
+
+/**
+ * Sampling settings as Transformers reads `generation_config.json`: without
+ * `do_sample: true` (absent, false, or no file at all) decoding is greedy and
+ * the file's temperature / top_k / top_p are not used; with it, each setting
+ * is the file's, else Transformers' default (`TRANSFORMERS_SAMPLING`).
+ * Settings in `given` (the command line, a request) win over both; giving a
+ * temperature above 0 samples whatever the file says. Our own checkpoints
+ * write `do_sample: true` with their sampling defaults. Throws a `UserError`
+ * for an out-of-range setting.
  */
 export function resolveSampling(
   generation: LoadedCheckpoint["generation"],
   given: Partial<SamplingOptions> = {},
 ): SamplingOptions {
+  const file = generation.do_sample === true ? generation : {};
   const s: SamplingOptions = {
     temperature: given.temperature ??
-      (generation.do_sample === false ? 0 : generation.temperature ?? DEFAULT_SAMPLING.temperature),
-    topK: given.topK ?? generation.top_k ?? DEFAULT_SAMPLING.topK,
-    topP: given.topP ?? generation.top_p ?? DEFAULT_SAMPLING.topP,
+      (generation.do_sample === true ? file.temperature ?? TRANSFORMERS_SAMPLING.temperature : 0),
+    topK: given.topK ?? file.top_k ?? TRANSFORMERS_SAMPLING.topK,
+    topP: given.topP ?? file.top_p ?? TRANSFORMERS_SAMPLING.topP,
     repetitionPenalty: given.repetitionPenalty ?? generation.repetition_penalty ??
-      DEFAULT_SAMPLING.repetitionPenalty,
+      TRANSFORMERS_SAMPLING.repetitionPenalty,
   };
   checkSamplingOptions(s);
   return s;
+}
+
+/** Where `resolveSampling`'s defaults came from, in words (for `--verbose` and notes). */
+export function samplingSource(ckpt: Pick<LoadedCheckpoint, "generation" | "source">): string {
+  const g = ckpt.generation;
+  if (g.do_sample === true) {
+    return `sampling as ${ckpt.source}'s generation_config.json asks (do_sample: true)`;
+  }
+  if (g.do_sample === false) {
+    return `greedy: ${ckpt.source}'s generation_config.json says do_sample: false`;
+  }
+  return `greedy: ${ckpt.source} has no generation_config.json saying do_sample: true (Transformers' default)`;
 }
 
 /** The reply budget: `given`, else `generation_config.json`'s `max_new_tokens`, else the default. */
@@ -89,7 +138,10 @@ export function resolveMaxNewTokens(
   return given ?? generation.max_new_tokens ?? DEFAULT_MAX_NEW_TOKENS;
 }
 
-/** Ids that end a reply: every eos of the generation config, and `<|im_end|>` in chat. */
+/**
+ * Ids that end a reply: the tokenizer's eos, every eos of the generation
+ * config (as Transformers stops on them), and `<|im_end|>` in chat.
+ */
 export function stopIds(model: GenerationModel, chat: boolean): number[] {
   const ids = new Set(model.ckpt.generation.eosIds ?? [model.ckpt.special.eos]);
   ids.add(model.tokenizer.eosId);
@@ -105,9 +157,15 @@ export function chatPromptIds(tokenizer: TextTokenizer, messages: ChatMessage[])
   return tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }));
 }
 
-/** The prompt ids of a base-model continuation: bos, then the text's tokens. */
-export function textPromptIds(tokenizer: TextTokenizer, bos: number, text: string): number[] {
-  return [bos, ...tokenizer.encode(text)];
+/**
+ * The prompt ids of a base-model continuation: the tokenizer's bos, then the
+ * text's tokens. Bos and eos are the tokenizer's in every command (documents
+ * in training and `eval` are `bos, tokens..., eos` with the same ids), as a
+ * Transformers tokenizer puts them into text; the model's configs add only
+ * stop ids (`stopIds`).
+ */
+export function textPromptIds(tokenizer: TextTokenizer, text: string): number[] {
+  return [tokenizer.bosId, ...tokenizer.encode(text)];
 }
 
 /**

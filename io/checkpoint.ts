@@ -43,6 +43,7 @@ import {
   type ParsedGenerationConfig,
   parseGenerationConfig,
   type SamplingDefaults,
+  specialIdsFromTokenizerFiles,
   type SpecialTokenIds,
   toGenerationConfig,
   toHfConfig,
@@ -446,14 +447,20 @@ async function openWeights(dir: string): Promise<WeightSource> {
   }
   const indexPath = join(dir, FILES.modelIndex);
   if (!(await exists(indexPath))) {
-    let pickles = false;
+    const pickles: string[] = [];
     for await (const e of Deno.readDir(dir)) {
-      if (/\.(bin|pth|pt)$/.test(e.name)) pickles = true;
+      if (/\.(bin|pth|pt)$/.test(e.name)) pickles.push(e.name);
     }
     throw new UserError(
       `${dir}: no ${FILES.model} or ${FILES.modelIndex}` +
-        (pickles
-          ? "; it has PyTorch pickle weights (.bin/.pth), which this trainer does not read (pickles can run code): save the model with safetensors (save_pretrained(..., safe_serialization=True))"
+        (pickles.length === 1
+          ? `; it has PyTorch pickle weights (${pickles[0]}): pass the file itself (${
+            join(dir, pickles[0])
+          }), which is read as a state dict`
+          : pickles.length > 1
+          ? `; it has PyTorch pickle weights (${
+            pickles.join(", ")
+          }): pass one .pth/.pt/.bin state dict file, or save the model with safetensors (save_pretrained(..., safe_serialization=True))`
           : ""),
     );
   }
@@ -518,7 +525,11 @@ function dimFields(name: string): string[] {
   return ["hidden_size"];
 }
 
-function shapeMismatch(
+/**
+ * The error for a tensor whose shape differs from what the config implies:
+ * names the tensor, both shapes and the config field behind each dimension.
+ */
+export function shapeMismatch(
   file: string,
   configPath: string,
   name: string,
@@ -585,12 +596,37 @@ async function readChecked(
   return out;
 }
 
-function bitwiseEqual(a: Float32Array, b: Float32Array): boolean {
+/** Whether two arrays hold the same bits (a tied head saved twice). */
+export function bitwiseEqual(a: Float32Array, b: Float32Array): boolean {
   if (a.length !== b.length) return false;
   const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
   const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
   for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
   return true;
+}
+
+/**
+ * The special ids the tokenizer files name (see `specialIdsFromTokenizerFiles`),
+ * which must lie inside the model's vocabulary.
+ */
+export function checkedTokenizerIds(
+  tokenizer: CheckpointContents["tokenizer"],
+  source: string,
+  vocabSize: number,
+): SpecialTokenIds {
+  const ids = specialIdsFromTokenizerFiles(
+    tokenizer.tokenizerJson,
+    tokenizer.tokenizerConfigJson,
+    source,
+  );
+  for (const [k, id] of Object.entries(ids)) {
+    if (id >= vocabSize) {
+      throw new UserError(
+        `${source}/tokenizer_config.json: the ${k} token is id ${id}, outside the model's vocabulary (vocab_size = ${vocabSize}): the tokenizer does not belong to this model`,
+      );
+    }
+  }
+  return ids;
 }
 
 /** What `loadCheckpoint` returns beside the contents. */
@@ -660,29 +696,27 @@ export async function loadCheckpoint(
     const specs = parameterSpecs(config);
     const params = await readChecked(weights, describe, configPath, specs, "", ignore);
 
-    // Special ids: generation_config.json first (what generation uses), then config.json.
-    const genPath = join(source, FILES.generation);
-    const gen: ParsedGenerationConfig = (await exists(genPath))
-      ? parseGenerationConfig(await readJson(genPath), genPath, config.vocab_size)
-      : {};
-    const bos = gen.bos ?? fromConfig.bos;
-    const eos = gen.eos ?? fromConfig.eos;
-    if (bos === undefined || eos === undefined) {
-      throw new UserError(
-        `${configPath}: ${
-          bos === undefined ? "bos_token_id" : "eos_token_id"
-        } is missing (also from ${FILES.generation}); add it`,
-      );
-    }
-    // No pad id is common (Llama); padding is never attended to, so eos serves.
-    const special: SpecialTokenIds = { bos, eos, pad: gen.pad ?? fromConfig.pad ?? eos };
-
     const tokHint =
       ": a checkpoint needs the tokenizer files (tokenizer.json, tokenizer_config.json)";
     const tokenizer = {
       tokenizerJson: await readText(join(source, FILES.tokenizer), tokHint),
       tokenizerConfigJson: await readText(join(source, FILES.tokenizerConfig), tokHint),
     };
+
+    // Special ids: generation_config.json first (what generation uses), then
+    // config.json, then the tokenizer's (Transformers loads directories whose
+    // configs leave them out; its tokenizer names them).
+    const genPath = join(source, FILES.generation);
+    const gen: ParsedGenerationConfig = (await exists(genPath))
+      ? parseGenerationConfig(await readJson(genPath), genPath, config.vocab_size)
+      : {};
+    let fromTokenizer: SpecialTokenIds | undefined;
+    const tokenizerIds = () =>
+      fromTokenizer ??= checkedTokenizerIds(tokenizer, source, config.vocab_size);
+    const bos = gen.bos ?? fromConfig.bos ?? tokenizerIds().bos;
+    const eos = gen.eos ?? fromConfig.eos ?? tokenizerIds().eos;
+    // No pad id is common (Llama); padding is never attended to, so eos serves.
+    const special: SpecialTokenIds = { bos, eos, pad: gen.pad ?? fromConfig.pad ?? eos };
 
     const result: LoadedCheckpoint = {
       config,

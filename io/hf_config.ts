@@ -469,3 +469,67 @@ export function parseGenerationConfig(
   }
   return out;
 }
+
+/** A special token's text in `tokenizer_config.json`: a string or `{"content": ...}`. */
+function specialTokenText(v: unknown): string | undefined {
+  if (typeof v === "string") return v;
+  if (isObject(v) && typeof v.content === "string") return v.content;
+  return undefined;
+}
+
+/**
+ * The bos / eos / pad ids a tokenizer names (`bos_token`, `eos_token`,
+ * `pad_token` of `tokenizer_config.json`, looked up in `tokenizer.json`'s
+ * added tokens, then its vocabulary), with the tokenizer's own fallbacks: no
+ * bos or pad means eos. The same ids `TextTokenizer` gives, read from the
+ * files alone; `source` (the directory) prefixes errors.
+ */
+export function specialIdsFromTokenizerFiles(
+  tokenizerJson: string,
+  tokenizerConfigJson: string,
+  source: string,
+): SpecialTokenIds {
+  const parse = (text: string, file: string): Record<string, unknown> => {
+    let v: unknown;
+    try {
+      v = JSON.parse(text);
+    } catch (e) {
+      throw new UserError(`${source}/${file}: not valid JSON: ${(e as Error).message}`);
+    }
+    if (!isObject(v)) throw new UserError(`${source}/${file}: expected a JSON object`);
+    return v;
+  };
+  const tok = parse(tokenizerJson, "tokenizer.json");
+  const cfg = parse(tokenizerConfigJson, "tokenizer_config.json");
+  const idOf = (key: string): number | undefined => {
+    const raw = cfg[key];
+    if (raw === undefined || raw === null) return undefined;
+    const text = specialTokenText(raw);
+    if (text === undefined) {
+      throw new UserError(
+        `${source}/tokenizer_config.json: "${key}" must be a string or {"content": ...}`,
+      );
+    }
+    const added = Array.isArray(tok.added_tokens) ? tok.added_tokens : [];
+    for (const t of added) {
+      if (isObject(t) && t.content === text && typeof t.id === "number") return t.id;
+    }
+    const vocab = isObject(tok.model) ? tok.model.vocab : undefined;
+    if (isObject(vocab) && typeof vocab[text] === "number") return vocab[text] as number;
+    if (Array.isArray(vocab)) {
+      // Unigram: a list of [piece, score]; the id is the index.
+      const i = vocab.findIndex((p) => Array.isArray(p) && p[0] === text);
+      if (i >= 0) return i;
+    }
+    throw new UserError(
+      `${source}/tokenizer_config.json: ${key} "${text}" is not a token of tokenizer.json`,
+    );
+  };
+  const eos = idOf("eos_token");
+  if (eos === undefined) {
+    throw new UserError(
+      `${source}/tokenizer_config.json: no "eos_token"; the trainer needs one to end documents and turns`,
+    );
+  }
+  return { bos: idOf("bos_token") ?? eos, eos, pad: idOf("pad_token") ?? eos };
+}

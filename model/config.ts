@@ -41,7 +41,8 @@ export type PresetName = "tiny" | "minimind2-small" | "minimind-3";
  * Presets. `minimind2-small` and `minimind-3` are MiniMind's published shapes
  * (25.8M and 63.9M parameters); MiniMind sets the MLP width to
  * `ceil(hidden * 8/3 / 64) * 64` in MiniMind2 and `ceil(hidden * pi / 64) * 64`
- * in MiniMind-3, which gives 1408 and 2432 here.
+ * in MiniMind-3, which gives 1408 and 2432 here. MiniMind-3's `MiniMindConfig`
+ * sets `rms_norm_eps` 1e-6; MiniMind2's was 1e-5.
  *
  * `tiny` is the embedded default: sized so that a CPU software driver trains it
  * visibly in minutes (loads, not math, are the cost there), with a vocabulary
@@ -83,7 +84,7 @@ export const PRESETS: Readonly<Record<PresetName, Readonly<ModelConfig>>> = {
     vocab_size: 6400,
     max_position_embeddings: 32768,
     rope_theta: 1e6,
-    rms_norm_eps: 1e-5,
+    rms_norm_eps: 1e-6,
     tie_word_embeddings: true,
     qk_norm: true,
   },

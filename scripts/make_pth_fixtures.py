@@ -20,6 +20,10 @@ Real `torch.save` output:
                  with `_metadata` (a BUILD opcode), float32.
   llama_bf16     tied head saved without `lm_head.weight` (as Hugging Face's
                  `save_pretrained` leaves it out), bfloat16.
+  minimind3_v6400  QK-norm, MiniMind's vocabulary (6400) with hidden 8, MiniMind's way;
+                 its .json holds Transformers' greedy continuation of bos + a prompt
+                 tokenized with ../shared/fixtures/minimind-tokenizer (run alone:
+                 `make_pth_fixtures.py minimind3_v6400`).
   minimind3_qk   QK-norm (Qwen3ForCausalLM; MiniMind-3 converts to it with
                  strict loading), tied, rms_norm_eps 1e-6, MiniMind's way.
   resume         MiniMind's resume file (`checkpoints/*_resume.pth`): the half
@@ -202,6 +206,61 @@ def models() -> None:
     })
 
 
+TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                         "fixtures", "minimind-tokenizer")
+PROMPT = "你好，世界"
+GREEDY_STEPS = 12
+
+
+def tokenizer_sized() -> None:
+    """minimind3_v6400: a QK-norm model with MiniMind's vocabulary (6400), saved
+    MiniMind's way, so that tests run it with MiniMind's tokenizer: `--init`
+    trains it and `generate` continues a prompt. Its `.json` holds the config
+    and the greedy continuation Transformers computes (full recompute each step,
+    no stop) of bos + the prompt's tokens, with the smallest top-1/top-2 logit
+    gap seen, which says how far float error is from flipping a token."""
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(os.path.normpath(TOKENIZER))
+    hf = dict(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, vocab_size=6400, rope_theta=1e6, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, use_sliding_window=False, attention_bias=False,
+    )
+    hf_config = Qwen3Config(**hf, attn_implementation="eager")
+    torch.manual_seed(7)
+    model = Qwen3ForCausalLM(hf_config).eval()
+    seeded_weights(model, 7)
+    state = minimind_way(model.state_dict())
+    torch.save(state, path("minimind3_v6400.pth"))
+    stored = torch.load(path("minimind3_v6400.pth"), weights_only=True)
+    write_tensors_json("minimind3_v6400", stored)
+    ref = Qwen3ForCausalLM(hf_config).to(torch.float32).eval()
+    ref.load_state_dict({k: v.to(torch.float32) for k, v in stored.items()})
+    ids = [tok.bos_token_id] + tok.encode(PROMPT, add_special_tokens=False)
+    prompt_ids = list(ids)
+    margin = float("inf")
+    with torch.no_grad():
+        for _ in range(GREEDY_STEPS):
+            last = ref(input_ids=torch.tensor([ids])).logits[0, -1]
+            top = torch.topk(last, 2).values
+            margin = min(margin, float(top[0] - top[1]))
+            ids.append(int(torch.argmax(last)))
+    hf.pop("head_dim")
+    for k in ("bos_token_id", "eos_token_id", "use_sliding_window", "attention_bias"):
+        hf.pop(k)
+    write_json("minimind3_v6400.json", {
+        "made_by": f"scripts/make_pth_fixtures.py, torch {torch.__version__}, "
+                   f"transformers {transformers.__version__}, Qwen3ForCausalLM",
+        "saved_as": "MiniMind's way on a QK-norm model with MiniMind's vocabulary",
+        "config": our_config(hf, True),
+        "prompt": PROMPT,
+        "prompt_ids": prompt_ids,
+        "greedy_ids": ids[len(prompt_ids):],
+        "min_top2_margin": margin,
+    })
+
+
 def resume() -> None:
     """MiniMind's resume file: trainer/trainer_utils.py lm_checkpoint, `resume_data`."""
     hf = LlamaConfig(
@@ -369,10 +428,15 @@ def hostile() -> None:
 
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
+    if sys.argv[1:] == ["minimind3_v6400"]:
+        # Only the newest fixture, leaving the others' bytes as committed.
+        tokenizer_sized()
+        return
     for f in os.listdir(OUT):
         if f.endswith((".pth", ".json")):
             os.remove(path(f))
     models()
+    tokenizer_sized()
     resume()
     views()
     moe()

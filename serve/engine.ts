@@ -141,7 +141,7 @@ export class ServeEngine {
 
   /** The prompt ids of a plain continuation: bos + the text, as `generate` does. */
   textPrompt(text: string): number[] {
-    return textPromptIds(this.#loaded.tokenizer, this.#loaded.ckpt.special.bos, text);
+    return textPromptIds(this.#loaded.tokenizer, text);
   }
 
   /**

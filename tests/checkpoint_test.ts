@@ -292,7 +292,7 @@ Deno.test("hf_config: reads configs written by Transformers and MiniMind", () =>
     head_dim: 96,
     intermediate_size: 2432,
     vocab_size: 6400,
-    rms_norm_eps: 1e-5,
+    rms_norm_eps: 1e-6, // MiniMindConfig's default, as MiniMind-3 saves it
     rope_theta: 1e6,
     max_position_embeddings: 32768,
     use_moe: false,

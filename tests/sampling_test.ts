@@ -3,7 +3,7 @@
  * and top-p keep exactly the tokens they should, the HF repetition penalty,
  * seeded reproducibility and the empirical distribution of the draws.
  */
-import { assert, assertClose, assertEquals, assertThrows } from "./assert.ts";
+import { assert, assertClose, assertEquals, assertStringIncludes, assertThrows } from "./assert.ts";
 import {
   applyRepetitionPenalty,
   argmax,
@@ -15,6 +15,7 @@ import {
 } from "../model/sampling.ts";
 import { Rng } from "../util/random.ts";
 import { samplingFrom } from "../cli/generate.ts";
+import { resolveSampling, samplingSource } from "../infer/session.ts";
 import { UserError } from "../util/errors.ts";
 
 const opts = (o: Partial<SamplingOptions>): SamplingOptions => ({
@@ -132,4 +133,31 @@ Deno.test("generation_config.json: do_sample false means greedy unless --tempera
     generation: { do_sample: false },
   });
   assertEquals(flag.temperature, 0.5);
+});
+
+Deno.test("generation_config.json as Transformers reads it: no do_sample (or no file) is greedy", () => {
+  // Temperature and top-p without do_sample: true are not used, as in Transformers.
+  const noFlag = resolveSampling({ temperature: 0.9, top_p: 0.8 });
+  assertEquals(noFlag.temperature, 0);
+  assertEquals(resolveSampling({}).temperature, 0);
+  // do_sample: true takes the file's settings, and Transformers' defaults for the rest.
+  assertEquals(resolveSampling({ do_sample: true, top_p: 0.8 }), {
+    temperature: 1,
+    topK: 50,
+    topP: 0.8,
+    repetitionPenalty: 1,
+  });
+  assertEquals(resolveSampling({ do_sample: true, top_k: 0, temperature: 0.7 }).topK, 0);
+  // The repetition penalty applies to greedy decoding too (a logits processor there).
+  assertEquals(resolveSampling({ repetition_penalty: 1.2 }).repetitionPenalty, 1.2);
+  // A given temperature samples whatever the file says.
+  assertEquals(resolveSampling({}, { temperature: 0.5 }).temperature, 0.5);
+  assertStringIncludes(
+    samplingSource({ generation: {}, source: "m.pth" }),
+    "greedy: m.pth has no generation_config.json",
+  );
+  assertStringIncludes(
+    samplingSource({ generation: { do_sample: true }, source: "out/sft" }),
+    "do_sample: true",
+  );
 });

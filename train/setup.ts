@@ -19,12 +19,12 @@ import {
 import { initParameters } from "../model/params.ts";
 import { checkDeviceLimits } from "../model/plan.ts";
 import { loadCheckpoint, resolveCheckpointDir } from "../io/checkpoint.ts";
-import { fromHfConfig } from "../io/hf_config.ts";
+import { readModelConfigFile, requestedShape } from "../io/model_config.ts";
+import { loadModel } from "../io/model_files.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream, type DataStreamOptions } from "../data/stream.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
-import { parse as parseJsonc, type ParseError } from "jsonc-parser";
 import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
 import { peakFlopsFor } from "./peak.ts";
 
@@ -113,43 +113,6 @@ export interface PreparedRun {
   resumed: boolean;
 }
 
-const MODEL_FIELDS = new Set<string>(MODEL_CONFIG_FIELDS);
-
-/** Reads a model config file: a preset's fields overridden by the file's (HF names). */
-async function readModelConfigFile(
-  path: string,
-): Promise<{ config: ModelConfig; setsVocab: boolean }> {
-  let text: string;
-  try {
-    text = await Deno.readTextFile(path);
-  } catch (e) {
-    throw new UserError(`cannot read --model-config ${path}: ${(e as Error).message}`);
-  }
-  const errors: ParseError[] = [];
-  const data = parseJsonc(text, errors, { allowTrailingComma: true });
-  if (errors.length > 0 || typeof data !== "object" || data === null || Array.isArray(data)) {
-    throw new UserError(`${path}: not a JSON object of model config fields`);
-  }
-  const obj = data as Record<string, unknown>;
-  if (typeof obj["architectures"] !== "undefined" || typeof obj["model_type"] !== "undefined") {
-    // A Hugging Face config.json: read it with the same rules as checkpoints.
-    const parsed = fromHfConfig(obj, path);
-    return { config: parsed.config, setsVocab: true };
-  }
-  const base = presetConfig(typeof obj["preset"] === "string" ? obj["preset"] as string : "tiny");
-  for (const [k, v] of Object.entries(obj)) {
-    if (k === "preset") continue;
-    if (!MODEL_FIELDS.has(k)) {
-      throw new UserError(
-        `${path}: unknown model config field "${k}"; fields: ${[...MODEL_FIELDS].join(", ")}`,
-      );
-    }
-    (base as unknown as Record<string, unknown>)[k] = v;
-  }
-  validateConfig(base, path);
-  return { config: base, setsVocab: "vocab_size" in obj };
-}
-
 async function exists(path: string): Promise<boolean> {
   try {
     await Deno.stat(path);
@@ -204,6 +167,7 @@ async function startingPoint(
   opts: TrainOptions,
   out: string,
   gpu: Gpu,
+  print: (line: string) => void,
 ): Promise<{
   start: RunStart;
   model: ModelConfig;
@@ -252,19 +216,22 @@ async function startingPoint(
     if (!(await exists(initDir))) {
       throw new UserError(
         kind === "sft" && initDir === "out/pretrain"
-          ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint) or --init none (random weights)"
-          : `--init ${initDir}: no such checkpoint directory`,
+          ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint), --init FILE.pth (a PyTorch state dict) or --init none (random weights)"
+          : `--init ${initDir}: no such checkpoint directory (or PyTorch .pth file)`,
       );
     }
-    const ckpt = await loadCheckpoint(initDir);
-    await checkSameModel(opts, ckpt.config, `the --init checkpoint ${initDir}`);
-    const tokenizer = opts.tokenizer
-      ? await TextTokenizer.load(opts.tokenizer)
-      : TextTokenizer.fromJson(
-        ckpt.tokenizer.tokenizerJson,
-        ckpt.tokenizer.tokenizerConfigJson,
-        initDir,
-      );
+    const given = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : undefined;
+    const ckpt = await loadModel(initDir, {
+      shape: await requestedShape(opts),
+      tokenizer: given,
+      describe: `the --init checkpoint ${initDir}`,
+    });
+    for (const note of ckpt.notes) print(`--init ${initDir}: ${note}`);
+    const tokenizer = given ?? TextTokenizer.fromJson(
+      ckpt.tokenizer.tokenizerJson,
+      ckpt.tokenizer.tokenizerConfigJson,
+      initDir,
+    );
     return {
       model: ckpt.config,
       tokenizer,
@@ -316,7 +283,7 @@ export async function prepareRun(
   const resume = opts.resume ?? false;
 
   // --- Where the run starts: resume, --init, or fresh weights. -----------------
-  const { start, model, tokenizer, state } = await startingPoint(opts, out, io.gpu);
+  const { start, model, tokenizer, state } = await startingPoint(opts, out, io.gpu, print);
   if (tokenizer.vocabSize > model.vocab_size) {
     throw new UserError(
       `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${model.vocab_size}`,
@@ -335,9 +302,8 @@ export async function prepareRun(
   // The per-rank batch: the given one, else the saved run's global batch over
   // this run's ranks (a resume with another rank count keeps the global batch).
   const savedGlobal = saved ? saved.batchSize * (saved.worldSize ?? 1) : undefined;
-  let batchSize = opts.batchSize ?? (savedGlobal !== undefined
-    ? savedGlobal / worldSize
-    : d.batchSize);
+  let batchSize = opts.batchSize ??
+    (savedGlobal !== undefined ? savedGlobal / worldSize : d.batchSize);
   if (
     saved && opts.batchSize !== undefined && (saved.worldSize ?? 1) === worldSize &&
     opts.batchSize !== saved.batchSize
