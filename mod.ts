@@ -114,7 +114,6 @@ export { type LoadedModel, loadModel, type LoadModelOptions } from "./io/model_f
 /** A model shape asked for by preset name or config file. */
 export { type RequestedShape, requestedShape } from "./io/model_config.ts";
 /** PyTorch `.pth` state dicts, read without running their pickles. */
-export { loadPth, type PthDtype, type PthTensor, readPthStateDict } from "./io/pth.ts";
 /** Special token ids and `generation_config.json` contents, as checkpoints carry them. */
 export {
   type ParsedGenerationConfig,
