@@ -23,10 +23,19 @@
 import { UserError } from "../util/errors.ts";
 import { Rng, type RngState } from "../util/random.ts";
 import type { Line } from "./lines.ts";
-import { documentTokens, TokenPacker } from "./pretrain.ts";
+import { documentTokens, type Packing, padDocument, TokenPacker } from "./pretrain.ts";
 import { epochFileOrder, ShuffleBuffer } from "./shuffle.ts";
 import { readShardManifest, sha256Hex, ShardFile, type ShardManifest } from "./shards.ts";
-import { assistantMask, fitSftSample } from "./sft.ts";
+import { fitSftSample, maskRendered, renderConversation, type SftConversation } from "./sft.ts";
+import {
+  augmentationActive,
+  augmentationKey,
+  checkAugmentation,
+  NO_AUGMENTATION,
+  renderAugmented,
+  sampleRng,
+  type SftAugmentation,
+} from "./sft_augment.ts";
 import {
   type DataKind,
   parsePretrainRecord,
@@ -34,7 +43,7 @@ import {
   readJsonlLines,
   resolveDataPaths,
 } from "./sources.ts";
-import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
+import type { TextTokenizer } from "./tokenizer.ts";
 import { type Batch, emptyBatch, setRow } from "./batch.ts";
 
 /** How to build a `DataStream`. */
@@ -59,6 +68,13 @@ export interface DataStreamOptions {
   maxEpochs?: number;
   /** Count and skip lines that are not valid records instead of failing. */
   skipBadLines?: boolean;
+  /**
+   * Pretrain: `pack` (default) concatenates documents into full windows; `pad`
+   * makes one row per document, cut to fit and padded (MiniMind's PretrainDataset).
+   */
+  packing?: Packing;
+  /** SFT: MiniMind's random augmentations, seeded per sample (default none). JSONL only. */
+  augment?: SftAugmentation;
 }
 
 /** Where the reader is: the next record to read. */
@@ -75,11 +91,17 @@ export interface ReaderPosition {
 
 /** What the reader counted. */
 export interface DataCounters {
-  /** Records read: JSONL lines, or conversations from SFT shards. */
+  /** Records read: JSONL lines, or conversations from SFT shards (every epoch counts). */
   records: number;
-  /** Lines that were not valid records, skipped (with skipBadLines). */
+  /**
+   * Distinct lines that were not valid records, skipped (with skipBadLines):
+   * counted in the first pass over the data only, since later epochs (and the
+   * re-reads that fill a shuffle buffer larger than the data) meet the same lines.
+   */
   skippedLines: number;
-  /** SFT conversations with no assistant token left after truncation, skipped. */
+  /** The first few skipped lines as `file:line` (at most `BAD_LINES_NAMED`). */
+  badLines?: string[];
+  /** SFT conversations with no assistant token left after truncation, skipped (first pass only). */
   skippedConversations: number;
 }
 
@@ -109,6 +131,10 @@ export interface DataPosition {
   shuffleBuffer: number;
   /** File-order shuffling; must match to resume. */
   shuffleFiles: boolean;
+  /** Pretrain packing; must match to resume (absent in positions saved before it existed: pack). */
+  packing?: Packing;
+  /** SFT augmentation fingerprint; must match to resume (absent: none). */
+  augment?: string;
   /** The files read, in the order given, with their sizes: a resume checks they are unchanged. */
   files: { path: string; bytes: number }[];
   /** Where the oldest sample still to come (number `firstSample`) starts. */
@@ -183,7 +209,9 @@ abstract class EpochSource implements PieceSource {
   }
 
   here(): SampleOrigin {
-    return { at: { ...this.pos }, skip: 0, counters: { ...this.counters } };
+    const counters = { ...this.counters };
+    if (counters.badLines) counters.badLines = [...counters.badLines];
+    return { at: { ...this.pos }, skip: 0, counters };
   }
 
   async next(): Promise<Piece | undefined> {
@@ -230,12 +258,17 @@ abstract class EpochSource implements PieceSource {
   }
 }
 
+/** How many skipped lines are named in the report. */
+export const BAD_LINES_NAMED = 5;
+
 class JsonlSource extends EpochSource {
   protected readonly lineBase = 1;
   #files: string[];
   #kind: DataKind;
   #tok: TextTokenizer;
   #skipBadLines: boolean;
+  #augment: SftAugmentation | undefined;
+  #seed: number;
   #lines: AsyncGenerator<Line> | undefined;
 
   constructor(
@@ -243,6 +276,7 @@ class JsonlSource extends EpochSource {
     kind: DataKind,
     tok: TextTokenizer,
     skipBadLines: boolean,
+    augment: SftAugmentation | undefined,
     cfg: SourceConfig,
     start: SampleOrigin,
     counters: DataCounters,
@@ -252,10 +286,13 @@ class JsonlSource extends EpochSource {
     this.#kind = kind;
     this.#tok = tok;
     this.#skipBadLines = skipBadLines;
+    this.#augment = augment && augmentationActive(augment) ? augment : undefined;
+    this.#seed = cfg.seed;
   }
 
   protected async readInFile(): Promise<Piece | undefined> {
-    const file = this.#files[this.order[this.pos.file]];
+    const fileIndex = this.order[this.pos.file];
+    const file = this.#files[fileIndex];
     this.#lines ??= readJsonlLines(file, { byte: this.pos.offset, line: this.pos.line });
     while (true) {
       const r = await this.#lines.next();
@@ -266,14 +303,14 @@ class JsonlSource extends EpochSource {
       this.pos.line = line.number + 1;
       if (line.text.trim() === "") continue;
       const where = { file, line: line.number };
-      let record: string | ChatMessage[];
+      let record: string | SftConversation;
       try {
         record = this.#kind === "pretrain"
           ? parsePretrainRecord(line.text, where)
           : parseSftRecord(line.text, where);
       } catch (e) {
         if (this.#skipBadLines && e instanceof UserError) {
-          this.counters.skippedLines++;
+          if (this.pos.epoch === 0) this.#countBadLine(`${file}:${line.number}`);
           continue;
         }
         throw e;
@@ -282,12 +319,26 @@ class JsonlSource extends EpochSource {
       if (typeof record === "string") {
         piece = { tokens: documentTokens(this.#tok, record), origin };
       } else {
-        const { ids, mask } = assistantMask(this.#tok, record);
+        const text = this.#augment
+          ? renderAugmented(
+            this.#tok,
+            record,
+            this.#augment,
+            sampleRng(this.#seed, this.pos.epoch, fileIndex, line.number),
+          )
+          : renderConversation(this.#tok, record.messages, record.tools);
+        const { ids, mask } = maskRendered(this.#tok, text);
         piece = { tokens: ids, mask, origin };
       }
       this.counters.records++;
       return piece;
     }
+  }
+
+  #countBadLine(where: string): void {
+    this.counters.skippedLines++;
+    const named = this.counters.badLines ??= [];
+    if (named.length < BAD_LINES_NAMED) named.push(where);
   }
 
   protected closeFile(): void {
@@ -315,15 +366,24 @@ class ShardSource extends EpochSource {
   protected readonly lineBase = 0;
   #paths: string[];
   #kind: DataKind;
+  /** Read whole documents (SFT, and pretrain with pad packing) rather than token chunks. */
+  #byDocument: boolean;
   #shard: ShardFile | undefined;
-  /** SFT: a block of consecutive conversations read at once. */
+  /** A block of consecutive documents (or conversations) read at once. */
   #block:
-    | { first: number; offsets: Float64Array; count: number; ids: Int32Array; mask: Uint8Array }
+    | {
+      first: number;
+      offsets: Float64Array;
+      count: number;
+      ids: Int32Array;
+      mask: Uint8Array | undefined;
+    }
     | undefined;
 
   constructor(
     paths: string[],
     kind: DataKind,
+    byDocument: boolean,
     cfg: SourceConfig,
     start: SampleOrigin,
     counters: DataCounters,
@@ -331,13 +391,14 @@ class ShardSource extends EpochSource {
     super(paths.length, cfg, start, counters);
     this.#paths = paths;
     this.#kind = kind;
+    this.#byDocument = byDocument;
   }
 
   protected async readInFile(): Promise<Piece | undefined> {
     this.#shard ??= await ShardFile.open(this.#paths[this.order[this.pos.file]]);
     const h = this.#shard.header;
     const origin = this.here();
-    if (this.#kind === "pretrain") {
+    if (!this.#byDocument) {
       if (this.pos.offset >= h.tokens) return undefined;
       const n = Math.min(SHARD_CHUNK_TOKENS, h.tokens - this.pos.offset);
       const tokens = await this.#shard.readTokens(this.pos.offset, n);
@@ -358,14 +419,14 @@ class ShardSource extends EpochSource {
         offsets,
         count,
         ids: await this.#shard.readTokens(offsets[0], n),
-        mask: await this.#shard.readMask(offsets[0], n),
+        mask: h.hasMask ? await this.#shard.readMask(offsets[0], n) : undefined,
       };
     }
     const s = b.offsets[doc - b.first] - b.offsets[0];
     const e = b.offsets[doc - b.first + 1] - b.offsets[0];
     this.pos.offset++;
     this.counters.records++;
-    return { tokens: b.ids.subarray(s, e), mask: b.mask.subarray(s, e), origin };
+    return { tokens: b.ids.subarray(s, e), mask: b.mask?.subarray(s, e), origin };
   }
 
   protected closeFile(): void {
@@ -381,9 +442,10 @@ class ShardSource extends EpochSource {
   }
 }
 
-/** Turns pieces into samples: pretrain windows or SFT rows of `[T + 1]` tokens. */
+/** Turns pieces into samples: pretrain windows, padded documents or SFT rows of `[T + 1]` tokens. */
 class SampleMaker {
   #kind: DataKind;
+  #packing: Packing;
   #source: PieceSource;
   #seqLen: number;
   #padId: number;
@@ -395,6 +457,7 @@ class SampleMaker {
 
   constructor(
     kind: DataKind,
+    packing: Packing,
     source: PieceSource,
     seqLen: number,
     padId: number,
@@ -402,6 +465,7 @@ class SampleMaker {
     firstSkip: number,
   ) {
     this.#kind = kind;
+    this.#packing = packing;
     this.#source = source;
     this.#seqLen = seqLen;
     this.#padId = padId;
@@ -415,6 +479,8 @@ class SampleMaker {
             ? `epoch ${epoch}: no conversation has an assistant token within seq_len + 1 = ${
               seqLen + 1
             } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
+            : this.#packing === "pad"
+            ? `the corpus holds no documents`
             : `the corpus holds ${this.#tokensThisEpoch} tokens per epoch, fewer than one window of ` +
               `seq_len + 1 = ${seqLen + 1}; use a smaller --seq-len or more data`,
         );
@@ -432,7 +498,11 @@ class SampleMaker {
   }
 
   async next(): Promise<Sample | undefined> {
-    const s = this.#kind === "pretrain" ? await this.#nextWindow() : await this.#nextRow();
+    const s = this.#kind === "sft"
+      ? await this.#nextRow()
+      : this.#packing === "pad"
+      ? await this.#nextPadded()
+      : await this.#nextWindow();
     if (s) this.#samplesThisEpoch++;
     return s;
   }
@@ -453,6 +523,14 @@ class SampleMaker {
     return { ids: w.tokens, mask: undefined, origin: { ...w.origin, skip: w.offset } };
   }
 
+  async #nextPadded(): Promise<Sample | undefined> {
+    const piece = await this.#source.next();
+    if (!piece) return undefined;
+    this.#tokensThisEpoch += piece.tokens.length;
+    const row = padDocument(piece.tokens, this.#seqLen, this.#padId);
+    return { ids: row.ids, mask: row.mask, origin: piece.origin };
+  }
+
   async #nextRow(): Promise<Sample | undefined> {
     while (true) {
       const piece = await this.#source.next();
@@ -460,7 +538,8 @@ class SampleMaker {
       this.#tokensThisEpoch += piece.tokens.length;
       const row = fitSftSample(piece.tokens, piece.mask!, this.#seqLen, this.#padId);
       if (!row) {
-        this.#counters.skippedConversations++;
+        // Once per conversation: later epochs meet the same ones.
+        if (piece.origin.at.epoch === 0) this.#counters.skippedConversations++;
         continue;
       }
       return { ids: row.ids, mask: row.mask, origin: piece.origin };
@@ -498,6 +577,8 @@ export class DataStream {
   /** The token-shard manifests, when reading shards. */
   readonly manifests: ShardManifest[];
   #format: "jsonl" | "shards";
+  #packing: Packing | undefined;
+  #augment: string | undefined;
   #files: { path: string; bytes: number }[];
   #seed: number;
   #shuffleFiles: boolean;
@@ -513,6 +594,8 @@ export class DataStream {
   private constructor(
     init: {
       opts: DataStreamOptions;
+      packing: Packing | undefined;
+      augment: string | undefined;
       format: "jsonl" | "shards";
       files: { path: string; bytes: number }[];
       manifests: ShardManifest[];
@@ -530,6 +613,8 @@ export class DataStream {
     this.seqLen = init.opts.seqLen;
     this.manifests = init.manifests;
     this.#format = init.format;
+    this.#packing = init.packing;
+    this.#augment = init.augment;
     this.#files = init.files;
     this.#seed = init.opts.seed ?? 0;
     this.#shuffleFiles = init.opts.shuffleFiles ?? (init.opts.shuffleBuffer ?? 0) > 0;
@@ -552,7 +637,15 @@ export class DataStream {
     const seed = opts.seed ?? 0;
     const shuffleBuffer = opts.shuffleBuffer ?? 0;
     const shuffleFiles = opts.shuffleFiles ?? shuffleBuffer > 0;
+    const packing: Packing = opts.packing ?? "pack";
+    const augment = opts.augment ?? NO_AUGMENTATION;
     const resolved = await resolveDataPaths(opts.data);
+    if (resolved.format === "shards" && augmentationActive(augment)) {
+      throw new UserError(
+        `${resolved.dirs[0]} holds token shards, whose conversations were rendered when they ` +
+          `were prepared; --sft-system-ratio and --sft-empty-think-keep apply when training reads JSONL`,
+      );
+    }
     let paths: string[];
     let manifests: ShardManifest[] = [];
     let padId: number;
@@ -612,6 +705,8 @@ export class DataStream {
         shuffleBuffer,
         shuffleFiles,
         files,
+        packing: opts.kind === "pretrain" ? packing : undefined,
+        augment: opts.kind === "sft" ? augmentationKey(augment) : undefined,
       });
     }
     const origin: SampleOrigin = position?.origin ?? {
@@ -627,12 +722,28 @@ export class DataStream {
         opts.kind,
         opts.tokenizer!,
         opts.skipBadLines ?? false,
+        opts.kind === "sft" ? augment : undefined,
         cfg,
         origin,
         counters,
       )
-      : new ShardSource(paths, opts.kind, cfg, origin, counters);
-    const maker = new SampleMaker(opts.kind, source, opts.seqLen, padId, counters, origin.skip);
+      : new ShardSource(
+        paths,
+        opts.kind,
+        opts.kind === "sft" || packing === "pad",
+        cfg,
+        origin,
+        counters,
+      );
+    const maker = new SampleMaker(
+      opts.kind,
+      packing,
+      source,
+      opts.seqLen,
+      padId,
+      counters,
+      origin.skip,
+    );
 
     let buffer: ShuffleBuffer<Entry>;
     let nextIndex = 0;
@@ -668,6 +779,8 @@ export class DataStream {
     }
     return new DataStream({
       opts,
+      packing: opts.kind === "pretrain" ? packing : undefined,
+      augment: opts.kind === "sft" ? augmentationKey(augment) : undefined,
       format: resolved.format,
       files,
       manifests,
@@ -731,6 +844,8 @@ export class DataStream {
       seed: this.#seed,
       shuffleBuffer: this.#buffer.capacity,
       shuffleFiles: this.#shuffleFiles,
+      ...(this.#packing !== undefined ? { packing: this.#packing } : {}),
+      ...(this.#augment !== undefined ? { augment: this.#augment } : {}),
       files: this.#files.map((f) => ({ ...f })),
       origin: structuredClone(first ? first.sample.origin : this.#maker.nextOrigin()),
       firstSample: first ? first.index : this.#nextIndex,
@@ -765,6 +880,16 @@ function checkOptions(opts: DataStreamOptions): void {
   whole("batch size", opts.batchSize, 1);
   whole("seq_len", opts.seqLen, 1);
   whole("shuffle buffer", opts.shuffleBuffer, 0);
+  if (opts.packing !== undefined && opts.packing !== "pack" && opts.packing !== "pad") {
+    throw new UserError(`packing must be "pack" or "pad", got ${JSON.stringify(opts.packing)}`);
+  }
+  if (opts.augment) {
+    try {
+      checkAugmentation(opts.augment);
+    } catch (e) {
+      throw new UserError((e as Error).message);
+    }
+  }
   if (opts.maxEpochs !== undefined && opts.maxEpochs !== Infinity) {
     whole("epochs", opts.maxEpochs, 1);
   }
@@ -782,12 +907,27 @@ function checkPosition(
   ) {
     throw new UserError("the saved data position is not one this trainer wrote (version 1)");
   }
-  const fields = ["format", "kind", "seqLen", "seed", "shuffleBuffer", "shuffleFiles"] as const;
+  // Positions saved before packing and augmentation existed mean the defaults.
+  const saved = {
+    ...p,
+    packing: p.kind === "pretrain" ? p.packing ?? "pack" : undefined,
+    augment: p.kind === "sft" ? p.augment ?? "none" : undefined,
+  };
+  const fields = [
+    "format",
+    "kind",
+    "seqLen",
+    "seed",
+    "shuffleBuffer",
+    "shuffleFiles",
+    "packing",
+    "augment",
+  ] as const;
   for (const f of fields) {
-    if (p[f] !== now[f]) {
+    if (saved[f] !== now[f]) {
       throw new UserError(
         `cannot resume the data stream: ${f} was ${
-          JSON.stringify(p[f])
+          JSON.stringify(saved[f])
         } when it was saved and is ` +
           `${JSON.stringify(now[f])} now; resume with the same data settings`,
       );

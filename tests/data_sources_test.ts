@@ -150,8 +150,8 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
     [() => parseSftRecord('{"conversations": {}}', where), '"conversations" must be a list'],
     [() => parseSftRecord('{"conversations": []}', where), '"conversations" is an empty list'],
     [
-      () => parseSftRecord('{"conversations": [{"role": "tool", "content": "x"}]}', where),
-      'd.jsonl:7: conversations[0].role must be "system", "user" or "assistant", got "tool"',
+      () => parseSftRecord('{"conversations": [{"role": "robot", "content": "x"}]}', where),
+      'd.jsonl:7: conversations[0].role must be "system", "user", "assistant" or "tool", got "robot"',
     ],
     [
       () =>
@@ -159,7 +159,7 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
           '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant"}]}',
           where,
         ),
-      "d.jsonl:7: conversations[1].content must be a string, got nothing",
+      "d.jsonl:7: conversations[1].content must be a string (or null when the turn has tool_calls), got nothing",
     ],
     [
       () => parseSftRecord('{"conversations": [{"role": "user", "content": 1}]}', where),
@@ -185,7 +185,7 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
       '{"conversations": [{"role": "system", "content": "s", "x": 1}, {"role": "user", "content": "u"}]}',
       where,
     ),
-    [{ role: "system", content: "s" }, { role: "user", content: "u" }],
+    { messages: [{ role: "system", content: "s" }, { role: "user", content: "u" }] },
   );
 });
 
