@@ -360,8 +360,8 @@ function trainCommand(kind: Kind): CommandSpec {
       : "Fine-tune a model on conversations, with the loss on assistant tokens only",
     usage: "[options]",
     description: kind === "pretrain"
-      ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
-      : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
+      ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Documents are packed into full windows (--packing pad: one padded document per row, as MiniMind does). Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
+      : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. MiniMind's tool-call and reasoning records (tools on the system message, tool_calls, reasoning_content, tool turns) are rendered as MiniMind's SFTDataset renders them: an assistant's tool calls are trained, tool results are not. MiniMind's random augmentations are off unless --sft-system-ratio / --sft-empty-think-keep are given. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
     options: trainOptions(kind),
     config: true,
     run: (args) => runTraining(kind, args),

@@ -18,6 +18,7 @@ import {
 import { MINIMIND_SYSTEM_PROMPTS, renderAugmented } from "../data/sft_augment.ts";
 import { parseSftRecord } from "../data/sources.ts";
 import { DataStream } from "../data/stream.ts";
+import { prepareShards } from "../data/shards.ts";
 import { Rng } from "../util/random.ts";
 
 const TOKENIZER = "../shared/fixtures/minimind-tokenizer";
@@ -133,6 +134,25 @@ Deno.test("MiniMind SFT records: the training stream yields the same rows, shift
   assertEquals(await stream.next(), undefined);
   assertEquals(stream.stats.skippedConversations, expected.length - want.length);
   stream.close();
+});
+
+Deno.test("MiniMind SFT records: token shards from data prepare hold the same rows", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sft_minimind_shards_" });
+  try {
+    await prepareShards({ tokenizer: tok, files: [RECORDS], out: dir, kind: "sft", workers: 2 });
+    const opts = { kind: "sft" as const, tokenizer: tok, batchSize: 2, seqLen: 500, maxEpochs: 1 };
+    const drain = async (s: DataStream) => {
+      const out = [];
+      for (let b = await s.next(); b; b = await s.next()) out.push(b);
+      s.close();
+      return out;
+    };
+    const fromJsonl = await drain(await DataStream.open({ ...opts, data: [RECORDS] }));
+    assertEquals(fromJsonl.length, 4);
+    assertEquals(await drain(await DataStream.open({ ...opts, data: [dir] })), fromJsonl);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 const { python, missing } = findPython(["transformers"]);
