@@ -391,9 +391,10 @@ const SFT_ROLES = ["system", "user", "assistant", "tool"] as const;
  * `reasoning_content` (a string), `tool_calls` (a list, or a JSON string of
  * one) and, on a system message, `tools` (the same). JSON strings are parsed
  * here, as MiniMind's `create_chat_prompt` does, so the template sees lists.
- * Empty values (`null`, `""`) count as absent, as MiniMind's falsy tests do:
- * its loader fills every absent field with `None`, so files it wrote carry
- * them. An assistant turn that only calls tools may have `content` null. Other
+ * Empty values (`null`, `""`) of `tools` and `tool_calls` count as absent, as
+ * MiniMind's falsy tests do (its loader fills every absent field with `None`,
+ * so files it wrote carry them); `reasoning_content` null is absent, `""` is
+ * kept (its template tests `is string`). An assistant turn that only calls tools may have `content` null. Other
  * fields are ignored.
  */
 export function parseSftRecord(text: string, where: RecordWhere): SftConversation {
@@ -449,9 +450,10 @@ export function parseSftRecord(text: string, where: RecordWhere): SftConversatio
       );
     }
     const reasoning = t.reasoning_content;
-    if (typeof reasoning === "string") {
-      if (reasoning !== "") message.reasoning_content = reasoning;
-    } else if (reasoning !== null && reasoning !== undefined) {
+    // "" is kept: MiniMind's template tests `reasoning_content is string`, and an empty
+    // string stops it from splitting a <think> block out of the content.
+    if (typeof reasoning === "string") message.reasoning_content = reasoning;
+    else if (reasoning !== null && reasoning !== undefined) {
       throw recordError(
         where,
         `${at}.reasoning_content must be a string, got ${typeName(reasoning)}`,

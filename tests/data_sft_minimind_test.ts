@@ -148,7 +148,7 @@ Deno.test("MiniMind SFT records: token shards from data prepare hold the same ro
       return out;
     };
     const fromJsonl = await drain(await DataStream.open({ ...opts, data: [RECORDS] }));
-    assertEquals(fromJsonl.length, 4);
+    assertEquals(fromJsonl.length, Math.ceil(conversations.length / 2), "every record is a row");
     assertEquals(await drain(await DataStream.open({ ...opts, data: [dir] })), fromJsonl);
   } finally {
     await Deno.remove(dir, { recursive: true });
