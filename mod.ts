@@ -138,7 +138,9 @@ export {
   type ChatMessage,
   type ChatTemplateOptions,
   type DecodeOptions,
+  type JsonValue,
   StreamingDecoder,
+  type TemplateMessage,
   TextTokenizer,
 } from "./data/tokenizer.ts";
 /** The one batch type and the next-token shift of a token row. */
@@ -157,10 +159,32 @@ export {
 export { type DataKind } from "./data/sources.ts";
 /** The manifest of pre-tokenized shards (`trainer tokenize`). */
 export { type ShardManifest } from "./data/shards.ts";
-/** SFT rendering and the assistant-only loss mask. */
-export { assistantMask, type ChatTokenizer } from "./data/sft.ts";
-/** Pretrain packing. */
-export { type DocumentTokenizer, documentTokens, packDocuments } from "./data/pretrain.ts";
+/** SFT rendering (MiniMind's tool and reasoning records included) and the assistant-only loss mask. */
+export {
+  assistantMask,
+  type ChatTokenizer,
+  maskRendered,
+  renderConversation,
+  type SftConversation,
+  type SftMessage,
+} from "./data/sft.ts";
+/** MiniMind's SFT augmentations (random system prompt, empty-think stripping), seeded per sample. */
+export {
+  EMPTY_THINK,
+  MINIMIND_SYSTEM_PROMPTS,
+  NO_AUGMENTATION,
+  renderAugmented,
+  sampleRng,
+  type SftAugmentation,
+} from "./data/sft_augment.ts";
+/** Pretrain packing, or MiniMind's one padded document per row. */
+export {
+  type DocumentTokenizer,
+  documentTokens,
+  packDocuments,
+  type Packing,
+  padDocument,
+} from "./data/pretrain.ts";
 /** Byte-level BPE training. */
 export {
   type BpeOptions,

@@ -14,7 +14,7 @@ import {
 import { UsageError, UserError } from "../util/errors.ts";
 import { defaultTokenizer } from "../data/corpus.ts";
 import { DEFAULT_SHARD_TOKENS, type PrepareProgress, prepareShards } from "../data/shards.ts";
-import { assistantMask } from "../data/sft.ts";
+import { maskRendered, renderConversation } from "../data/sft.ts";
 import {
   parsePretrainRecord,
   parseSftRecord,
@@ -146,9 +146,10 @@ export async function runTokenize(args: ParsedArgs, out: CommandOutput): Promise
         // Keep output lines aligned with input lines.
         lines.push(json ? "null" : "");
       } else if (sft) {
-        const messages = parseSftRecord(line.text, { file: path, line: line.number });
-        const { ids, mask } = assistantMask(tok, messages);
-        if (json) lines.push(JSON.stringify({ ids, mask }));
+        const conv = parseSftRecord(line.text, { file: path, line: line.number });
+        const text = renderConversation(tok, conv.messages, conv.tools);
+        const { ids, mask } = maskRendered(tok, text);
+        if (json) lines.push(JSON.stringify({ ids, mask, text }));
         else {
           const trained = mask.reduce((a, b) => a + b, 0);
           lines.push(
@@ -180,7 +181,10 @@ such as <|im_start|> in the text become their ids). With --data FILE, prints one
 line per input line, in order: pretrain records ({"text": ...}) as their tokens,
 and with --sft conversations ({"conversations": [...]}) rendered with the chat
 template, as ids with the loss mask: the trained (assistant) spans are shown in
-[brackets], or in green on a terminal.`,
+[brackets], or in green on a terminal. Conversations may hold MiniMind's tool
+and reasoning records (tools on the system message, tool_calls and
+reasoning_content on assistant turns, tool turns): an assistant's tool calls are
+trained, tool results are not.`,
   options: {
     tokenizer: {
       type: "string",
@@ -190,7 +194,8 @@ template, as ids with the loss mask: the trained (assistant) spans are shown in
     },
     json: {
       type: "boolean",
-      help: 'print JSON: {"ids", "tokens"}, or {"ids", "mask"} with --sft; one object per line',
+      help:
+        'print JSON: {"ids", "tokens"}, or {"ids", "mask", "text"} with --sft (text: the rendered conversation); one object per line',
     },
     data: { type: "string", valueName: "FILE", help: "a JSONL file to tokenize line by line" },
     sft: { type: "boolean", help: "with --data: records are conversations; show the loss mask" },

@@ -11,7 +11,8 @@ import { runPrepared } from "../train/run.ts";
 import { DataParallel } from "../train/distributed.ts";
 import { detectLaunch, openCommunicator } from "../dist/comm.ts";
 import { applyGpuForRank } from "../dist/gpu.ts";
-import { UserError } from "../util/errors.ts";
+import { UsageError, UserError } from "../util/errors.ts";
+import type { Packing } from "../data/pretrain.ts";
 import {
   type CommandSpec,
   flagOption,
@@ -57,6 +58,35 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
       type: "boolean",
       help: "count and skip malformed lines instead of stopping at the first",
     },
+    ...(kind === "pretrain"
+      ? {
+        packing: {
+          type: "string",
+          valueName: "MODE",
+          help: "pack: documents concatenated into full windows (default); " +
+            "pad: one document per row, cut to seq_len - 1 tokens + bos/eos and padded (MiniMind's)",
+        },
+      } satisfies Record<string, OptionSpec>
+      : {
+        "sft-system-ratio": {
+          type: "string",
+          valueName: "R",
+          help: "give a share R of conversations with no system message and no tools a random " +
+            "system prompt (MiniMind: 0.2; default 0 = off); seeded per sample",
+        },
+        "sft-system-prompts": {
+          type: "string",
+          valueName: "FILE",
+          help: "prompts for --sft-system-ratio: one per line, or a JSON list in a .json file " +
+            "(default: MiniMind's ten)",
+        },
+        "sft-empty-think-keep": {
+          type: "string",
+          valueName: "R",
+          help: "keep the empty <think> block in a share R of samples, strip it from the rest " +
+            "(MiniMind: 0.2; default 1 = keep all); seeded per sample",
+        },
+      } satisfies Record<string, OptionSpec>),
     preset: {
       type: "string",
       valueName: "NAME",
@@ -102,7 +132,7 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
       valueName: "LR",
       help: kind === "pretrain"
         ? `peak learning rate (default ${d.lr}, MiniMind's pretrain rate)`
-        : `peak learning rate (default ${d.lr}; lower than pretraining, as MiniMind does)`,
+        : `peak learning rate (default ${d.lr}, for short runs on small models; MiniMind's full SFT uses 1e-5)`,
     },
     "min-lr-ratio": {
       type: "string",
@@ -179,6 +209,12 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
   };
 }
 
+function packingOption(args: ParsedArgs): Packing | undefined {
+  const v = stringOption(args, "packing");
+  if (v === undefined || v === "pack" || v === "pad") return v;
+  throw new UsageError(`--packing must be pack or pad, got ${JSON.stringify(v)}`);
+}
+
 /** The typed options of parsed `pretrain` / `sft` arguments: absent flags stay undefined. */
 export function trainOptionsFrom(kind: Kind, args: ParsedArgs): TrainOptions {
   const has = (name: string) => args.values[name] !== undefined;
@@ -200,6 +236,10 @@ export function trainOptionsFrom(kind: Kind, args: ParsedArgs): TrainOptions {
     evalData: list("eval-data"),
     shuffleBuffer: int("shuffle-buffer"),
     skipBadLines: flagOption(args, "skip-bad-lines"),
+    packing: packingOption(args),
+    sftSystemRatio: kind === "sft" ? num("sft-system-ratio") : undefined,
+    sftSystemPrompts: kind === "sft" ? stringOption(args, "sft-system-prompts") : undefined,
+    sftEmptyThinkKeep: kind === "sft" ? num("sft-empty-think-keep") : undefined,
     steps: int("steps"),
     epochs: num("epochs"),
     batchSize: int("batch-size", 1),
@@ -322,8 +362,8 @@ function trainCommand(kind: Kind): CommandSpec {
       : "Fine-tune a model on conversations, with the loss on assistant tokens only",
     usage: "[options]",
     description: kind === "pretrain"
-      ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
-      : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
+      ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Documents are packed into full windows (--packing pad: one padded document per row, as MiniMind does). Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
+      : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. MiniMind's tool-call and reasoning records (tools on the system message, tool_calls, reasoning_content, tool turns) are rendered as MiniMind's SFTDataset renders them: an assistant's tool calls are trained, tool results are not. MiniMind's random augmentations are off unless --sft-system-ratio / --sft-empty-think-keep are given. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
     options: trainOptions(kind),
     config: true,
     run: (args) => runTraining(kind, args),

@@ -18,6 +18,56 @@
  * seq_len + 1 tokens" rules out.
  */
 
+/**
+ * How pretrain documents become rows: `pack` concatenates them and cuts full
+ * windows (above); `pad` is MiniMind's `PretrainDataset`: one row per document.
+ */
+export type Packing = "pack" | "pad";
+
+/**
+ * One document as a padded row of `seqLen + 1` tokens, MiniMind's
+ * `PretrainDataset`: the text's tokens cut to `seqLen - 1` (MiniMind's
+ * `max_length - 2`, its max_length being our row of `seqLen + 1` tokens),
+ * wrapped in bos ... eos, then padded with `padId`. `doc` is the document as
+ * `documentTokens` makes it (`bos, tokens..., eos`). The mask is 1 on the
+ * document's tokens and 0 on the padding, so pads are never targets.
+ *
+ * MiniMind masks by value (`labels[input_ids == pad_token_id] = -100`); the
+ * mask here goes by position. They agree unless the pad token occurs inside
+ * the text (or the tokenizer pads with its eos token, where masking by value
+ * would also drop every document's eos target).
+ *
+ * @example
+ * ```ts
+ * import { padDocument } from "./pretrain.ts";
+ * // seq_len 4: rows of 5 tokens, room for 3 text tokens between bos and eos
+ * const cut = padDocument([1, 10, 11, 12, 13, 2], 4, 0);
+ * if (cut.ids.join() !== "1,10,11,12,2" || cut.mask.join() !== "1,1,1,1,1") throw new Error();
+ * const padded = padDocument([1, 10, 2], 4, 0);
+ * if (padded.ids.join() !== "1,10,2,0,0" || padded.mask.join() !== "1,1,1,0,0") throw new Error();
+ * ```
+ */
+export function padDocument(
+  doc: ArrayLike<number>,
+  seqLen: number,
+  padId: number,
+): { ids: Int32Array; mask: Uint8Array; length: number } {
+  const n = seqLen + 1;
+  const ids = new Int32Array(n).fill(padId);
+  const mask = new Uint8Array(n);
+  let length = doc.length;
+  if (length > n) {
+    // bos + the first n - 2 text tokens + eos (the document's last token).
+    for (let j = 0; j < n - 1; j++) ids[j] = doc[j];
+    ids[n - 1] = doc[doc.length - 1];
+    length = n;
+  } else {
+    for (let j = 0; j < length; j++) ids[j] = doc[j];
+  }
+  mask.fill(1, 0, length);
+  return { ids, mask, length };
+}
+
 /** What pretrain packing needs of a tokenizer (a `TextTokenizer` has it). */
 export interface DocumentTokenizer {
   /** Id that starts each document. */

@@ -24,7 +24,25 @@
  * `targets = ids[1..]`.
  */
 import { UserError } from "../util/errors.ts";
-import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
+import type { JsonValue, TemplateMessage, TextTokenizer } from "./tokenizer.ts";
+
+/** One turn of an SFT conversation (MiniMind's roles: a `tool` turn is a tool's result). */
+export interface SftMessage extends TemplateMessage {
+  /** Who speaks this turn. */
+  role: "system" | "user" | "assistant" | "tool";
+}
+
+/**
+ * A conversation as training reads it: its messages, and the tool definitions
+ * that MiniMind's records carry on the system message (given to the chat
+ * template as `tools`, as MiniMind's `create_chat_prompt` does).
+ */
+export interface SftConversation {
+  /** The turns, in order. */
+  messages: SftMessage[];
+  /** Tool definitions (JSON schemas), when the system message has them. */
+  tools?: JsonValue[];
+}
 
 /** The ChatML header that opens an assistant turn. */
 export const ASSISTANT_HEADER = "<|im_start|>assistant\n";
@@ -87,9 +105,26 @@ export function maskAssistantSpans(tok: ChatTokenizer, ids: ArrayLike<number>): 
   return mask;
 }
 
+/** A conversation rendered by the tokenizer's chat template (no generation prompt), as text. */
+export function renderConversation(
+  tok: ChatTokenizer,
+  messages: readonly SftMessage[],
+  tools?: JsonValue[],
+): string {
+  return tok.applyChatTemplate(messages, { addGenerationPrompt: false, tools });
+}
+
+/** A rendered conversation tokenized, with its assistant mask. */
+export function maskRendered(tok: ChatTokenizer, text: string): { ids: number[]; mask: number[] } {
+  const ids = tok.encode(text);
+  return { ids, mask: maskAssistantSpans(tok, ids) };
+}
+
 /**
- * Renders `messages` with the chat template (no generation prompt), tokenizes
- * the text, and masks the assistant spans.
+ * Renders `messages` (with `tools`, when given) with the chat template (no
+ * generation prompt), tokenizes the text, and masks the assistant spans. A
+ * tool call the assistant makes is inside its turn and trained; a tool's
+ * result is rendered as a user turn (`<tool_response>`) and is not.
  *
  * @example
  * ```ts ignore
@@ -103,10 +138,10 @@ export function maskAssistantSpans(tok: ChatTokenizer, ids: ArrayLike<number>): 
  */
 export function assistantMask(
   tok: ChatTokenizer,
-  messages: ChatMessage[],
+  messages: readonly SftMessage[],
+  tools?: JsonValue[],
 ): { ids: number[]; mask: number[] } {
-  const ids = tok.encode(tok.applyChatTemplate(messages, { addGenerationPrompt: false }));
-  return { ids, mask: maskAssistantSpans(tok, ids) };
+  return maskRendered(tok, renderConversation(tok, messages, tools));
 }
 
 /** One SFT training row: `[seq_len + 1]` ids and the mask aligned with them. */
@@ -151,9 +186,10 @@ export function fitSftSample(
 /** A conversation as a training row (see `fitSftSample`), or undefined when nothing is trained. */
 export function sftSample(
   tok: ChatTokenizer,
-  messages: ChatMessage[],
+  messages: readonly SftMessage[],
   seqLen: number,
+  tools?: JsonValue[],
 ): SftSample | undefined {
-  const { ids, mask } = assistantMask(tok, messages);
+  const { ids, mask } = assistantMask(tok, messages, tools);
   return fitSftSample(ids, mask, seqLen, tok.padId);
 }

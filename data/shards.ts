@@ -9,7 +9,8 @@
  */
 import { UserError } from "../util/errors.ts";
 import { type DataKind, type ReadCounters, readRecords, SHARD_MANIFEST } from "./sources.ts";
-import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
+import type { TextTokenizer } from "./tokenizer.ts";
+import type { SftConversation } from "./sft.ts";
 import { encodeChunk, type EncodedChunk, TokenizerPool } from "./tokenize_worker.ts";
 
 /** The 8 bytes every shard starts with. */
@@ -642,10 +643,10 @@ async function* encodeRecords(
   counters: ReadCounters,
   pool: TokenizerPool | undefined,
 ): AsyncGenerator<{ ids: Int32Array; mask?: Uint8Array; bytes: number }> {
-  type Records = { texts: string[] } | { conversations: ChatMessage[][] };
+  type Records = { texts: string[] } | { conversations: SftConversation[] };
   async function* chunks(): AsyncGenerator<{ records: Records; bytes: number[] }> {
     let texts: string[] = [];
-    let conversations: ChatMessage[][] = [];
+    let conversations: SftConversation[] = [];
     let bytes: number[] = [];
     const take = () => {
       const records = opts.kind === "pretrain" ? { texts } : { conversations };
@@ -659,7 +660,7 @@ async function* encodeRecords(
       const recs = readRecords(file, opts.kind, { skipBadLines: opts.skipBadLines, counters });
       for await (const rec of recs) {
         if (rec.kind === "pretrain") texts.push(rec.text);
-        else conversations.push(rec.messages);
+        else conversations.push({ messages: rec.messages, tools: rec.tools });
         bytes.push(rec.line.nextByteOffset - rec.line.byteOffset);
         if (bytes.length === CHUNK_RECORDS) yield take();
       }

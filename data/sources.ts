@@ -5,14 +5,16 @@
  * line parsed and checked against MiniMind's record formats:
  *
  * - pretrain: `{"text": "..."}`
- * - SFT: `{"conversations": [{"role": "system"|"user"|"assistant", "content": "..."}]}`
+ * - SFT: `{"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}]}`,
+ *   messages optionally with `reasoning_content`, `tool_calls` and (system) `tools`
  *
  * Other fields are ignored. Every error names the file and line and says what
  * was expected there.
  */
 import { UserError } from "../util/errors.ts";
 import { type Line, LineSplitStream } from "./lines.ts";
-import type { ChatMessage } from "./tokenizer.ts";
+import type { SftConversation, SftMessage } from "./sft.ts";
+import type { JsonValue } from "./tokenizer.ts";
 
 /** What a run trains on: plain documents or conversations with assistant-only loss. */
 export type DataKind = "pretrain" | "sft";
@@ -377,12 +379,25 @@ export function parsePretrainRecord(text: string, where: RecordWhere): string {
   return value;
 }
 
+const SFT_ROLES = ["system", "user", "assistant", "tool"] as const;
+
 /**
- * Parses one JSONL line as an SFT record and returns its messages (only `role`
- * and `content` are kept). Throws `UserError` (naming `file:line`) when the
- * line is not one.
+ * Parses one JSONL line as an SFT record: its messages, and the tool
+ * definitions of its system message. Throws `UserError` (naming `file:line`)
+ * when the line is not one.
+ *
+ * The record is MiniMind's (`dataset/lm_dataset.py`, `SFTDataset`): a message
+ * has `role` (system, user, assistant, tool) and `content`, and may carry
+ * `reasoning_content` (a string), `tool_calls` (a list, or a JSON string of
+ * one) and, on a system message, `tools` (the same). JSON strings are parsed
+ * here, as MiniMind's `create_chat_prompt` does, so the template sees lists.
+ * Empty values (`null`, `""`) of `tools` and `tool_calls` count as absent, as
+ * MiniMind's falsy tests do (its loader fills every absent field with `None`,
+ * so files it wrote carry them); `reasoning_content` null is absent, `""` is
+ * kept (its template tests `is string`). An assistant turn that only calls tools may have `content` null. Other
+ * fields are ignored.
  */
-export function parseSftRecord(text: string, where: RecordWhere): ChatMessage[] {
+export function parseSftRecord(text: string, where: RecordWhere): SftConversation {
   const example = `{"conversations": [{"role": "user", "content": "..."}, ` +
     `{"role": "assistant", "content": "..."}]}`;
   const obj = parseObject(text, where, example);
@@ -397,35 +412,109 @@ export function parseSftRecord(text: string, where: RecordWhere): ChatMessage[] 
     throw recordError(where, `"conversations" must be a list of turns, got ${typeName(conv)}`);
   }
   if (conv.length === 0) throw recordError(where, `"conversations" is an empty list`);
-  const out: ChatMessage[] = [];
+  const out: SftMessage[] = [];
+  let tools: JsonValue[] | undefined;
   for (let i = 0; i < conv.length; i++) {
     const turn = conv[i];
+    const at = `conversations[${i}]`;
     if (typeof turn !== "object" || turn === null || Array.isArray(turn)) {
       throw recordError(
         where,
-        `conversations[${i}] must be an object {"role", "content"}, got ${typeName(turn)}`,
+        `${at} must be an object {"role", "content"}, got ${typeName(turn)}`,
       );
     }
-    const { role, content } = turn as Record<string, unknown>;
-    if (role !== "system" && role !== "user" && role !== "assistant") {
+    const t = turn as Record<string, JsonValue | undefined>;
+    const role = t.role;
+    if (!SFT_ROLES.includes(role as SftMessage["role"])) {
       throw recordError(
         where,
-        `conversations[${i}].role must be "system", "user" or "assistant", got ${
+        `${at}.role must be "system", "user", "assistant" or "tool", got ${
           role === undefined ? "nothing" : JSON.stringify(role)
         }`,
       );
     }
-    if (typeof content !== "string") {
+    const message: SftMessage = { role: role as SftMessage["role"], content: "" };
+    const toolCalls = jsonListField(t.tool_calls, `${at}.tool_calls`, where);
+    if (toolCalls !== undefined) {
+      toolCalls.forEach((call, k) => checkToolCall(call, `${at}.tool_calls[${k}]`, where));
+      message.tool_calls = toolCalls;
+    }
+    const content = t.content;
+    if (typeof content === "string") message.content = content;
+    else if (!((content === null || content === undefined) && toolCalls !== undefined)) {
       throw recordError(
         where,
-        `conversations[${i}].content must be a string, got ${
-          content === undefined ? "nothing" : typeName(content)
-        }`,
+        `${at}.content must be a string${
+          role === "assistant" ? " (or null when the turn has tool_calls)" : ""
+        }, got ${content === undefined ? "nothing" : typeName(content)}`,
       );
     }
-    out.push({ role, content });
+    const reasoning = t.reasoning_content;
+    // "" is kept: MiniMind's template tests `reasoning_content is string`, and an empty
+    // string stops it from splitting a <think> block out of the content.
+    if (typeof reasoning === "string") message.reasoning_content = reasoning;
+    else if (reasoning !== null && reasoning !== undefined) {
+      throw recordError(
+        where,
+        `${at}.reasoning_content must be a string, got ${typeName(reasoning)}`,
+      );
+    }
+    const given = t.tools;
+    if (given !== undefined && given !== null && given !== "") {
+      if (role !== "system") {
+        throw recordError(
+          where,
+          `${at}.tools is on a ${JSON.stringify(role)} message; tool definitions belong on the ` +
+            `system message (MiniMind reads them only there)`,
+        );
+      }
+      // Later system messages win, as in MiniMind's create_chat_prompt.
+      tools = jsonListField(given, `${at}.tools`, where);
+    }
+    out.push(message);
   }
-  return out;
+  return tools === undefined ? { messages: out } : { messages: out, tools };
+}
+
+/** A field that holds a list, or a JSON string of one; undefined when empty (null or ""). */
+function jsonListField(
+  value: JsonValue | undefined,
+  name: string,
+  where: RecordWhere,
+): JsonValue[] | undefined {
+  if (value === undefined || value === null || value === "") return undefined;
+  let v: JsonValue = value;
+  if (typeof v === "string") {
+    try {
+      v = JSON.parse(v) as JsonValue;
+    } catch (e) {
+      throw recordError(where, `${name} is a string but not valid JSON (${(e as Error).message})`);
+    }
+  }
+  if (!Array.isArray(v)) {
+    throw recordError(
+      where,
+      `${name} must be a list (or a JSON string of one), got ${typeName(v)}`,
+    );
+  }
+  return v;
+}
+
+/** A tool call is `{"name", "arguments"}` or OpenAI's `{"type": "function", "function": {...}}`. */
+function checkToolCall(call: JsonValue, name: string, where: RecordWhere): void {
+  const inner = typeof call === "object" && call !== null && !Array.isArray(call) &&
+      typeof call.function === "object" && call.function !== null && !Array.isArray(call.function)
+    ? call.function
+    : call;
+  if (
+    typeof inner !== "object" || inner === null || Array.isArray(inner) ||
+    typeof inner.name !== "string"
+  ) {
+    throw recordError(
+      where,
+      `${name} must be an object with a "name" (and "arguments"), got ${typeName(call)}`,
+    );
+  }
 }
 
 function parseObject(text: string, where: RecordWhere, example: string): Record<string, unknown> {
@@ -467,7 +556,7 @@ export interface ReadCounters {
 /** One parsed record and where it starts. */
 export type ParsedRecord =
   & { line: Line; file: string }
-  & ({ kind: "pretrain"; text: string } | { kind: "sft"; messages: ChatMessage[] });
+  & ({ kind: "pretrain"; text: string } | ({ kind: "sft" } & SftConversation));
 
 /**
  * The records of one JSONL file, in order, from `start`. Blank lines are passed
@@ -487,7 +576,7 @@ export async function* readRecords(
     try {
       rec = kind === "pretrain"
         ? { kind, line, file, text: parsePretrainRecord(line.text, where) }
-        : { kind, line, file, messages: parseSftRecord(line.text, where) };
+        : { kind, line, file, ...parseSftRecord(line.text, where) };
     } catch (e) {
       if (opts.skipBadLines && e instanceof UserError) {
         counters.skippedLines++;

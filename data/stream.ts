@@ -22,20 +22,34 @@
  */
 import { UserError } from "../util/errors.ts";
 import { Rng, type RngState } from "../util/random.ts";
-import type { Line } from "./lines.ts";
-import { documentTokens, TokenPacker } from "./pretrain.ts";
-import { epochFileOrder, ShuffleBuffer } from "./shuffle.ts";
-import { readShardManifest, sha256Hex, ShardFile, type ShardManifest } from "./shards.ts";
-import { assistantMask, fitSftSample } from "./sft.ts";
+import { type Packing, padDocument, TokenPacker } from "./pretrain.ts";
+import { ShuffleBuffer } from "./shuffle.ts";
+import { readShardManifest, sha256Hex, type ShardManifest } from "./shards.ts";
+import { fitSftSample } from "./sft.ts";
 import {
-  type DataKind,
-  parsePretrainRecord,
-  parseSftRecord,
-  readJsonlLines,
-  resolveDataPaths,
-} from "./sources.ts";
-import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
+  augmentationActive,
+  augmentationKey,
+  checkAugmentation,
+  NO_AUGMENTATION,
+  type SftAugmentation,
+} from "./sft_augment.ts";
+import { type DataKind, resolveDataPaths } from "./sources.ts";
+import type { TextTokenizer } from "./tokenizer.ts";
 import { type Batch, emptyBatch, setRow } from "./batch.ts";
+import {
+  type DataCounters,
+  JsonlSource,
+  type PieceSource,
+  type SampleOrigin,
+  ShardSource,
+} from "./stream_sources.ts";
+
+export {
+  BAD_LINES_NAMED,
+  type DataCounters,
+  type ReaderPosition,
+  type SampleOrigin,
+} from "./stream_sources.ts";
 
 /** How to build a `DataStream`. */
 export interface DataStreamOptions {
@@ -59,38 +73,13 @@ export interface DataStreamOptions {
   maxEpochs?: number;
   /** Count and skip lines that are not valid records instead of failing. */
   skipBadLines?: boolean;
-}
-
-/** Where the reader is: the next record to read. */
-export interface ReaderPosition {
-  /** Passes over the data completed before this one. */
-  epoch: number;
-  /** Index into this epoch's file order. */
-  file: number;
-  /** JSONL: byte offset (decompressed); pretrain shards: token index; SFT shards: conversation index. */
-  offset: number;
-  /** JSONL: line number at `offset` (1-based); shards: 0. */
-  line: number;
-}
-
-/** What the reader counted. */
-export interface DataCounters {
-  /** Records read: JSONL lines, or conversations from SFT shards. */
-  records: number;
-  /** Lines that were not valid records, skipped (with skipBadLines). */
-  skippedLines: number;
-  /** SFT conversations with no assistant token left after truncation, skipped. */
-  skippedConversations: number;
-}
-
-/** Where a sample starts: a reader position, tokens of that record to drop, and the counts there. */
-export interface SampleOrigin {
-  /** The record the sample starts in. */
-  at: ReaderPosition;
-  /** Tokens of that record that belong to earlier samples. */
-  skip: number;
-  /** The counts before that record was read. */
-  counters: DataCounters;
+  /**
+   * Pretrain: `pack` (default) concatenates documents into full windows; `pad`
+   * makes one row per document, cut to fit and padded (MiniMind's PretrainDataset).
+   */
+  packing?: Packing;
+  /** SFT: MiniMind's random augmentations, seeded per sample (default none). JSONL only. */
+  augment?: SftAugmentation;
 }
 
 /** A stream's saved position (JSON-serializable), from `DataStream.position()`. */
@@ -109,6 +98,10 @@ export interface DataPosition {
   shuffleBuffer: number;
   /** File-order shuffling; must match to resume. */
   shuffleFiles: boolean;
+  /** Pretrain packing; must match to resume (absent in positions saved before it existed: pack). */
+  packing?: Packing;
+  /** SFT augmentation fingerprint; must match to resume (absent: none). */
+  augment?: string;
   /** The files read, in the order given, with their sizes: a resume checks they are unchanged. */
   files: { path: string; bytes: number }[];
   /** Where the oldest sample still to come (number `firstSample`) starts. */
@@ -133,12 +126,6 @@ export interface DataStats extends DataCounters {
   batches: number;
 }
 
-interface Piece {
-  tokens: ArrayLike<number>;
-  mask?: ArrayLike<number>;
-  origin: SampleOrigin;
-}
-
 interface Sample {
   /** `[T + 1]` ids. */
   ids: Int32Array;
@@ -147,243 +134,10 @@ interface Sample {
   origin: SampleOrigin;
 }
 
-interface PieceSource {
-  next(): Promise<Piece | undefined>;
-  /** Origin of the next piece. */
-  here(): SampleOrigin;
-  /** Called when an epoch ends, before the next starts. */
-  onEpochEnd?: (epoch: number, fromStart: boolean) => void;
-  close(): void;
-}
-
-interface SourceConfig {
-  seed: number;
-  shuffleFiles: boolean;
-  maxEpochs: number;
-}
-
-/** Walks epochs and files; subclasses read records within a file. */
-abstract class EpochSource implements PieceSource {
-  onEpochEnd?: (epoch: number, fromStart: boolean) => void;
-  protected pos: ReaderPosition;
-  protected order: number[];
-  protected counters: DataCounters;
-  protected readonly fileCount: number;
-  #cfg: SourceConfig;
-  #fromStart: boolean;
-  #recordsThisEpoch = 0;
-
-  constructor(fileCount: number, cfg: SourceConfig, start: SampleOrigin, counters: DataCounters) {
-    this.fileCount = fileCount;
-    this.#cfg = cfg;
-    this.pos = { ...start.at };
-    this.counters = counters;
-    this.order = epochFileOrder(fileCount, cfg.seed, this.pos.epoch, cfg.shuffleFiles);
-    this.#fromStart = start.at.file === 0 && start.at.offset === 0;
-  }
-
-  here(): SampleOrigin {
-    return { at: { ...this.pos }, skip: 0, counters: { ...this.counters } };
-  }
-
-  async next(): Promise<Piece | undefined> {
-    while (this.pos.epoch < this.#cfg.maxEpochs) {
-      if (this.pos.file >= this.fileCount) {
-        this.#endEpoch();
-        continue;
-      }
-      const piece = await this.readInFile();
-      if (piece) {
-        this.#recordsThisEpoch++;
-        return piece;
-      }
-      this.closeFile();
-      this.pos = { epoch: this.pos.epoch, file: this.pos.file + 1, offset: 0, line: this.lineBase };
-    }
-    return undefined;
-  }
-
-  #endEpoch(): void {
-    if (this.#fromStart && this.#recordsThisEpoch === 0) this.emptyEpoch();
-    this.onEpochEnd?.(this.pos.epoch, this.#fromStart);
-    this.pos = { epoch: this.pos.epoch + 1, file: 0, offset: 0, line: this.lineBase };
-    this.order = epochFileOrder(
-      this.fileCount,
-      this.#cfg.seed,
-      this.pos.epoch,
-      this.#cfg.shuffleFiles,
-    );
-    this.#fromStart = true;
-    this.#recordsThisEpoch = 0;
-  }
-
-  /** Line number at offset 0 (1 for JSONL, 0 where lines do not apply). */
-  protected abstract readonly lineBase: number;
-  /** The next piece of the current file, advancing `pos`; undefined at its end. */
-  protected abstract readInFile(): Promise<Piece | undefined>;
-  protected abstract closeFile(): void;
-  /** Throws the error for an epoch with no records. */
-  protected abstract emptyEpoch(): never;
-
-  close(): void {
-    this.closeFile();
-  }
-}
-
-class JsonlSource extends EpochSource {
-  protected readonly lineBase = 1;
-  #files: string[];
-  #kind: DataKind;
-  #tok: TextTokenizer;
-  #skipBadLines: boolean;
-  #lines: AsyncGenerator<Line> | undefined;
-
-  constructor(
-    files: string[],
-    kind: DataKind,
-    tok: TextTokenizer,
-    skipBadLines: boolean,
-    cfg: SourceConfig,
-    start: SampleOrigin,
-    counters: DataCounters,
-  ) {
-    super(files.length, cfg, start, counters);
-    this.#files = files;
-    this.#kind = kind;
-    this.#tok = tok;
-    this.#skipBadLines = skipBadLines;
-  }
-
-  protected async readInFile(): Promise<Piece | undefined> {
-    const file = this.#files[this.order[this.pos.file]];
-    this.#lines ??= readJsonlLines(file, { byte: this.pos.offset, line: this.pos.line });
-    while (true) {
-      const r = await this.#lines.next();
-      if (r.done) return undefined;
-      const line = r.value;
-      const origin = this.here();
-      this.pos.offset = line.nextByteOffset;
-      this.pos.line = line.number + 1;
-      if (line.text.trim() === "") continue;
-      const where = { file, line: line.number };
-      let record: string | ChatMessage[];
-      try {
-        record = this.#kind === "pretrain"
-          ? parsePretrainRecord(line.text, where)
-          : parseSftRecord(line.text, where);
-      } catch (e) {
-        if (this.#skipBadLines && e instanceof UserError) {
-          this.counters.skippedLines++;
-          continue;
-        }
-        throw e;
-      }
-      let piece: Piece;
-      if (typeof record === "string") {
-        piece = { tokens: documentTokens(this.#tok, record), origin };
-      } else {
-        const { ids, mask } = assistantMask(this.#tok, record);
-        piece = { tokens: ids, mask, origin };
-      }
-      this.counters.records++;
-      return piece;
-    }
-  }
-
-  protected closeFile(): void {
-    // Ending the generator cancels its stream, which closes the file.
-    void this.#lines?.return(undefined);
-    this.#lines = undefined;
-  }
-
-  protected emptyEpoch(): never {
-    const what = this.#files.length === 1 ? this.#files[0] : `${this.#files.length} files`;
-    throw new UserError(
-      this.counters.skippedLines > 0
-        ? `no valid records in ${what}: every line was bad and skipped (${this.counters.skippedLines})`
-        : `no records in ${what}: the training data is empty`,
-    );
-  }
-}
-
-/** Tokens per read from a pretrain shard (128 KiB as uint16). */
-const SHARD_CHUNK_TOKENS = 1 << 16;
-/** Most tokens read at once for a block of SFT conversations. */
-const SHARD_SFT_BLOCK_TOKENS = 1 << 18;
-
-class ShardSource extends EpochSource {
-  protected readonly lineBase = 0;
-  #paths: string[];
-  #kind: DataKind;
-  #shard: ShardFile | undefined;
-  /** SFT: a block of consecutive conversations read at once. */
-  #block:
-    | { first: number; offsets: Float64Array; count: number; ids: Int32Array; mask: Uint8Array }
-    | undefined;
-
-  constructor(
-    paths: string[],
-    kind: DataKind,
-    cfg: SourceConfig,
-    start: SampleOrigin,
-    counters: DataCounters,
-  ) {
-    super(paths.length, cfg, start, counters);
-    this.#paths = paths;
-    this.#kind = kind;
-  }
-
-  protected async readInFile(): Promise<Piece | undefined> {
-    this.#shard ??= await ShardFile.open(this.#paths[this.order[this.pos.file]]);
-    const h = this.#shard.header;
-    const origin = this.here();
-    if (this.#kind === "pretrain") {
-      if (this.pos.offset >= h.tokens) return undefined;
-      const n = Math.min(SHARD_CHUNK_TOKENS, h.tokens - this.pos.offset);
-      const tokens = await this.#shard.readTokens(this.pos.offset, n);
-      this.pos.offset += n;
-      return { tokens, origin };
-    }
-    const doc = this.pos.offset;
-    if (doc >= h.documents) return undefined;
-    let b = this.#block;
-    if (!b || doc < b.first || doc >= b.first + b.count) {
-      const want = Math.min(4096, h.documents - doc);
-      const offsets = await this.#shard.readDocumentOffsets(doc, want);
-      let count = 1;
-      while (count < want && offsets[count + 1] - offsets[0] <= SHARD_SFT_BLOCK_TOKENS) count++;
-      const n = offsets[count] - offsets[0];
-      b = this.#block = {
-        first: doc,
-        offsets,
-        count,
-        ids: await this.#shard.readTokens(offsets[0], n),
-        mask: await this.#shard.readMask(offsets[0], n),
-      };
-    }
-    const s = b.offsets[doc - b.first] - b.offsets[0];
-    const e = b.offsets[doc - b.first + 1] - b.offsets[0];
-    this.pos.offset++;
-    this.counters.records++;
-    return { tokens: b.ids.subarray(s, e), mask: b.mask.subarray(s, e), origin };
-  }
-
-  protected closeFile(): void {
-    this.#shard?.close();
-    this.#shard = undefined;
-    this.#block = undefined;
-  }
-
-  protected emptyEpoch(): never {
-    throw new UserError(
-      `the token shards hold no ${this.#kind === "sft" ? "conversations" : "tokens"}`,
-    );
-  }
-}
-
-/** Turns pieces into samples: pretrain windows or SFT rows of `[T + 1]` tokens. */
+/** Turns pieces into samples: pretrain windows, padded documents or SFT rows of `[T + 1]` tokens. */
 class SampleMaker {
   #kind: DataKind;
+  #packing: Packing;
   #source: PieceSource;
   #seqLen: number;
   #padId: number;
@@ -395,6 +149,7 @@ class SampleMaker {
 
   constructor(
     kind: DataKind,
+    packing: Packing,
     source: PieceSource,
     seqLen: number,
     padId: number,
@@ -402,6 +157,7 @@ class SampleMaker {
     firstSkip: number,
   ) {
     this.#kind = kind;
+    this.#packing = packing;
     this.#source = source;
     this.#seqLen = seqLen;
     this.#padId = padId;
@@ -415,6 +171,8 @@ class SampleMaker {
             ? `epoch ${epoch}: no conversation has an assistant token within seq_len + 1 = ${
               seqLen + 1
             } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
+            : this.#packing === "pad"
+            ? `the corpus holds no documents`
             : `the corpus holds ${this.#tokensThisEpoch} tokens per epoch, fewer than one window of ` +
               `seq_len + 1 = ${seqLen + 1}; use a smaller --seq-len or more data`,
         );
@@ -432,7 +190,11 @@ class SampleMaker {
   }
 
   async next(): Promise<Sample | undefined> {
-    const s = this.#kind === "pretrain" ? await this.#nextWindow() : await this.#nextRow();
+    const s = this.#kind === "sft"
+      ? await this.#nextRow()
+      : this.#packing === "pad"
+      ? await this.#nextPadded()
+      : await this.#nextWindow();
     if (s) this.#samplesThisEpoch++;
     return s;
   }
@@ -453,6 +215,14 @@ class SampleMaker {
     return { ids: w.tokens, mask: undefined, origin: { ...w.origin, skip: w.offset } };
   }
 
+  async #nextPadded(): Promise<Sample | undefined> {
+    const piece = await this.#source.next();
+    if (!piece) return undefined;
+    this.#tokensThisEpoch += piece.tokens.length;
+    const row = padDocument(piece.tokens, this.#seqLen, this.#padId);
+    return { ids: row.ids, mask: row.mask, origin: piece.origin };
+  }
+
   async #nextRow(): Promise<Sample | undefined> {
     while (true) {
       const piece = await this.#source.next();
@@ -460,7 +230,8 @@ class SampleMaker {
       this.#tokensThisEpoch += piece.tokens.length;
       const row = fitSftSample(piece.tokens, piece.mask!, this.#seqLen, this.#padId);
       if (!row) {
-        this.#counters.skippedConversations++;
+        // Once per conversation: later epochs meet the same ones.
+        if (piece.origin.at.epoch === 0) this.#counters.skippedConversations++;
         continue;
       }
       return { ids: row.ids, mask: row.mask, origin: piece.origin };
@@ -498,6 +269,8 @@ export class DataStream {
   /** The token-shard manifests, when reading shards. */
   readonly manifests: ShardManifest[];
   #format: "jsonl" | "shards";
+  #packing: Packing | undefined;
+  #augment: string | undefined;
   #files: { path: string; bytes: number }[];
   #seed: number;
   #shuffleFiles: boolean;
@@ -513,6 +286,8 @@ export class DataStream {
   private constructor(
     init: {
       opts: DataStreamOptions;
+      packing: Packing | undefined;
+      augment: string | undefined;
       format: "jsonl" | "shards";
       files: { path: string; bytes: number }[];
       manifests: ShardManifest[];
@@ -530,6 +305,8 @@ export class DataStream {
     this.seqLen = init.opts.seqLen;
     this.manifests = init.manifests;
     this.#format = init.format;
+    this.#packing = init.packing;
+    this.#augment = init.augment;
     this.#files = init.files;
     this.#seed = init.opts.seed ?? 0;
     this.#shuffleFiles = init.opts.shuffleFiles ?? (init.opts.shuffleBuffer ?? 0) > 0;
@@ -552,7 +329,15 @@ export class DataStream {
     const seed = opts.seed ?? 0;
     const shuffleBuffer = opts.shuffleBuffer ?? 0;
     const shuffleFiles = opts.shuffleFiles ?? shuffleBuffer > 0;
+    const packing: Packing = opts.packing ?? "pack";
+    const augment = opts.augment ?? NO_AUGMENTATION;
     const resolved = await resolveDataPaths(opts.data);
+    if (resolved.format === "shards" && augmentationActive(augment)) {
+      throw new UserError(
+        `${resolved.dirs[0]} holds token shards, whose conversations were rendered when they ` +
+          `were prepared; --sft-system-ratio and --sft-empty-think-keep apply when training reads JSONL`,
+      );
+    }
     let paths: string[];
     let manifests: ShardManifest[] = [];
     let padId: number;
@@ -612,6 +397,8 @@ export class DataStream {
         shuffleBuffer,
         shuffleFiles,
         files,
+        packing: opts.kind === "pretrain" ? packing : undefined,
+        augment: opts.kind === "sft" ? augmentationKey(augment) : undefined,
       });
     }
     const origin: SampleOrigin = position?.origin ?? {
@@ -627,12 +414,28 @@ export class DataStream {
         opts.kind,
         opts.tokenizer!,
         opts.skipBadLines ?? false,
+        opts.kind === "sft" ? augment : undefined,
         cfg,
         origin,
         counters,
       )
-      : new ShardSource(paths, opts.kind, cfg, origin, counters);
-    const maker = new SampleMaker(opts.kind, source, opts.seqLen, padId, counters, origin.skip);
+      : new ShardSource(
+        paths,
+        opts.kind,
+        opts.kind === "sft" || packing === "pad",
+        cfg,
+        origin,
+        counters,
+      );
+    const maker = new SampleMaker(
+      opts.kind,
+      packing,
+      source,
+      opts.seqLen,
+      padId,
+      counters,
+      origin.skip,
+    );
 
     let buffer: ShuffleBuffer<Entry>;
     let nextIndex = 0;
@@ -668,6 +471,8 @@ export class DataStream {
     }
     return new DataStream({
       opts,
+      packing: opts.kind === "pretrain" ? packing : undefined,
+      augment: opts.kind === "sft" ? augmentationKey(augment) : undefined,
       format: resolved.format,
       files,
       manifests,
@@ -731,6 +536,8 @@ export class DataStream {
       seed: this.#seed,
       shuffleBuffer: this.#buffer.capacity,
       shuffleFiles: this.#shuffleFiles,
+      ...(this.#packing !== undefined ? { packing: this.#packing } : {}),
+      ...(this.#augment !== undefined ? { augment: this.#augment } : {}),
       files: this.#files.map((f) => ({ ...f })),
       origin: structuredClone(first ? first.sample.origin : this.#maker.nextOrigin()),
       firstSample: first ? first.index : this.#nextIndex,
@@ -765,6 +572,16 @@ function checkOptions(opts: DataStreamOptions): void {
   whole("batch size", opts.batchSize, 1);
   whole("seq_len", opts.seqLen, 1);
   whole("shuffle buffer", opts.shuffleBuffer, 0);
+  if (opts.packing !== undefined && opts.packing !== "pack" && opts.packing !== "pad") {
+    throw new UserError(`packing must be "pack" or "pad", got ${JSON.stringify(opts.packing)}`);
+  }
+  if (opts.augment) {
+    try {
+      checkAugmentation(opts.augment);
+    } catch (e) {
+      throw new UserError((e as Error).message);
+    }
+  }
   if (opts.maxEpochs !== undefined && opts.maxEpochs !== Infinity) {
     whole("epochs", opts.maxEpochs, 1);
   }
@@ -782,12 +599,27 @@ function checkPosition(
   ) {
     throw new UserError("the saved data position is not one this trainer wrote (version 1)");
   }
-  const fields = ["format", "kind", "seqLen", "seed", "shuffleBuffer", "shuffleFiles"] as const;
+  // Positions saved before packing and augmentation existed mean the defaults.
+  const saved = {
+    ...p,
+    packing: p.kind === "pretrain" ? p.packing ?? "pack" : undefined,
+    augment: p.kind === "sft" ? p.augment ?? "none" : undefined,
+  };
+  const fields = [
+    "format",
+    "kind",
+    "seqLen",
+    "seed",
+    "shuffleBuffer",
+    "shuffleFiles",
+    "packing",
+    "augment",
+  ] as const;
   for (const f of fields) {
-    if (p[f] !== now[f]) {
+    if (saved[f] !== now[f]) {
       throw new UserError(
         `cannot resume the data stream: ${f} was ${
-          JSON.stringify(p[f])
+          JSON.stringify(saved[f])
         } when it was saved and is ` +
           `${JSON.stringify(now[f])} now; resume with the same data settings`,
       );

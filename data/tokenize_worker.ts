@@ -9,8 +9,8 @@
  * records are independent, so it parallelizes across cores.
  */
 import { documentTokens } from "./pretrain.ts";
-import { assistantMask } from "./sft.ts";
-import { type ChatMessage, TextTokenizer } from "./tokenizer.ts";
+import { assistantMask, type SftConversation } from "./sft.ts";
+import { TextTokenizer } from "./tokenizer.ts";
 import { UserError } from "../util/errors.ts";
 
 /** One chunk of records, tokenized to ids (and masks for SFT) of each record. */
@@ -23,7 +23,7 @@ export interface EncodedChunk {
   mask?: Uint8Array<ArrayBuffer>;
 }
 
-type Job = { seq: number; texts: string[] } | { seq: number; conversations: ChatMessage[][] };
+type Job = { seq: number; texts: string[] } | { seq: number; conversations: SftConversation[] };
 
 interface InitMessage {
   type: "init";
@@ -40,7 +40,7 @@ type Reply = { seq: number; chunk: EncodedChunk } | { seq: number; error: string
  */
 export function encodeChunk(
   tok: TextTokenizer,
-  records: { texts: string[] } | { conversations: ChatMessage[][] },
+  records: { texts: string[] } | { conversations: SftConversation[] },
 ): EncodedChunk {
   const parts: ArrayLike<number>[] = [];
   const masks: number[][] = [];
@@ -48,7 +48,7 @@ export function encodeChunk(
     for (const t of records.texts) parts.push(documentTokens(tok, t));
   } else {
     for (const c of records.conversations) {
-      const r = assistantMask(tok, c);
+      const r = assistantMask(tok, c.messages, c.tools);
       parts.push(r.ids);
       masks.push(r.mask);
     }
@@ -108,7 +108,9 @@ export class TokenizerPool {
   }
 
   /** Tokenizes a chunk of records on the next worker (round robin). */
-  encode(records: { texts: string[] } | { conversations: ChatMessage[][] }): Promise<EncodedChunk> {
+  encode(
+    records: { texts: string[] } | { conversations: SftConversation[] },
+  ): Promise<EncodedChunk> {
     if (this.#failed) return Promise.reject(this.#failed);
     const seq = this.#seq++;
     const k = seq % this.size;

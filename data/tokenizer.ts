@@ -26,10 +26,37 @@ export interface DecodeOptions {
   skipSpecialTokens?: boolean;
 }
 
+/** A JSON value, as parsed from a data record. */
+export type JsonValue =
+  | string
+  | number
+  | boolean
+  | null
+  | JsonValue[]
+  | { [key: string]: JsonValue };
+
+/**
+ * One message as a chat template sees it: a `ChatMessage`, or one of the turns
+ * MiniMind's SFT data holds beyond it (a `tool` result, an assistant turn with
+ * `tool_calls` or `reasoning_content`). Field names are the template's.
+ */
+export interface TemplateMessage {
+  /** `system`, `user`, `assistant` or `tool`. */
+  role: string;
+  /** The turn's text. */
+  content: string;
+  /** An assistant turn's reasoning, rendered inside `<think>...</think>` by MiniMind's template. */
+  reasoning_content?: string;
+  /** An assistant turn's calls: `{"name", "arguments"}` or `{"function": {...}}` objects. */
+  tool_calls?: JsonValue[];
+}
+
 /** Options of `TextTokenizer.applyChatTemplate`. */
 export interface ChatTemplateOptions {
   /** Append the header that opens an assistant turn (for generation). Default false. */
   addGenerationPrompt?: boolean;
+  /** Tool definitions, given to the template as `tools` (transformers' `tools=`). */
+  tools?: JsonValue[];
 }
 
 type JsonObject = Record<string, unknown>;
@@ -236,7 +263,10 @@ export class TextTokenizer {
    * special-token strings are template variables and `raise_exception` aborts
    * with the template's message (as a `UserError`).
    */
-  applyChatTemplate(messages: ChatMessage[], opts: ChatTemplateOptions = {}): string {
+  applyChatTemplate(
+    messages: readonly TemplateMessage[],
+    opts: ChatTemplateOptions = {},
+  ): string {
     if (this.#template === undefined) {
       throw new UserError(
         `${this.source}/tokenizer_config.json has no "chat_template"; SFT and chat need one ` +
@@ -246,8 +276,10 @@ export class TextTokenizer {
     try {
       return this.#template.render({
         ...this.#templateVariables,
-        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        messages: messages.map(templateMessage),
         add_generation_prompt: opts.addGenerationPrompt ?? false,
+        // Absent, not null: a template tests `tools is defined` as often as `if tools`.
+        ...(opts.tools !== undefined ? { tools: opts.tools } : {}),
       });
     } catch (e) {
       throw new UserError(
@@ -273,6 +305,14 @@ export class TextTokenizer {
     }
     return id;
   }
+}
+
+/** A message for the template: only the fields it has, so `is defined` tests see what the data says. */
+function templateMessage(m: TemplateMessage): Record<string, unknown> {
+  const out: Record<string, unknown> = { role: m.role, content: m.content };
+  if (m.reasoning_content !== undefined) out.reasoning_content = m.reasoning_content;
+  if (m.tool_calls !== undefined) out.tool_calls = m.tool_calls;
+  return out;
 }
 
 /**

@@ -111,7 +111,7 @@ Deno.test("tokenize --data FILE: one output line per input line, blank lines kep
 Deno.test("tokenize --data FILE --sft: ids and mask, and a view that marks the trained spans", async () => {
   const want = assistantMask(tok, conv);
   const j = await tokenize(["--tokenizer", FIXTURE, "--json", "--sft", "--data", `${dir}/s.jsonl`]);
-  assertEquals(JSON.parse(j.out), want);
+  assertEquals(JSON.parse(j.out), { ...want, text: tok.applyChatTemplate(conv) });
   const r = await tokenize(["--tokenizer", FIXTURE, "--sft", "--data", `${dir}/s.jsonl`]);
   const trained = want.mask.reduce((a, b) => a + b, 0);
   assertEquals(
@@ -122,6 +122,46 @@ Deno.test("tokenize --data FILE --sft: ids and mask, and a view that marks the t
   );
   const t = await tokenize(["--tokenizer", FIXTURE, "--sft", "--data", `${dir}/s.jsonl`], true);
   assertStringIncludes(t.out, "\x1b[32m<think>\\n\\n</think>\\n\\n等于2。<|im_end|>\\n\x1b[0m");
+});
+
+Deno.test("tokenize --sft --json: MiniMind's tool and reasoning records, with their masks", async () => {
+  const records = "tests/fixtures/sft/minimind_records.jsonl";
+  const expected = JSON.parse(
+    await Deno.readTextFile("tests/fixtures/sft/minimind_expected.json"),
+  ) as { text: string; rows: { ids: number[]; labels: number[] }[] }[];
+  const j = await tokenize(["--tokenizer", FIXTURE, "--json", "--sft", "--data", records]);
+  const lines = j.out.trimEnd().split("\n").map((l) => JSON.parse(l));
+  assertEquals(lines.length, expected.length);
+  for (const [i, line] of lines.entries()) {
+    // The full rows (max_length 4096) of scripts/make_sft_fixtures.py, without their padding.
+    const full = expected[i].rows[0];
+    const n = line.ids.length;
+    assertEquals(line.text, expected[i].text);
+    assertEquals(line.ids, full.ids.slice(0, n));
+    assertEquals(line.mask, full.labels.slice(0, n).map((l: number) => (l === -100 ? 0 : 1)));
+    assert(full.ids.slice(n).every((id) => id === tok.padId), "only padding after the ids");
+  }
+  // The readable view brackets the tool call (trained), not the tool result.
+  const r = await tokenize(["--tokenizer", FIXTURE, "--sft", "--data", records]);
+  const third = r.out.split("\n")[2];
+  assertStringIncludes(
+    third,
+    '[<think>\\n\\n</think>\\n\\n<tool_call>\\n{"name": "calculate_math"',
+  );
+  assertStringIncludes(
+    third,
+    '<|im_start|>user\\n<tool_response>\\n{"result":"9472"}\\n</tool_response><|im_end|>\\n<|im_start|>assistant\\n[',
+  );
+  // A malformed record stops with file:line.
+  await Deno.writeTextFile(
+    `${dir}/bad_tool.jsonl`,
+    '{"conversations": [{"role": "assistant", "content": "", "tool_calls": "[{"}]}\n',
+  );
+  await assertRejects(
+    () => tokenize(["--tokenizer", FIXTURE, "--sft", "--data", `${dir}/bad_tool.jsonl`]),
+    UserError,
+    `${dir}/bad_tool.jsonl:1: conversations[0].tool_calls is a string but not valid JSON`,
+  );
 });
 
 Deno.test("tokenize: the built-in tokenizer when --tokenizer is not given", async () => {

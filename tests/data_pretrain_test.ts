@@ -1,7 +1,7 @@
 /** Pretrain packing: document framing, window boundaries, origins for resuming. */
 import { assertEquals, assertThrows } from "./assert.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
-import { documentTokens, packDocuments, TokenPacker } from "../data/pretrain.ts";
+import { documentTokens, packDocuments, padDocument, TokenPacker } from "../data/pretrain.ts";
 
 const minimind = await TextTokenizer.load("../shared/fixtures/minimind-tokenizer");
 
@@ -79,4 +79,21 @@ Deno.test("TokenPacker: resuming from (origin, offset) with skip gives the same 
 
 Deno.test("TokenPacker: a window needs at least 2 tokens (one input, one target)", () => {
   assertThrows(() => new TokenPacker(1), RangeError, "window length");
+});
+
+Deno.test("padDocument: MiniMind's PretrainDataset row: cut to seq_len - 1 text tokens, bos/eos kept, pads masked", () => {
+  // seq_len 5: rows of 6 tokens, room for 4 text tokens.
+  const long = [1, 10, 11, 12, 13, 14, 15, 2];
+  const cut = padDocument(long, 5, 0);
+  assertEquals([...cut.ids], [1, 10, 11, 12, 13, 2]);
+  assertEquals([...cut.mask], [1, 1, 1, 1, 1, 1]);
+  assertEquals(cut.length, 6);
+  const exact = padDocument([1, 10, 11, 12, 13, 2], 5, 0);
+  assertEquals([...exact.ids], [1, 10, 11, 12, 13, 2]);
+  const short = padDocument([1, 10, 2], 5, 9);
+  assertEquals([...short.ids], [1, 10, 2, 9, 9, 9]);
+  assertEquals([...short.mask], [1, 1, 1, 0, 0, 0]);
+  assertEquals(short.length, 3);
+  // An empty document is bos, eos: one target.
+  assertEquals([...padDocument([1, 2], 3, 0).mask], [1, 1, 0, 0]);
 });

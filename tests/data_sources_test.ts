@@ -150,8 +150,8 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
     [() => parseSftRecord('{"conversations": {}}', where), '"conversations" must be a list'],
     [() => parseSftRecord('{"conversations": []}', where), '"conversations" is an empty list'],
     [
-      () => parseSftRecord('{"conversations": [{"role": "tool", "content": "x"}]}', where),
-      'd.jsonl:7: conversations[0].role must be "system", "user" or "assistant", got "tool"',
+      () => parseSftRecord('{"conversations": [{"role": "robot", "content": "x"}]}', where),
+      'd.jsonl:7: conversations[0].role must be "system", "user", "assistant" or "tool", got "robot"',
     ],
     [
       () =>
@@ -159,7 +159,7 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
           '{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant"}]}',
           where,
         ),
-      "d.jsonl:7: conversations[1].content must be a string, got nothing",
+      "d.jsonl:7: conversations[1].content must be a string (or null when the turn has tool_calls), got nothing",
     ],
     [
       () => parseSftRecord('{"conversations": [{"role": "user", "content": 1}]}', where),
@@ -185,7 +185,7 @@ Deno.test("parsePretrainRecord / parseSftRecord: each bad record names file:line
       '{"conversations": [{"role": "system", "content": "s", "x": 1}, {"role": "user", "content": "u"}]}',
       where,
     ),
-    [{ role: "system", content: "s" }, { role: "user", content: "u" }],
+    { messages: [{ role: "system", content: "s" }, { role: "user", content: "u" }] },
   );
 });
 
@@ -270,5 +270,127 @@ Deno.test("resolveDataPaths: a directory with manifest.json is a token-shard dir
     UserError,
     "cannot mix JSONL files",
   );
+  await Deno.remove(dir, { recursive: true });
+});
+
+Deno.test("parseSftRecord: MiniMind's tool and reasoning records, JSON strings parsed, nulls as absent", () => {
+  const where = { file: "t.jsonl", line: 3 };
+  const tools = [{ name: "f", parameters: { type: "object" } }];
+  const line = JSON.stringify({
+    conversations: [
+      { role: "system", content: "# Tools", tools: JSON.stringify(tools), tool_calls: null },
+      { role: "user", content: "go", reasoning_content: null, tools: null, tool_calls: null },
+      { role: "assistant", content: "", tool_calls: '[{"name":"f","arguments":{"a":1}}]' },
+      { role: "tool", content: '{"ok": true}' },
+      {
+        role: "assistant",
+        content: null,
+        tool_calls: [{ type: "function", function: { name: "f", arguments: "{}" } }],
+      },
+      { role: "assistant", content: "done", reasoning_content: "thought", tools: "" },
+    ],
+  });
+  assertEquals(parseSftRecord(line, where), {
+    messages: [
+      { role: "system", content: "# Tools" },
+      { role: "user", content: "go" },
+      { role: "assistant", content: "", tool_calls: [{ name: "f", arguments: { a: 1 } }] },
+      { role: "tool", content: '{"ok": true}' },
+      {
+        role: "assistant",
+        content: "",
+        tool_calls: [{ type: "function", function: { name: "f", arguments: "{}" } }],
+      },
+      { role: "assistant", content: "done", reasoning_content: "thought" },
+    ],
+    tools,
+  });
+  // An empty tools list still marks the conversation as a tool one (MiniMind tests the raw string).
+  assertEquals(
+    parseSftRecord(
+      '{"conversations": [{"role": "system", "content": "s", "tools": "[]"}, {"role": "user", "content": "u"}]}',
+      where,
+    ).tools,
+    [],
+  );
+});
+
+Deno.test("parseSftRecord: malformed tool records name file:line and what is wrong", () => {
+  const where = { file: "bad.jsonl", line: 12 };
+  const conv = (...turns: unknown[]) => JSON.stringify({ conversations: turns });
+  const cases: [string, string][] = [
+    [
+      conv({ role: "user", content: "q" }, { role: "assistant", content: "", tool_calls: "[{bad" }),
+      "bad.jsonl:12: conversations[1].tool_calls is a string but not valid JSON",
+    ],
+    [
+      conv({ role: "assistant", content: "", tool_calls: '{"name": "f"}' }),
+      "bad.jsonl:12: conversations[0].tool_calls must be a list (or a JSON string of one), got an object",
+    ],
+    [
+      conv({ role: "assistant", content: "", tool_calls: [{ arguments: {} }] }),
+      'bad.jsonl:12: conversations[0].tool_calls[0] must be an object with a "name"',
+    ],
+    [
+      conv({ role: "function", content: "x" }),
+      'bad.jsonl:12: conversations[0].role must be "system", "user", "assistant" or "tool", got "function"',
+    ],
+    [
+      conv({ role: "user", content: "q", tools: "[]" }),
+      'bad.jsonl:12: conversations[0].tools is on a "user" message; tool definitions belong on the system message',
+    ],
+    [
+      conv({ role: "system", content: "s", tools: "not json" }),
+      "bad.jsonl:12: conversations[0].tools is a string but not valid JSON",
+    ],
+    [
+      conv({ role: "system", content: "s", tools: { name: "f" } }),
+      "bad.jsonl:12: conversations[0].tools must be a list",
+    ],
+    [
+      conv({ role: "assistant", content: "a", reasoning_content: 5 }),
+      "bad.jsonl:12: conversations[0].reasoning_content must be a string, got a number",
+    ],
+    [
+      conv({ role: "user", content: null }),
+      "bad.jsonl:12: conversations[0].content must be a string, got null",
+    ],
+  ];
+  for (const [text, msg] of cases) {
+    let err: unknown;
+    try {
+      parseSftRecord(text, where);
+    } catch (e) {
+      err = e;
+    }
+    assert(err instanceof UserError, `expected a UserError for ${msg}`);
+    assertStringIncludes(err.message, msg);
+  }
+});
+
+Deno.test("readRecords: bad tool records are skipped and counted under skipBadLines", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "sources_tool_test_" });
+  const path = `${dir}/tools.jsonl`;
+  const good =
+    '{"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}';
+  await Deno.writeTextFile(
+    path,
+    [
+      good,
+      '{"conversations": [{"role": "assistant", "content": "", "tool_calls": "[{"}]}',
+      '{"conversations": [{"role": "robot", "content": "x"}]}',
+      '{"conversations": [{"role": "user", "content": "q", "tools": "[{}]"}]}',
+      good,
+    ].join("\n") + "\n",
+  );
+  await assertRejects(
+    () => collect(readRecords(path, "sft")),
+    UserError,
+    `${path}:2: conversations[0].tool_calls is a string but not valid JSON`,
+  );
+  const counters: ReadCounters = { skippedLines: 0, records: 0 };
+  const recs = await collect(readRecords(path, "sft", { skipBadLines: true, counters }));
+  assertEquals(recs.map((r) => r.line.number), [1, 5]);
+  assertEquals(counters, { skippedLines: 3, records: 2 });
   await Deno.remove(dir, { recursive: true });
 });

@@ -445,3 +445,110 @@ Deno.test("empty or too-small data is a UserError that says so", async () => {
   );
   await Deno.remove(dir, { recursive: true });
 });
+
+Deno.test("packing pad: one document per row (MiniMind's PretrainDataset), JSONL and shards alike, resume exact", async () => {
+  const T = 12;
+  const docs = corpus.pretrainTexts.flat().map((t) => documentTokens(tok, t));
+  const stream = await DataStream.open({
+    data: corpus.pretrain,
+    kind: "pretrain",
+    tokenizer: tok,
+    batchSize: 1,
+    seqLen: T,
+    maxEpochs: 1,
+    packing: "pad",
+  });
+  const rows = await drain(stream);
+  assertEquals(rows.length, docs.length, "one row per document");
+  let cut = 0;
+  for (const [i, b] of rows.entries()) {
+    const d = docs[i];
+    // MiniMind: text cut to max_length - 2 = T - 1 tokens, bos ... eos, then pads.
+    const row = d.length > T + 1 ? [...d.slice(0, T), d[d.length - 1]] : d;
+    if (d.length > T + 1) cut++;
+    const padded = [...row, ...new Array(T + 1 - row.length).fill(tok.padId)];
+    assertEquals([...b.ids], padded.slice(0, T), `row ${i}: inputs`);
+    assertEquals([...b.targets], padded.slice(1), `row ${i}: targets`);
+    // Targets are the document's tokens after bos, eos included; pads are never targets.
+    assertEquals([...b.mask], padded.slice(1).map((_, j) => (j + 1 < row.length ? 1 : 0)));
+    assertEquals(row[0], tok.bosId);
+    assertEquals(row[row.length - 1], tok.eosId);
+  }
+  assert(cut > 0 && cut < docs.length, "some documents cut, some padded");
+
+  const pre = `${corpus.dir}/shards_pad`;
+  await prepareShards({
+    tokenizer: tok,
+    files: corpus.pretrain,
+    out: pre,
+    kind: "pretrain",
+    shardTokens: 200,
+  });
+  const opts = { tokenizer: tok, batchSize: 3, seqLen: T, maxEpochs: 1, packing: "pad" } as const;
+  const fromJsonl = await drain(
+    await DataStream.open({ ...opts, data: corpus.pretrain, kind: "pretrain" }),
+  );
+  assertEquals(
+    await drain(await DataStream.open({ ...opts, data: [pre], kind: "pretrain" })),
+    fromJsonl,
+  );
+  const shuffled = { ...opts, seed: 3, shuffleBuffer: 7, maxEpochs: undefined };
+  for (const k of [0, 5, 31, 70]) {
+    await checkResume({ ...shuffled, data: corpus.pretrain, kind: "pretrain" }, k, 12);
+    await checkResume({ ...shuffled, data: [pre], kind: "pretrain" }, k, 12);
+  }
+  // A position saved with packing is refused by a stream that pads, and the other way round.
+  const packed = await DataStream.open({
+    ...shuffled,
+    data: corpus.pretrain,
+    kind: "pretrain",
+    packing: "pack",
+  });
+  await take(packed, 2);
+  const saved = packed.position();
+  packed.close();
+  await assertRejects(
+    () => DataStream.open({ ...shuffled, data: corpus.pretrain, kind: "pretrain" }, saved),
+    UserError,
+    'packing was "pack" when it was saved and is "pad" now',
+  );
+});
+
+Deno.test("skipBadLines counts each bad line once however often the data is re-read, and names the first", async () => {
+  // The reported case: 8 lines, one bad, a shuffle buffer far larger than the data
+  // (filling it reads the file again and again) used to report "skipped 243".
+  const path = `${corpus.dir}/eight.jsonl`;
+  const lines = pretrainDocs(8, 9).map((text) => JSON.stringify({ text }));
+  lines[4] = '{"text": 5}';
+  await Deno.writeTextFile(path, lines.join("\n") + "\n");
+  const opts: DataStreamOptions = {
+    data: [path],
+    kind: "pretrain",
+    tokenizer: tok,
+    batchSize: 4,
+    seqLen: 8,
+    seed: 1,
+    shuffleBuffer: 1000,
+    skipBadLines: true,
+  };
+  const stream = await DataStream.open(opts);
+  await take(stream, 3);
+  assert(stream.stats.epoch > 5, "the buffer was filled over many epochs");
+  assertEquals(stream.stats.skippedLines, 1);
+  assertEquals(stream.stats.badLines, [`${path}:5`]);
+  stream.close();
+  await checkResume(opts, 2, 4);
+
+  // Many bad lines: all counted, the first five named, in file order.
+  const many = `${corpus.dir}/many_bad.jsonl`;
+  const text = Array.from(
+    { length: 20 },
+    (_, i) => i % 3 === 1 ? "{bad" : JSON.stringify({ text: `doc ${i} alpha beta gamma` }),
+  );
+  await Deno.writeTextFile(many, text.join("\n") + "\n");
+  const s2 = await DataStream.open({ ...opts, data: [many] });
+  await take(s2, 2);
+  assertEquals(s2.stats.skippedLines, 7);
+  assertEquals(s2.stats.badLines, [2, 5, 8, 11, 14].map((n) => `${many}:${n}`));
+  s2.close();
+});

@@ -359,6 +359,112 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "--packing pad and MiniMind's SFT augmentations: --resume keeps them, bitwise; a bad line is named once",
+  sanitizeResources: false,
+  sanitizeOps: false,
+  async fn() {
+    // Pretrain with pad packing: 6 steps at once equal 3 + --resume (which keeps the packing).
+    const whole = `${root}/pad-whole`;
+    const split = `${root}/pad-split`;
+    const opts = { steps: "6", "save-every": "100", packing: "pad" };
+    const lines: string[] = [];
+    assertEquals(
+      await runTraining("pretrain", small(whole, opts), { gpu, print: (l) => lines.push(l) }),
+      0,
+    );
+    assertStringIncludes(
+      lines.join("\n"),
+      "packing: pad (one document per row, cut to seq_len - 1 = 31",
+    );
+    assertEquals(
+      await runTraining("pretrain", small(split, opts), { ...quiet, interruptAtStep: 3 }),
+      130,
+    );
+    assertEquals(
+      await runTraining("pretrain", args({ out: split, resume: true, "log-every": "1" }), quiet),
+      0,
+    );
+    assertEquals(await trainLosses(split), await trainLosses(whole));
+    assertEquals((await trainLosses(whole)).length, 6);
+    await assertRejects(
+      () =>
+        runTraining(
+          "pretrain",
+          args({ out: split, resume: true, packing: "pack", steps: "8" }),
+          quiet,
+        ),
+      UserError,
+      'packing was "pad" when it was saved and is "pack" now',
+    );
+
+    // SFT with both augmentations on a file holding one bad line: resume is bitwise too.
+    const sftData = `${root}/sft-with-bad-line.jsonl`;
+    const good = (await Deno.readTextFile(corpus.sft)).trimEnd().split("\n");
+    await Deno.writeTextFile(
+      sftData,
+      [...good.slice(0, 3), "{not json", ...good.slice(3)].join("\n") + "\n",
+    );
+    const sftArgs = (out: string) =>
+      args({
+        init: whole,
+        data: [sftData],
+        "batch-size": "4",
+        "seq-len": "64",
+        "shuffle-buffer": "16",
+        "log-every": "1",
+        steps: "6",
+        "save-every": "100",
+        lr: "1e-3",
+        "sft-system-ratio": "0.5",
+        "sft-empty-think-keep": "0.2",
+        "skip-bad-lines": true,
+        out,
+      });
+    const sftLines: string[] = [];
+    assertEquals(
+      await runTraining("sft", sftArgs(`${root}/aug-whole`), {
+        gpu,
+        print: (l) => sftLines.push(l),
+      }),
+      0,
+    );
+    const said = sftLines.join("\n");
+    assertStringIncludes(said, "sft augmentation: system 0.5 of 10 prompts");
+    assertStringIncludes(said, `skipped 1 malformed line (--skip-bad-lines): ${sftData}:4\n`);
+    assertEquals(
+      await runTraining("sft", sftArgs(`${root}/aug-split`), { ...quiet, interruptAtStep: 3 }),
+      130,
+    );
+    assertEquals(
+      await runTraining(
+        "sft",
+        args({ out: `${root}/aug-split`, resume: true, "log-every": "1", "skip-bad-lines": true }),
+        quiet,
+      ),
+      0,
+    );
+    assertEquals(await trainLosses(`${root}/aug-split`), await trainLosses(`${root}/aug-whole`));
+    // The flags belong to their kind.
+    await assertRejects(
+      () => parseCommandArgs(pretrainCommand, ["--sft-system-ratio", "0.2"]),
+      Error,
+      "sft-system-ratio",
+    );
+    await assertRejects(
+      () =>
+        runTraining(
+          "sft",
+          args({ ...sftArgs(`${root}/aug-bad`).values, "sft-system-ratio": "1.5" }),
+          quiet,
+        ),
+      Error,
+      "--sft-system-ratio must be between 0 and 1, got 1.5",
+    );
+  },
+});
+
+Deno.test({
   name: "eval: each line its own sequence; SFT lines count assistant tokens only",
   sanitizeResources: false,
   sanitizeOps: false,

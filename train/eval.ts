@@ -93,7 +93,7 @@ export async function evaluateLines(
         if (doc.length < 2) continue;
         setRow(batch, rows, { ids: doc }, tokenizer.padId);
       } else {
-        const { ids: all, mask: m } = assistantMask(tokenizer, rec.messages);
+        const { ids: all, mask: m } = assistantMask(tokenizer, rec.messages, rec.tools);
         const s = fitSftSample(all, m, T, tokenizer.padId);
         if (!s) continue;
         setRow(batch, rows, s, tokenizer.padId);

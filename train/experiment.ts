@@ -708,7 +708,7 @@ function renderReport(r: ReportInput): string {
     }; the rest is generation).${load}`,
     `- model: ${r.shape}; seed ${r.seed}`,
     `- budget per stage: pretraining ${r.stepsPretrain} steps, SFT ${r.stepsSft} steps; batch ${r.batchSize} x ${r.seqLen} tokens`,
-    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning, MiniMind's lower SFT rate)`,
+    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning at a lower rate; ours: MiniMind's full SFT uses 1e-5)`,
     `- checkpoints: ${r.out}/A-pretrain, ${r.out}/B-sft-only, ${r.out}/C-pretrain-sft (each with metrics.jsonl and loss.svg)`,
     "",
   );

@@ -13,6 +13,8 @@
  * it. Nothing model-sized crosses to the CPU during a step; the loss is read
  * back only when it is logged.
  */
+import type { Packing } from "../data/pretrain.ts";
+import type { SftAugmentation } from "../data/sft_augment.ts";
 import type { Gpu } from "../kernels/runtime.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { trainFlopsPerToken } from "../model/config.ts";
@@ -58,6 +60,10 @@ export interface RunConfig {
    * on `worldSize * batchSize` rows, the global batch the data stream yields.
    */
   worldSize?: number;
+  /** Pretrain rows: packed windows or padded documents (absent: pack). */
+  packing?: Packing;
+  /** SFT: MiniMind's augmentations (absent: none). */
+  sftAugment?: SftAugmentation;
 }
 
 /** What `trainer_state.json` holds. */

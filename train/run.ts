@@ -78,7 +78,12 @@ export async function runPrepared(
     });
     const stats = train.stats;
     if (stats.skippedLines > 0) {
-      print(`skipped ${stats.skippedLines} malformed lines (--skip-bad-lines)`);
+      const named = stats.badLines ?? [];
+      const more = stats.skippedLines > named.length ? ", ..." : "";
+      print(
+        `skipped ${stats.skippedLines} malformed line${stats.skippedLines === 1 ? "" : "s"} ` +
+          `(--skip-bad-lines)${named.length > 0 ? `: ${named.join(", ")}${more}` : ""}`,
+      );
     }
     if (stats.skippedConversations > 0) {
       print(

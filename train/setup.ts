@@ -23,6 +23,15 @@ import { readModelConfigFile, requestedShape } from "../io/model_config.ts";
 import { loadModel } from "../io/model_files.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { DataStream, type DataStreamOptions } from "../data/stream.ts";
+import type { Packing } from "../data/pretrain.ts";
+import {
+  augmentationActive,
+  augmentationKey,
+  checkAugmentation,
+  NO_AUGMENTATION,
+  readSystemPrompts,
+  type SftAugmentation,
+} from "../data/sft_augment.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
@@ -75,6 +84,14 @@ export interface TrainOptions {
   evalData?: string[];
   shuffleBuffer?: number;
   skipBadLines?: boolean;
+  /** Pretrain: `pack` documents into full windows (default) or `pad` each to its own row (MiniMind's). */
+  packing?: Packing;
+  /** SFT: share of conversations without system message and tools that get a system prompt (default 0). */
+  sftSystemRatio?: number;
+  /** SFT: a file of system prompts for `sftSystemRatio` (default MiniMind's ten). */
+  sftSystemPrompts?: string;
+  /** SFT: share of samples that keep their empty think blocks (default 1: all). */
+  sftEmptyThinkKeep?: number;
   /** Optimizer steps; or ... */
   steps?: number;
   /** ... passes over the data (the data is counted once first). */
@@ -96,6 +113,44 @@ export interface TrainOptions {
   saveEvery?: number;
   /** The adapter's FP32 peak in TFLOP/s, for MFU (default: known GPUs are recognised). */
   peakTflops?: number;
+}
+
+/**
+ * The run's packing and SFT augmentation: the given flags, else (on resume)
+ * the saved run's, else the defaults (pack; no augmentation).
+ */
+async function dataShaping(
+  opts: TrainOptions,
+  saved: RunConfig | undefined,
+): Promise<{ packing: Packing; sftAugment: SftAugmentation }> {
+  if (opts.kind === "sft" && opts.packing !== undefined) {
+    throw new UsageError("--packing applies to pretraining; SFT pads each conversation to its row");
+  }
+  const sftFlags = opts.sftSystemRatio !== undefined || opts.sftSystemPrompts !== undefined ||
+    opts.sftEmptyThinkKeep !== undefined;
+  if (opts.kind === "pretrain" && sftFlags) {
+    throw new UsageError(
+      "--sft-system-ratio, --sft-system-prompts and --sft-empty-think-keep apply to sft",
+    );
+  }
+  const packing = opts.packing ?? saved?.packing ?? "pack";
+  const was = saved?.sftAugment ?? NO_AUGMENTATION;
+  const sftAugment: SftAugmentation = {
+    systemRatio: opts.sftSystemRatio ?? was.systemRatio,
+    systemPrompts: opts.sftSystemPrompts !== undefined
+      ? await readSystemPrompts(opts.sftSystemPrompts)
+      : was.systemPrompts,
+    emptyThinkKeep: opts.sftEmptyThinkKeep ?? was.emptyThinkKeep,
+  };
+  try {
+    checkAugmentation(sftAugment);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  if (opts.sftSystemPrompts !== undefined && sftAugment.systemRatio === 0) {
+    throw new UsageError("--sft-system-prompts needs --sft-system-ratio R (R > 0) to be used");
+  }
+  return { packing, sftAugment };
 }
 
 /** A run ready for `trainLoop`. */
@@ -353,6 +408,7 @@ export async function prepareRun(
     ? state!.data.shuffleBuffer
     : opts.shuffleBuffer ?? TRAIN_DEFAULTS.shuffleBuffer;
   const skipBadLines = opts.skipBadLines ?? false;
+  const { packing, sftAugment } = await dataShaping(opts, saved);
   let data = opts.data ?? [];
   let evalData = opts.evalData ?? [];
   if (data.length === 0 && saved) data = state!.data.files.map((f) => f.path);
@@ -371,6 +427,16 @@ export async function prepareRun(
     if (evalData.length === 0) evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
     print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
   }
+  if (kind === "pretrain" && packing === "pad") {
+    print(
+      `packing: pad (one document per row, cut to seq_len - 1 = ${
+        seqLen - 1
+      } tokens + bos/eos, padding masked)`,
+    );
+  }
+  if (kind === "sft" && augmentationActive(sftAugment)) {
+    print(`sft augmentation: ${augmentationKey(sftAugment)}`);
+  }
   const streamOptions: DataStreamOptions = {
     data,
     kind,
@@ -381,6 +447,8 @@ export async function prepareRun(
     seed,
     shuffleBuffer,
     skipBadLines,
+    packing,
+    augment: sftAugment,
   };
 
   let steps = pick("steps", d.steps);
@@ -419,6 +487,8 @@ export async function prepareRun(
     saveEvery: Math.max(1, pick("saveEvery", four)),
     out,
     ...(worldSize > 1 ? { worldSize } : {}),
+    ...(kind === "pretrain" && packing !== "pack" ? { packing } : {}),
+    ...(kind === "sft" && augmentationActive(sftAugment) ? { sftAugment } : {}),
   };
   if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
   if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
