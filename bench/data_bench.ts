@@ -102,20 +102,38 @@ export async function benchData(opts: { megabytes?: number } = {}): Promise<Thro
     const T = 512;
     const B = 16;
 
+    /** JSONL -> batches through the training stream, tokenizing in `workers` threads (0: here). */
+    const timeStream = async (file: string, workers: number) => {
+      // A fresh tokenizer each time: no run profits from another's warm word cache.
+      const fresh = await TextTokenizer.load(FIXTURE);
+      const t0 = performance.now();
+      const stream = await DataStream.open({
+        data: [file],
+        kind: "pretrain",
+        tokenizer: fresh,
+        batchSize: B,
+        seqLen: T,
+        maxEpochs: 1,
+        tokenizeWorkers: workers,
+      });
+      let n = 0;
+      while (await stream.next()) n++;
+      stream.close();
+      return { batches: n, seconds: (performance.now() - t0) / 1000 };
+    };
+    const { batches, seconds: jsonlSeconds } = await timeStream(`${dir}/corpus.jsonl`, 0);
+    const streamWorkers: ThroughputRow[] = [];
+    for (const w of [1, 2]) {
+      const file = `${dir}/corpus_w${w}.jsonl`;
+      const wBytes = await writeCorpus(file, size, 2 + w);
+      const r = await timeStream(file, w);
+      streamWorkers.push({
+        name: `JSONL -> batches, ${w} tokenizer worker${w > 1 ? "s" : ""} (--data-workers)`,
+        value: wBytes / 1e6 / r.seconds,
+        unit: "MB/s",
+      });
+    }
     let t0 = performance.now();
-    const jsonl = await DataStream.open({
-      data: [`${dir}/corpus.jsonl`],
-      kind: "pretrain",
-      tokenizer: tok,
-      batchSize: B,
-      seqLen: T,
-      maxEpochs: 1,
-    });
-    let batches = 0;
-    while (await jsonl.next()) batches++;
-    const jsonlSeconds = (performance.now() - t0) / 1000;
-
-    t0 = performance.now();
     const prep = await prepareShards({
       tokenizer: tok,
       files: [`${dir}/corpus2.jsonl`],
@@ -161,6 +179,7 @@ export async function benchData(opts: { megabytes?: number } = {}): Promise<Thro
         value: (batches * B * T) / jsonlSeconds,
         unit: "tokens/s",
       },
+      ...streamWorkers,
       {
         name: "data prepare (JSONL -> token shards)",
         value: prep.bytes / 1e6 / prepSeconds,

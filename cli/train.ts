@@ -58,6 +58,12 @@ function trainOptions(kind: Kind): Record<string, OptionSpec> {
       type: "boolean",
       help: "count and skip malformed lines instead of stopping at the first",
     },
+    "data-workers": {
+      type: "string",
+      valueName: "N",
+      help: "JSONL: tokenize in N worker threads that read ahead, so tokenizing overlaps " +
+        `the GPU; 0 = on the main thread; the batches are the same (default ${TRAIN_DEFAULTS.dataWorkers})`,
+    },
     ...(kind === "pretrain"
       ? {
         packing: {
@@ -236,6 +242,7 @@ export function trainOptionsFrom(kind: Kind, args: ParsedArgs): TrainOptions {
     evalData: list("eval-data"),
     shuffleBuffer: int("shuffle-buffer"),
     skipBadLines: flagOption(args, "skip-bad-lines"),
+    dataWorkers: int("data-workers", 0),
     packing: packingOption(args),
     sftSystemRatio: kind === "sft" ? num("sft-system-ratio") : undefined,
     sftSystemPrompts: kind === "sft" ? stringOption(args, "sft-system-prompts") : undefined,

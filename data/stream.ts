@@ -80,6 +80,11 @@ export interface DataStreamOptions {
   packing?: Packing;
   /** SFT: MiniMind's random augmentations, seeded per sample (default none). JSONL only. */
   augment?: SftAugmentation;
+  /**
+   * JSONL: tokenize in this many worker threads, reading ahead (default 0: on
+   * this thread). The batches and positions are the same either way.
+   */
+  tokenizeWorkers?: number;
 }
 
 /** A stream's saved position (JSON-serializable), from `DataStream.position()`. */
@@ -418,6 +423,7 @@ export class DataStream {
         cfg,
         origin,
         counters,
+        opts.tokenizeWorkers ?? 0,
       )
       : new ShardSource(
         paths,

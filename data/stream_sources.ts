@@ -19,6 +19,7 @@ import {
 } from "./sft_augment.ts";
 import { type DataKind, parsePretrainRecord, parseSftRecord, readJsonlLines } from "./sources.ts";
 import type { TextTokenizer } from "./tokenizer.ts";
+import { type EncodedChunk, type EncodeRecords, TokenizerPool } from "./tokenize_worker.ts";
 
 /** Where the reader is: the next record to read. */
 export interface ReaderPosition {
@@ -155,6 +156,9 @@ export abstract class EpochSource implements PieceSource {
   }
 }
 
+/** Records per chunk sent to a tokenizer worker. */
+const WORKER_CHUNK_RECORDS = 64;
+
 /** How many skipped lines are named in the report. */
 export const BAD_LINES_NAMED = 5;
 
@@ -168,6 +172,20 @@ export class JsonlSource extends EpochSource {
   #augment: SftAugmentation | undefined;
   #seed: number;
   #lines: AsyncGenerator<Line> | undefined;
+  /** Tokenizer workers (`workers > 0`): records are read ahead and tokenized there. */
+  #pool: TokenizerPool | undefined;
+  /** Chunks sent to the workers, oldest first, with each record's origin. */
+  #ahead: { origins: SampleOrigin[]; result: Promise<EncodedChunk> }[] = [];
+  /** The stream's counts (with workers, `counters` is the reader's own, ahead of them). */
+  #shared: DataCounters;
+  /** Origins of the records of the chunk being read (not yet sent). */
+  #pending: SampleOrigin[] = [];
+  /** The read ahead in progress. */
+  #filling: Promise<void> | undefined;
+  /** A data error met while reading ahead. */
+  #failed: Error | undefined;
+  /** The chunk pieces are taken from now. */
+  #current: { origins: SampleOrigin[]; chunk: EncodedChunk; next: number; at: number } | undefined;
 
   constructor(
     files: string[],
@@ -178,6 +196,7 @@ export class JsonlSource extends EpochSource {
     cfg: SourceConfig,
     start: SampleOrigin,
     counters: DataCounters,
+    workers = 0,
   ) {
     super(files.length, cfg, start, counters);
     this.#files = files;
@@ -186,17 +205,63 @@ export class JsonlSource extends EpochSource {
     this.#skipBadLines = skipBadLines;
     this.#augment = augment && augmentationActive(augment) ? augment : undefined;
     this.#seed = cfg.seed;
+    this.#shared = counters;
+    if (workers > 0) {
+      this.#pool = new TokenizerPool(tok, workers);
+      // Reading ahead counts into the reader's own copy; the stream's counts
+      // follow the records handed out (see #handOut).
+      this.counters = { ...counters, badLines: counters.badLines && [...counters.badLines] };
+    }
   }
 
-  protected async readInFile(): Promise<Piece | undefined> {
-    const fileIndex = this.order[this.pos.file];
-    const file = this.#files[fileIndex];
+  /**
+   * With workers, an origin taken while reading ahead, as it would have been
+   * taken on this thread when the record is handed out: the SFT
+   * skipped-conversation count is the sample maker's, current then.
+   */
+  #asNow(origin: SampleOrigin): SampleOrigin {
+    const skippedConversations = this.#shared.skippedConversations;
+    return { ...origin, counters: { ...origin.counters, skippedConversations } };
+  }
+
+  /** With workers: the stream's counts as of handing out the record read at `origin`. */
+  #handOut(origin: SampleOrigin): void {
+    this.#shared.records = origin.counters.records + 1;
+    this.#syncSkips(origin.counters);
+  }
+
+  #syncSkips(from: DataCounters): void {
+    this.#shared.skippedLines = from.skippedLines;
+    if (from.badLines) this.#shared.badLines = [...from.badLines];
+  }
+
+  /**
+   * The next record not yet handed out: with workers, records read ahead are
+   * still to come, so the position is that of the oldest of them.
+   */
+  override here(): SampleOrigin {
+    const c = this.#current;
+    if (c && c.next < c.origins.length) return this.#asNow(c.origins[c.next]);
+    if (this.#ahead.length > 0) return this.#asNow(this.#ahead[0].origins[0]);
+    if (this.#pending.length > 0) return this.#asNow(this.#pending[0]);
+    return this.#pool ? this.#asNow(super.here()) : super.here();
+  }
+
+  protected readInFile(): Promise<Piece | undefined> {
+    return this.#pool ? this.#readFromWorkers(this.#pool) : this.#readHere();
+  }
+
+  /** The next valid record of the file with its origin, counted; undefined at its end. */
+  async #nextRecord(): Promise<
+    { record: string | SftConversation; origin: SampleOrigin; line: number } | undefined
+  > {
+    const file = this.#files[this.order[this.pos.file]];
     this.#lines ??= readJsonlLines(file, { byte: this.pos.offset, line: this.pos.line });
     while (true) {
       const r = await this.#lines.next();
       if (r.done) return undefined;
       const line = r.value;
-      const origin = this.here();
+      const origin = super.here();
       this.pos.offset = line.nextByteOffset;
       this.pos.line = line.number + 1;
       if (line.text.trim() === "") continue;
@@ -213,6 +278,91 @@ export class JsonlSource extends EpochSource {
         }
         throw e;
       }
+      this.counters.records++;
+      return { record, origin, line: line.number };
+    }
+  }
+
+  /**
+   * With workers: keeps `2 x workers` chunks of `WORKER_CHUNK_RECORDS` records
+   * of this file in flight, and hands out their pieces in reading order (the
+   * same pieces, origins and counts as tokenizing here). A data error met while
+   * reading ahead is thrown once the records before it are handed out.
+   */
+  async #readFromWorkers(pool: TokenizerPool): Promise<Piece | undefined> {
+    let c = this.#current;
+    if (!c || c.next >= c.origins.length) {
+      this.#current = undefined;
+      await this.#fillAhead(pool);
+      const head = this.#ahead.shift();
+      if (!head) {
+        if (this.#failed) throw this.#failed;
+        this.#syncSkips(this.counters); // bad lines at the end of the file
+        return undefined;
+      }
+      c = this.#current = { origins: head.origins, chunk: await head.result, next: 0, at: 0 };
+      void this.#fillAhead(pool);
+    }
+    const n = c.chunk.lengths[c.next];
+    const tokens = c.chunk.ids.subarray(c.at, c.at + n);
+    const mask = c.chunk.mask?.subarray(c.at, c.at + n);
+    const origin = this.#asNow(c.origins[c.next]);
+    this.#handOut(origin);
+    c.next++;
+    c.at += n;
+    return mask ? { tokens, mask, origin } : { tokens, origin };
+  }
+
+  /** Reads records and sends chunks until `2 x workers` are in flight, the file ends or fails. */
+  #fillAhead(pool: TokenizerPool): Promise<void> {
+    this.#filling ??= (async () => {
+      let ended = false;
+      while (!ended && !this.#failed && this.#ahead.length < 2 * pool.size) {
+        const fileIndex = this.order[this.pos.file];
+        const texts: string[] = [];
+        const conversations: SftConversation[] = [];
+        const seeds: [number, number, number, number][] = [];
+        this.#pending = [];
+        try {
+          while (this.#pending.length < WORKER_CHUNK_RECORDS) {
+            const r = await this.#nextRecord();
+            if (!r) {
+              ended = true;
+              break;
+            }
+            this.#pending.push(r.origin);
+            if (typeof r.record === "string") texts.push(r.record);
+            else {
+              conversations.push(r.record);
+              seeds.push([this.#seed, this.pos.epoch, fileIndex, r.line]);
+            }
+          }
+        } catch (e) {
+          this.#failed = e as Error;
+        }
+        const origins = this.#pending;
+        this.#pending = [];
+        if (origins.length === 0) break;
+        const records: EncodeRecords = this.#kind === "pretrain"
+          ? { texts }
+          : this.#augment
+          ? { conversations, augment: { settings: this.#augment, seeds } }
+          : { conversations };
+        const result = pool.encode(records);
+        result.catch(() => {}); // rejected results are thrown when their chunk is reached
+        this.#ahead.push({ origins, result });
+      }
+    })().finally(() => this.#filling = undefined);
+    return this.#filling;
+  }
+
+  /** Without workers: read, render and tokenize the next record here. */
+  async #readHere(): Promise<Piece | undefined> {
+    const fileIndex = this.order[this.pos.file];
+    const next = await this.#nextRecord();
+    if (!next) return undefined;
+    const { record, origin, line } = next;
+    {
       let piece: Piece;
       if (typeof record === "string") {
         piece = { tokens: documentTokens(this.#tok, record), origin };
@@ -222,13 +372,12 @@ export class JsonlSource extends EpochSource {
             this.#tok,
             record,
             this.#augment,
-            sampleRng(this.#seed, this.pos.epoch, fileIndex, line.number),
+            sampleRng(this.#seed, this.pos.epoch, fileIndex, line),
           )
           : renderConversation(this.#tok, record.messages, record.tools);
         const { ids, mask } = maskRendered(this.#tok, text);
         piece = { tokens: ids, mask, origin };
       }
-      this.counters.records++;
       return piece;
     }
   }
@@ -243,6 +392,15 @@ export class JsonlSource extends EpochSource {
     // Ending the generator cancels its stream, which closes the file.
     void this.#lines?.return(undefined);
     this.#lines = undefined;
+    this.#ahead = [];
+    this.#pending = [];
+    this.#current = undefined;
+  }
+
+  override close(): void {
+    super.close();
+    this.#pool?.close();
+    this.#pool = undefined;
   }
 
   protected emptyEpoch(): never {

@@ -1,5 +1,6 @@
 /**
- * Tokenization on several CPU cores for `trainer data prepare --workers N`:
+ * Tokenization on other CPU cores, for `trainer data prepare --workers N` and
+ * for training that reads JSONL (`--data-workers N`, `data/stream_sources.ts`):
  * `TokenizerPool` sends chunks of records to N Web Workers (this file is also
  * the worker's module) and hands the results back in the order the chunks were
  * sent, so the shards are byte for byte those of a single-threaded run.
@@ -9,7 +10,8 @@
  * records are independent, so it parallelizes across cores.
  */
 import { documentTokens } from "./pretrain.ts";
-import { assistantMask, type SftConversation } from "./sft.ts";
+import { assistantMask, maskRendered, type SftConversation } from "./sft.ts";
+import { renderAugmented, sampleRng, type SftAugmentation } from "./sft_augment.ts";
 import { TextTokenizer } from "./tokenizer.ts";
 import { UserError } from "../util/errors.ts";
 
@@ -23,7 +25,19 @@ export interface EncodedChunk {
   mask?: Uint8Array<ArrayBuffer>;
 }
 
-type Job = { seq: number; texts: string[] } | { seq: number; conversations: SftConversation[] };
+/**
+ * Records to tokenize: pretrain texts, or SFT conversations (with, for the
+ * training stream's seeded augmentations, the settings and each record's
+ * `[seed, epoch, file, line]` that `sampleRng` seeds its draws from).
+ */
+export type EncodeRecords =
+  | { texts: string[] }
+  | {
+    conversations: SftConversation[];
+    augment?: { settings: SftAugmentation; seeds: [number, number, number, number][] };
+  };
+
+type Job = { seq: number } & EncodeRecords;
 
 interface InitMessage {
   type: "init";
@@ -38,20 +52,20 @@ type Reply = { seq: number; chunk: EncodedChunk } | { seq: number; error: string
  * Tokenizes records the way `prepareShards` stores them: pretrain texts as
  * `bos, ids..., eos`, conversations as their rendered ids with the assistant mask.
  */
-export function encodeChunk(
-  tok: TextTokenizer,
-  records: { texts: string[] } | { conversations: SftConversation[] },
-): EncodedChunk {
+export function encodeChunk(tok: TextTokenizer, records: EncodeRecords): EncodedChunk {
   const parts: ArrayLike<number>[] = [];
   const masks: number[][] = [];
   if ("texts" in records) {
     for (const t of records.texts) parts.push(documentTokens(tok, t));
   } else {
-    for (const c of records.conversations) {
-      const r = assistantMask(tok, c.messages, c.tools);
+    const aug = records.augment;
+    records.conversations.forEach((c, i) => {
+      const r = aug
+        ? maskRendered(tok, renderAugmented(tok, c, aug.settings, sampleRng(...aug.seeds[i])))
+        : assistantMask(tok, c.messages, c.tools);
       parts.push(r.ids);
       masks.push(r.mask);
-    }
+    });
   }
   const lengths = Int32Array.from(parts, (p) => p.length);
   const total = lengths.reduce((a, b) => a + b, 0);
@@ -108,9 +122,7 @@ export class TokenizerPool {
   }
 
   /** Tokenizes a chunk of records on the next worker (round robin). */
-  encode(
-    records: { texts: string[] } | { conversations: SftConversation[] },
-  ): Promise<EncodedChunk> {
+  encode(records: EncodeRecords): Promise<EncodedChunk> {
     if (this.#failed) return Promise.reject(this.#failed);
     const seq = this.#seq++;
     const k = seq % this.size;

@@ -12,6 +12,7 @@ import { documentTokens, packDocuments } from "../data/pretrain.ts";
 import { assistantMask } from "../data/sft.ts";
 import { prepareShards } from "../data/shards.ts";
 import { UserError } from "../util/errors.ts";
+import { MINIMIND_SYSTEM_PROMPTS } from "../data/sft_augment.ts";
 import { Rng } from "../util/random.ts";
 
 const tok = await TextTokenizer.load("../shared/fixtures/minimind-tokenizer");
@@ -551,4 +552,95 @@ Deno.test("skipBadLines counts each bad line once however often the data is re-r
   assertEquals(s2.stats.skippedLines, 7);
   assertEquals(s2.stats.badLines, [2, 5, 8, 11, 14].map((n) => `${many}:${n}`));
   s2.close();
+});
+
+/** Batches and the position after each, for the workers comparison. */
+async function walk(opts: DataStreamOptions, n: number, from?: DataPosition) {
+  const stream = await DataStream.open(opts, from);
+  const out: { batch: Batch; position: DataPosition }[] = [];
+  try {
+    for (let i = 0; i < n; i++) {
+      const batch = await stream.next();
+      if (!batch) break;
+      out.push({ batch, position: JSON.parse(JSON.stringify(stream.position())) });
+    }
+    return { out, stats: stream.stats };
+  } finally {
+    stream.close();
+  }
+}
+
+Deno.test("tokenizer workers: the same batches, positions and counts as tokenizing here; positions resume either way", async () => {
+  const cases: DataStreamOptions[] = [
+    {
+      data: corpus.pretrain,
+      kind: "pretrain",
+      tokenizer: tok,
+      batchSize: 2,
+      seqLen: 24,
+      seed: 3,
+      shuffleBuffer: 8,
+    },
+    {
+      data: corpus.sft,
+      kind: "sft",
+      tokenizer: tok,
+      batchSize: 3,
+      seqLen: 40,
+      seed: 11,
+      shuffleBuffer: 6,
+      skipBadLines: true,
+      augment: { systemRatio: 0.5, systemPrompts: MINIMIND_SYSTEM_PROMPTS, emptyThinkKeep: 0.5 },
+    },
+  ];
+  for (const opts of cases) {
+    // Past the first epoch (about 60 pretrain / 17 SFT batches), so file ends and epochs are crossed.
+    const here = await walk(opts, 140);
+    const workers = await walk({ ...opts, tokenizeWorkers: 2 }, 140);
+    assertEquals(workers.out.length, here.out.length, `${opts.kind}: batch count`);
+    for (let i = 0; i < here.out.length; i++) {
+      assertEquals(
+        workers.out[i],
+        here.out[i],
+        `${opts.kind}: batch ${i} and the position after it`,
+      );
+    }
+    assertEquals(workers.stats, here.stats, `${opts.kind}: counts`);
+    for (const k of [0, 5, 37]) {
+      // A position saved with workers, resumed without, and the other way round.
+      const a = await walk(opts, 10, workers.out[k].position);
+      const b = await walk({ ...opts, tokenizeWorkers: 1 }, 10, here.out[k].position);
+      for (let i = 0; i < 10; i++) {
+        assertEquals(a.out[i].batch, here.out[k + 1 + i].batch, `${opts.kind}: resume at ${k}`);
+        assertEquals(b.out[i].batch, here.out[k + 1 + i].batch, `${opts.kind}: resume at ${k}`);
+      }
+    }
+    // Saved and resumed with workers: batches, counts and positions (checkResume).
+    for (const k of [3, 20]) await checkResume({ ...opts, tokenizeWorkers: 2 }, k, 10);
+  }
+});
+
+Deno.test("tokenizer workers: a bad line met while reading ahead stops the stream with file:line", async () => {
+  const stream = await DataStream.open({
+    data: corpus.sft,
+    kind: "sft",
+    tokenizer: tok,
+    batchSize: 8,
+    seqLen: 64,
+    tokenizeWorkers: 2,
+  });
+  try {
+    // s0 (30 good records) comes first: its rows are handed out before the error.
+    let rows = 0;
+    await assertRejects(
+      async () => {
+        while (await stream.next()) rows += 8;
+      },
+      UserError,
+      `${corpus.dir}/s1.jsonl:6: not valid JSON`,
+    );
+    assert(rows >= 32, `rows before the error: ${rows}`);
+  } finally {
+    stream.close();
+  }
 });

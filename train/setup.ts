@@ -54,6 +54,8 @@ export const TRAIN_DEFAULTS = {
   accum: 1,
   seed: 42,
   shuffleBuffer: 1000,
+  /** Tokenizer worker threads when training reads JSONL (0: tokenize on the main thread). */
+  dataWorkers: 1,
   logEvery: 10,
 } as const;
 
@@ -84,6 +86,8 @@ export interface TrainOptions {
   evalData?: string[];
   shuffleBuffer?: number;
   skipBadLines?: boolean;
+  /** JSONL: tokenizer worker threads reading ahead (default 1; 0 = on the main thread). */
+  dataWorkers?: number;
   /** Pretrain: `pack` documents into full windows (default) or `pad` each to its own row (MiniMind's). */
   packing?: Packing;
   /** SFT: share of conversations without system message and tools that get a system prompt (default 0). */
@@ -449,6 +453,7 @@ export async function prepareRun(
     skipBadLines,
     packing,
     augment: sftAugment,
+    tokenizeWorkers: opts.dataWorkers ?? TRAIN_DEFAULTS.dataWorkers,
   };
 
   let steps = pick("steps", d.steps);
