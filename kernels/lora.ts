@@ -1,0 +1,121 @@
+/**
+ * Column slices of a row-major matrix, for low-rank adapters on fused
+ * projections. The model computes q|k|v (and gate|up) with one matmul into one
+ * `[N, ld]` buffer; an adapter on q alone owns the columns `[off, off + w)`.
+ * The adapter's own products run on the ordinary matmul kernels over a
+ * contiguous `[N, w]` buffer, and these two kernels move it in and out:
+ *
+ *   columnsAddScaled:    y[n, off + j] += s * u[n, j]     (forward: the delta into the slice)
+ *   columnsGatherScaled: d[n, j]        = s * y[n, off + j]  (backward: the slice of dY, scaled)
+ *
+ * for n < N, j < w. One invocation per element, 256 per workgroup; counts
+ * beyond 65535 workgroups go over a 2-D grid. Each output element is one
+ * multiply-add of values it alone reads: no reduction, so bitwise
+ * deterministic. Cost per call: 12 N w bytes (add) or 8 N w (gather), 2 N w
+ * FLOP.
+ *
+ * @module
+ */
+import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+
+const WG = 256;
+
+/** A column slice `[off, off + width)` of a row-major `[N, ld]` matrix. */
+export interface ColumnSlice {
+  /** Rows. */
+  N: number;
+  /** Floats per row of the full matrix. */
+  ld: number;
+  /** First column of the slice. */
+  off: number;
+  /** Columns in the slice. */
+  width: number;
+}
+
+function kernelWgsl(body: string): string {
+  return `${LINEAR_WORKGROUP_WGSL}
+struct Params { count: u32, width: u32, ld: u32, off: u32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = linear_workgroup(wid, nwg) * ${WG}u + lid;
+  if (i >= p.count) { return; }
+  let n = i / p.width;
+  let j = i - n * p.width;
+  let wide = n * p.ld + p.off + j;  // element (n, off + j) of the [N, ld] matrix
+  ${body}
+}`;
+}
+
+const ADD_WGSL = kernelWgsl(`dst[wide] = dst[wide] + p.scale * src[i];`);
+const GATHER_WGSL = kernelWgsl(`dst[i] = p.scale * src[wide];`);
+
+function checkSlice(s: ColumnSlice, what: string): void {
+  for (const [name, v] of Object.entries(s)) {
+    if (!Number.isInteger(v) || v < 0) throw new RangeError(`${what}: bad ${name} ${v}`);
+  }
+  if (s.off + s.width > s.ld) {
+    throw new RangeError(`${what}: columns [${s.off}, ${s.off + s.width}) exceed the row of ${s.ld}`);
+  }
+}
+
+async function sliceDispatch(
+  gpu: Gpu,
+  kind: "add" | "gather",
+  s: ColumnSlice,
+  scale: number,
+  src: Binding,
+  dst: Binding,
+): Promise<Dispatch> {
+  const what = kind === "add" ? "columnsAddScaled" : "columnsGatherScaled";
+  checkSlice(s, what);
+  const count = s.N * s.width;
+  const raw = new ArrayBuffer(32);
+  new Uint32Array(raw, 0, 4).set([count, Math.max(1, s.width), s.ld, s.off]);
+  new Float32Array(raw, 16, 1)[0] = scale;
+  const u = gpu.createUniform(new Uint32Array(raw), `${what} params`);
+  const pipeline = await gpu.pipeline(
+    `lora-columns-${kind}`,
+    kind === "add" ? ADD_WGSL : GATHER_WGSL,
+  );
+  return {
+    label: `${what} N=${s.N} ld=${s.ld} cols ${s.off}+${s.width}`,
+    pipeline,
+    bindGroup: gpu.bindGroup(pipeline, [u, src, dst], what),
+    workgroups: Math.max(1, Math.ceil(count / WG)),
+    owned: [u],
+  };
+}
+
+/**
+ * `y[n, off + j] += scale * u[n, j]`: adds `u` `[N, width]` into a column
+ * slice of `y` `[N, ld]` (the adapter's delta into its part of a fused
+ * projection).
+ *
+ * @example
+ * ```ts ignore
+ * // q's columns of the fused q|k|v output get the adapter's delta.
+ * const d = await columnsAddScaled(gpu, { u: delta, y: qkv, N, ld: qkvDim, off: 0, width: qDim, scale: 2 });
+ * ```
+ */
+export function columnsAddScaled(
+  gpu: Gpu,
+  args: ColumnSlice & { u: Binding; y: Binding; scale: number },
+): Promise<Dispatch> {
+  return sliceDispatch(gpu, "add", args, args.scale, args.u, args.y);
+}
+
+/**
+ * `d[n, j] = scale * y[n, off + j]`: copies a column slice of `y` `[N, ld]`
+ * into the contiguous `d` `[N, width]`, scaled (the adapter's share of a fused
+ * projection's output gradient).
+ */
+export function columnsGatherScaled(
+  gpu: Gpu,
+  args: ColumnSlice & { y: Binding; d: Binding; scale: number },
+): Promise<Dispatch> {
+  return sliceDispatch(gpu, "gather", args, args.scale, args.y, args.d);
+}
