@@ -19,6 +19,7 @@ import {
   stringOption,
 } from "./args.ts";
 import { UsageError, UserError } from "../util/errors.ts";
+import { loadAdapter } from "../io/peft.ts";
 
 async function runEval(args: ParsedArgs): Promise<number> {
   const dir = stringOption(args, "model");
@@ -43,6 +44,9 @@ async function runEval(args: ParsedArgs): Promise<number> {
     max: ckpt.config.max_position_embeddings,
   });
   const batchSize = numberOption(args, "batch-size", 8, { integer: true, min: 1 });
+  // An adapter runs unmerged: the model adds its low-rank delta on the GPU.
+  const adapterDir = stringOption(args, "adapter");
+  const adapter = adapterDir ? await loadAdapter(adapterDir, ckpt.config) : undefined;
   const kindFlag = flagOption(args, "sft") ? "sft" : undefined;
   const gpu = await Gpu.request();
   try {
@@ -50,6 +54,7 @@ async function runEval(args: ParsedArgs): Promise<number> {
       batchSize,
       seqLen,
       params: ckpt.params,
+      ...(adapter ? { lora: adapter.lora, adapter: adapter.tensors } : {}),
     });
     try {
       const r = await evaluateLines(model, tokenizer, resolved.files, {
@@ -63,7 +68,9 @@ async function runEval(args: ParsedArgs): Promise<number> {
         console.log(
           `loss ${r.loss.toFixed(4)}  perplexity ${
             r.perplexity.toFixed(2)
-          }  (${r.tokens} tokens in ${r.sequences} sequences, seq-len ${seqLen}, ${ckpt.source})`,
+          }  (${r.tokens} tokens in ${r.sequences} sequences, seq-len ${seqLen}, ${ckpt.source}${
+            adapterDir ? ` + adapter ${adapterDir}` : ""
+          })`,
         );
       }
       return 0;
@@ -84,6 +91,11 @@ export const evalCommand: CommandSpec = {
     'Each line is its own sequence: a {"text"} line is bos, tokens..., eos, truncated to its first seq-len + 1 tokens, and every target counts; a {"conversations"} line is rendered with the chat template and only assistant tokens count. The kind is detected per file from its first line. (The eval loss printed during training is measured on packed windows of the same kind of data, so the two figures differ slightly.)',
   options: {
     model: { type: "string", valueName: "DIR", help: "checkpoint or Hugging Face model directory" },
+    adapter: {
+      type: "string",
+      valueName: "DIR",
+      help: "a LoRA adapter (PEFT format) trained on --model, run unmerged",
+    },
     data: { type: "string", multiple: true, valueName: "PATH", help: "JSONL files, dirs or globs" },
     "seq-len": {
       type: "string",

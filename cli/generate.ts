@@ -75,6 +75,12 @@ const MODEL_OPTION: OptionSpec = {
   help: `checkpoint or Hugging Face model directory (default ${DEFAULT_MODEL_DIR})`,
 };
 
+const ADAPTER_OPTION: OptionSpec = {
+  type: "string",
+  valueName: "DIR",
+  help: "a LoRA adapter (PEFT format) trained on --model, applied in memory on load",
+};
+
 const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
   "max-new-tokens": {
     type: "string",
@@ -164,7 +170,9 @@ export async function runGenerate(args: ParsedArgs, io: GenerationIo = {}): Prom
   const chat = flagOption(args, "chat");
   const json = flagOption(args, "json");
   const verbose = flagOption(args, "verbose");
-  const loaded = await loadGenerationModel(stringOption(args, "model"));
+  const loaded = await loadGenerationModel(stringOption(args, "model"), {
+    adapter: stringOption(args, "adapter"),
+  });
   const { ckpt, tokenizer } = loaded;
   const sampling = samplingFrom(args, ckpt);
   const { rng, seed } = rngFrom(args);
@@ -234,6 +242,7 @@ export const generateCommand: CommandSpec = {
     `Without --chat the model continues bos + the prompt's tokens, as a base model does; with --chat the prompt is a user turn rendered with the model's chat template and the generation prompt, and the reply ends at <|im_end|> or eos. Text streams to stdout as it is generated (whole UTF-8 characters only). The prompt plus --max-new-tokens must fit the model's context (max_position_embeddings): a longer prompt is an error, and generation stops early, with a note on stderr, when the context fills up.`,
   options: {
     model: MODEL_OPTION,
+    adapter: ADAPTER_OPTION,
     prompt: { type: "string", valueName: "TEXT", help: "the text to continue (default empty)" },
     chat: { type: "boolean", help: "answer the prompt as a user turn of a chat" },
     json: {
@@ -260,7 +269,9 @@ export async function runChat(args: ParsedArgs, io: GenerationIo = {}): Promise<
   const verbose = flagOption(args, "verbose");
   const historyTurns = numberOption(args, "history", 8, { integer: true, min: 0 });
   const system = stringOption(args, "system");
-  const loaded = await loadGenerationModel(stringOption(args, "model"));
+  const loaded = await loadGenerationModel(stringOption(args, "model"), {
+    adapter: stringOption(args, "adapter"),
+  });
   const { ckpt, tokenizer } = loaded;
   if (!tokenizer.hasChatTemplate) {
     throw new UserError(
@@ -370,6 +381,7 @@ export const chatCommand: CommandSpec = {
     `Each line you type is a user turn; the reply streams back. The prompt is the conversation rendered with the model's chat template (the last --history turns, plus --system), and a reply ends at <|im_end|> or eos. /reset clears the history, /exit or Ctrl-D (end of input) quits. When the conversation plus the reply budget outgrows the context (--context), the oldest turns are dropped. Works with piped input: typed lines are then echoed after '> ', so stdout reads as a transcript.`,
   options: {
     model: MODEL_OPTION,
+    adapter: ADAPTER_OPTION,
     history: {
       type: "string",
       valueName: "N",

@@ -11,6 +11,8 @@ import { loadCheckpoint, type LoadedCheckpoint } from "../io/checkpoint.ts";
 import { checkSamplingOptions, DEFAULT_SAMPLING, type SamplingOptions } from "../model/sampling.ts";
 import { type ChatMessage, StreamingDecoder, TextTokenizer } from "../data/tokenizer.ts";
 import { UserError } from "../util/errors.ts";
+import { loadAdapter } from "../io/peft.ts";
+import { loraLayout, mergeLora } from "../model/lora.ts";
 
 /** Where generation looks for a model by default: the result of `deno task sft`. */
 export const DEFAULT_MODEL_DIR = "out/sft";
@@ -27,6 +29,18 @@ export interface GenerationModel {
   tokenizer: TextTokenizer;
   /** The directory it was loaded from. */
   dir: string;
+  /** The LoRA adapter applied on load, when one was given. */
+  adapter?: string;
+}
+
+/** Options of `loadGenerationModel`. */
+export interface LoadGenerationOptions {
+  /**
+   * A LoRA adapter directory (PEFT format) trained on this model: its delta
+   * `s B A` is added to the adapted weights once, in memory, on load (the
+   * files stay as they are; generation then runs at the base model's speed).
+   */
+  adapter?: string;
 }
 
 /**
@@ -34,7 +48,10 @@ export interface GenerationModel {
  * `DEFAULT_MODEL_DIR`, with a message that says how to make one when it is
  * missing) with its tokenizer, which must fit the model's vocabulary.
  */
-export async function loadGenerationModel(dir?: string): Promise<GenerationModel> {
+export async function loadGenerationModel(
+  dir?: string,
+  opts: LoadGenerationOptions = {},
+): Promise<GenerationModel> {
   const path = dir ?? DEFAULT_MODEL_DIR;
   if (dir === undefined) {
     try {
@@ -56,6 +73,11 @@ export async function loadGenerationModel(dir?: string): Promise<GenerationModel
     throw new UserError(
       `${ckpt.source}: the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${ckpt.config.vocab_size}`,
     );
+  }
+  if (opts.adapter !== undefined) {
+    const adapter = await loadAdapter(opts.adapter, ckpt.config);
+    ckpt.params = mergeLora(ckpt.params, loraLayout(ckpt.config, adapter.lora), adapter.tensors);
+    return { ckpt, tokenizer, dir: path, adapter: opts.adapter };
   }
   return { ckpt, tokenizer, dir: path };
 }
