@@ -29,16 +29,20 @@ function loraSettings(args: ParsedArgs): Partial<LoraConfig> {
   };
 }
 
-async function runLora(args: ParsedArgs): Promise<number> {
+/** Runs `trainer lora` with parsed arguments (I/O injectable for tests); resolves to the exit status. */
+export async function runLora(
+  args: ParsedArgs,
+  io: Parameters<typeof runTraining>[2] = {},
+): Promise<number> {
   const kind = flagOption(args, "text") ? "pretrain" : "sft";
   const lora = loraSettings(args);
-  const status = await runTraining(kind, args, {}, { lora });
+  const status = await runTraining(kind, args, io, { lora });
   const mergeOut = stringOption(args, "merge");
   if (status === 0 && mergeOut) {
     const out = stringOption(args, "out", LORA_RUN_DEFAULTS.out);
     const base = stringOption(args, "init") ?? await savedBase(out);
     await writeMergedCheckpoint(base, out, mergeOut);
-    console.log(`merged: ${mergeOut}/ (base ${base} + adapter ${out}, Transformers-loadable)`);
+    (io.print ?? console.log)(`merged: ${mergeOut}/ (base ${base} + adapter ${out}, Transformers-loadable)`);
   }
   return status;
 }
@@ -120,7 +124,7 @@ export const loraCommand: CommandSpec = {
     }, every base weight frozen (no gradients, no optimizer moments for them). The adapter is PEFT's format (adapter_config.json + adapter_model.safetensors): Python peft loads it onto the base model, and generate/chat/eval/serve take it with --model BASE --adapter DIR. Ctrl-C saves and exits 130; --resume continues exactly.`,
   options: loraOptions(),
   config: true,
-  run: runLora,
+  run: (args) => runLora(args),
 };
 
 async function runMerge(args: ParsedArgs): Promise<number> {
