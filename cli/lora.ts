@@ -6,7 +6,14 @@
  *
  * @module
  */
-import { type CommandSpec, flagOption, listOption, numberOption, type ParsedArgs, stringOption } from "./args.ts";
+import {
+  type CommandSpec,
+  flagOption,
+  listOption,
+  numberOption,
+  type ParsedArgs,
+  stringOption,
+} from "./args.ts";
 import { runTraining, trainOptions } from "./train.ts";
 import { LORA_DEFAULTS, LORA_TARGETS, type LoraConfig, parseLoraTargets } from "../model/lora.ts";
 import { LORA_RUN_DEFAULTS, writeMergedCheckpoint } from "../train/lora.ts";
@@ -42,7 +49,9 @@ export async function runLora(
     const out = stringOption(args, "out", LORA_RUN_DEFAULTS.out);
     const base = stringOption(args, "init") ?? await savedBase(out);
     await writeMergedCheckpoint(base, out, mergeOut);
-    (io.print ?? console.log)(`merged: ${mergeOut}/ (base ${base} + adapter ${out}, Transformers-loadable)`);
+    (io.print ?? console.log)(
+      `merged: ${mergeOut}/ (base ${base} + adapter ${out}, Transformers-loadable)`,
+    );
   }
   return status;
 }
@@ -62,17 +71,20 @@ function loraOptions() {
     init: {
       type: "string" as const,
       valueName: "DIR",
-      help: `the base checkpoint, frozen (default ${LORA_RUN_DEFAULTS.base}, as MiniMind's LoRA starts from its SFT model)`,
+      help:
+        `the base checkpoint, frozen (default ${LORA_RUN_DEFAULTS.base}, as MiniMind's LoRA starts from its SFT model)`,
     },
     out: {
       type: "string" as const,
       valueName: "DIR",
-      help: `the adapter directory (PEFT format), with metrics.jsonl and loss.svg (default ${LORA_RUN_DEFAULTS.out})`,
+      help:
+        `the adapter directory (PEFT format), with metrics.jsonl and loss.svg (default ${LORA_RUN_DEFAULTS.out})`,
     },
     lr: {
       type: "string" as const,
       valueName: "LR",
-      help: `peak learning rate (default ${LORA_RUN_DEFAULTS.lr}: adapters start at zero and take larger steps than full fine-tuning)`,
+      help:
+        `peak learning rate (default ${LORA_RUN_DEFAULTS.lr}: adapters start at zero and take larger steps than full fine-tuning)`,
     },
     text: {
       type: "boolean" as const,
@@ -108,7 +120,8 @@ function loraOptions() {
     merge: {
       type: "string" as const,
       valueName: "DIR",
-      help: "after training, also write the base with the adapter folded in to DIR (a full checkpoint)",
+      help:
+        "after training, also write the base with the adapter folded in to DIR (a full checkpoint)",
     },
   };
 }
@@ -147,7 +160,11 @@ export const loraMergeCommand: CommandSpec = {
   description:
     "Writes BASE with every adapted weight replaced by W + (alpha/r) B A (computed in float64, stored as float32), with BASE's tokenizer and generation settings. Adapters from Python peft load too (plain LoRA on q/k/v/o/gate/up/down).",
   options: {
-    model: { type: "string", valueName: "BASE", help: "the base checkpoint the adapter was trained on" },
+    model: {
+      type: "string",
+      valueName: "BASE",
+      help: "the base checkpoint the adapter was trained on",
+    },
     adapter: { type: "string", valueName: "DIR", help: "the adapter directory (PEFT format)" },
     out: { type: "string", valueName: "DIR", help: "where the merged checkpoint goes" },
   },

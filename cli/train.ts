@@ -245,7 +245,10 @@ export async function runTraining(
   } catch (e) {
     // One rank's error ends every rank at once, rather than leaving them waiting.
     if (parallel && e instanceof UserError) {
-      comm.abort(`trainer ${extra.lora ? "lora" : kind} (rank ${comm.rank} of ${comm.size}): ${e.message}`, e.exitCode);
+      comm.abort(
+        `trainer ${extra.lora ? "lora" : kind} (rank ${comm.rank} of ${comm.size}): ${e.message}`,
+        e.exitCode,
+      );
     }
     throw e;
   } finally {

@@ -132,7 +132,10 @@ export async function saveAdapter(
           ...tensorsOf(c.optimizer.v, ".exp_avg_sq"),
         ]);
         await writeSafetensors(join(tmp, ADAPTER_FILES.optimizer), moments, {
-          metadata: { format: "pt", content: "AdamW exp_avg (m) and exp_avg_sq (v) per adapter tensor" },
+          metadata: {
+            format: "pt",
+            content: "AdamW exp_avg (m) and exp_avg_sq (v) per adapter tensor",
+          },
           onProgress: hook(ADAPTER_FILES.optimizer),
         });
       }
@@ -258,7 +261,9 @@ export async function loadAdapter(
     const layers = seen.get(t)!;
     if (layers.size !== model.num_hidden_layers) {
       throw new UserError(
-        `${weightsPath}: ${PEFT_MODULES[t]} is adapted in ${layers.size} of ${model.num_hidden_layers} layers; adapters on a subset of layers are not supported`,
+        `${weightsPath}: ${
+          PEFT_MODULES[t]
+        } is adapted in ${layers.size} of ${model.num_hidden_layers} layers; adapters on a subset of layers are not supported`,
       );
     }
   }

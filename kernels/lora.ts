@@ -58,7 +58,9 @@ function checkSlice(s: ColumnSlice, what: string): void {
     if (!Number.isInteger(v) || v < 0) throw new RangeError(`${what}: bad ${name} ${v}`);
   }
   if (s.off + s.width > s.ld) {
-    throw new RangeError(`${what}: columns [${s.off}, ${s.off + s.width}) exceed the row of ${s.ld}`);
+    throw new RangeError(
+      `${what}: columns [${s.off}, ${s.off + s.width}) exceed the row of ${s.ld}`,
+    );
   }
 }
 

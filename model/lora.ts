@@ -29,15 +29,11 @@
  *
  * @module
  */
-import {
-  type Binding,
-  type Dispatch,
-  type Gpu,
-} from "../kernels/runtime.ts";
+import type { Binding, Dispatch, Gpu } from "../kernels/runtime.ts";
 import { matmulDyTX, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
 import { columnsAddScaled, columnsGatherScaled } from "../kernels/lora.ts";
 import { headDim, type ModelConfig } from "./config.ts";
-import { LAYOUT_ALIGN, type FloatRange, type TensorSlot } from "./layout.ts";
+import { type FloatRange, LAYOUT_ALIGN, type TensorSlot } from "./layout.ts";
 import { tensorNames } from "./params.ts";
 import { Rng } from "../util/random.ts";
 import { UserError } from "../util/errors.ts";
@@ -221,7 +217,13 @@ export function loraLayout(model: ModelConfig, lora: LoraConfig): LoraLayout {
     }
   }
   const floats = Math.ceil(next / LAYOUT_ALIGN) * LAYOUT_ALIGN;
-  return { config: { ...lora }, floats, tensors, runs: [{ offset: 0, size: floats, decay: true }], sites };
+  return {
+    config: { ...lora },
+    floats,
+    tensors,
+    runs: [{ offset: 0, size: floats, decay: true }],
+    sites,
+  };
 }
 
 /** Floats the adapter trains (A and B of every site, gaps excluded). */
@@ -476,7 +478,14 @@ export class LoraDispatches {
           width: site.outDim,
           scale: s,
         }),
-        await matmulDyW(gpu, { dy: ds, w: this.#bind(params, site.b), dx: dt, M: N, N: site.outDim, K: r }),
+        await matmulDyW(gpu, {
+          dy: ds,
+          w: this.#bind(params, site.b),
+          dx: dt,
+          M: N,
+          N: site.outDim,
+          K: r,
+        }),
         await matmulDyTX(gpu, {
           dy: ds,
           x: t,

@@ -85,13 +85,15 @@ const COMMON = [
   corpus.sftEval,
 ];
 
-async function lora(argv: string[], interruptAtStep?: number): Promise<{ status: number; lines: string[] }> {
+async function lora(
+  argv: string[],
+  interruptAtStep?: number,
+): Promise<{ status: number; lines: string[] }> {
   const lines: string[] = [];
   const args = await parseCommandArgs(loraCommand, argv);
   const status = await runLora(args!, { gpu, print: (l) => void lines.push(l), interruptAtStep });
   return { status, lines };
 }
-
 
 Deno.test({
   name: "lora: a run writes a PEFT adapter, trains only it, and resumes exactly after Ctrl-C",
@@ -103,7 +105,17 @@ Deno.test({
     assertStringIncludes(said, "LoRA r 3, alpha 6 on q,v,o,up,down");
     assertStringIncludes(said, "parameters trained");
     assertStringIncludes(said, "AdamW state");
-    for (const f of ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "tokenizer.json", "metrics.jsonl", "loss.svg"]) {
+    for (
+      const f of [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "tokenizer.json",
+        "metrics.jsonl",
+        "loss.svg",
+      ]
+    ) {
       await Deno.stat(`${root}/a/${f}`);
     }
     const cfg = JSON.parse(await Deno.readTextFile(`${root}/a/adapter_config.json`));
@@ -137,7 +149,9 @@ Deno.test({
       await Deno.readFile(`${root}/a/optimizer.safetensors`),
     );
     const lossesOf = async (d: string) =>
-      (await readMetrics(`${d}/metrics.jsonl`)).filter((r) => r.split === "train").map((r) => r.loss);
+      (await readMetrics(`${d}/metrics.jsonl`)).filter((r) => r.split === "train").map((r) =>
+        r.loss
+      );
     assertEquals(await lossesOf(`${root}/b`), await lossesOf(`${root}/a`));
 
     // A resume that changes the adapter is refused.
@@ -252,7 +266,10 @@ Deno.test("lora: bad adapters are refused with the file and the reason", async (
   assert(err instanceof UserError && err.message.includes("expected"), `${err}`);
   err = undefined;
   await loadAdapter(`${root}/nowhere`, config).catch((e) => (err = e));
-  assert(err instanceof UserError && err.message.includes("adapter_config.json: missing"), `${err}`);
+  assert(
+    err instanceof UserError && err.message.includes("adapter_config.json: missing"),
+    `${err}`,
+  );
 });
 
 // ---------------------------------------------------------------------------
@@ -320,7 +337,9 @@ Deno.test({
     // And the merge really moved them: not the base's logits.
     const baseRef = referenceLogits(config, baseParams, ids);
     let diff = 0;
-    for (let i = 0; i < baseRef.length; i++) diff = Math.max(diff, Math.abs(baseRef[i] - refMade[i]));
+    for (let i = 0; i < baseRef.length; i++) {
+      diff = Math.max(diff, Math.abs(baseRef[i] - refMade[i]));
+    }
     assert(diff > 1e-3, `peft's adapter changes nothing (${diff})`);
   },
 });

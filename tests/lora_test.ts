@@ -41,43 +41,46 @@ const gpu = await Gpu.request();
 // Kernels.
 
 for (const [N, ld, off, width] of [[7, 37, 5, 13], [1, 9, 0, 9], [300, 70, 61, 9]]) {
-  gpuTest(`columnsAddScaled / columnsGatherScaled: N=${N} ld=${ld} cols ${off}+${width}`, async () => {
-    const rng = new Rng(N * 31 + ld);
-    const y0 = randomF32(rng, N * ld);
-    const u = randomF32(rng, N * width);
-    const scale = 1.75;
-    const yBuf = gpu.createBuffer(y0, "y");
-    const uBuf = gpu.createBuffer(u, "u");
-    const dBuf = gpu.createBuffer(N * width * 4, "d");
-    const slice = { N, ld, off, width };
-    await submitPassAndWait(gpu, [
-      await columnsGatherScaled(gpu, { ...slice, y: yBuf, d: dBuf, scale }),
-      await columnsAddScaled(gpu, { ...slice, u: uBuf, y: yBuf, scale }),
-    ]);
-    const y = await gpu.readF32(yBuf, 0, N * ld);
-    const d = await gpu.readF32(dBuf, 0, N * width);
-    const wantY = Float64Array.from(y0);
-    const wantD = new Float64Array(N * width);
-    for (let n = 0; n < N; n++) {
-      for (let j = 0; j < width; j++) {
-        wantD[n * width + j] = scale * y0[n * ld + off + j];
-        wantY[n * ld + off + j] += scale * u[n * width + j];
+  gpuTest(
+    `columnsAddScaled / columnsGatherScaled: N=${N} ld=${ld} cols ${off}+${width}`,
+    async () => {
+      const rng = new Rng(N * 31 + ld);
+      const y0 = randomF32(rng, N * ld);
+      const u = randomF32(rng, N * width);
+      const scale = 1.75;
+      const yBuf = gpu.createBuffer(y0, "y");
+      const uBuf = gpu.createBuffer(u, "u");
+      const dBuf = gpu.createBuffer(N * width * 4, "d");
+      const slice = { N, ld, off, width };
+      await submitPassAndWait(gpu, [
+        await columnsGatherScaled(gpu, { ...slice, y: yBuf, d: dBuf, scale }),
+        await columnsAddScaled(gpu, { ...slice, u: uBuf, y: yBuf, scale }),
+      ]);
+      const y = await gpu.readF32(yBuf, 0, N * ld);
+      const d = await gpu.readF32(dBuf, 0, N * width);
+      const wantY = Float64Array.from(y0);
+      const wantD = new Float64Array(N * width);
+      for (let n = 0; n < N; n++) {
+        for (let j = 0; j < width; j++) {
+          wantD[n * width + j] = scale * y0[n * ld + off + j];
+          wantY[n * ld + off + j] += scale * u[n * width + j];
+        }
       }
-    }
-    // One multiply (gather) or one multiply-add (add, possibly fused) of f32
-    // values: within 1 ulp of the float64 result (2^-23 relative, plus the
-    // ulp of values near 0 after cancellation: atol 2^-23 for O(1) data).
-    const tol = { atol: 2 ** -23, rtol: 2 ** -23 };
-    assertClose(d, wantD, tol, "gather");
-    assertClose(y, wantY, tol, "add");
-    // Columns outside the slice are untouched, bit for bit.
-    for (let n = 0; n < N; n++) {
-      for (let c = 0; c < ld; c++) {
-        if (c < off || c >= off + width) assertEquals(y[n * ld + c], y0[n * ld + c]);
+      // One multiply (gather) or one multiply-add (add, possibly fused) of f32
+      // values: within 1 ulp of the float64 result (2^-23 relative, plus the
+      // ulp of values near 0 after cancellation: atol 2^-23 for O(1) data).
+      const tol = { atol: 2 ** -23, rtol: 2 ** -23 };
+      assertClose(d, wantD, tol, "gather");
+      assertClose(y, wantY, tol, "add");
+      // Columns outside the slice are untouched, bit for bit.
+      for (let n = 0; n < N; n++) {
+        for (let c = 0; c < ld; c++) {
+          if (c < off || c >= off + width) assertEquals(y[n * ld + c], y0[n * ld + c]);
+        }
       }
-    }
-    for (const b of [yBuf, uBuf, dBuf]) b.destroy();
-  });
+      for (const b of [yBuf, uBuf, dBuf]) b.destroy();
+    },
+  );
 }
 
 Deno.test("parseLoraTargets: order, PEFT names, and an unknown name is an error", () => {
@@ -143,105 +146,114 @@ const T = 7;
 
 for (const [qkNorm, tied] of [[false, true], [true, false]]) {
   const tag = `${qkNorm ? "QK-norm" : "no QK-norm"}, ${tied ? "tied" : "untied"}`;
-  gpuTest(`LoRA on every projection: loss and adapter gradients match the reference (${tag})`, async () => {
-    const config = tinyConfig({ qk_norm: qkNorm, tie_word_embeddings: tied });
-    const lora: LoraConfig = { rank: 3, alpha: 5, dropout: 0, targets: [...LORA_TARGETS] };
-    const params = testParameters(config, 3);
-    const { layout, adapter } = testAdapter(config, lora, 4);
+  gpuTest(
+    `LoRA on every projection: loss and adapter gradients match the reference (${tag})`,
+    async () => {
+      const config = tinyConfig({ qk_norm: qkNorm, tie_word_embeddings: tied });
+      const lora: LoraConfig = { rank: 3, alpha: 5, dropout: 0, targets: [...LORA_TARGETS] };
+      const params = testParameters(config, 3);
+      const { layout, adapter } = testAdapter(config, lora, 4);
+      const model = await TrainingModel.create(gpu, config, {
+        batchSize: B,
+        seqLen: T,
+        params,
+        lora,
+        adapter,
+      });
+      try {
+        const batch = randomBatch(new Rng(qkNorm ? 21 : 22), B, T, config.vocab_size);
+        const ref = modelLossAndGrads(
+          config,
+          toFloat64Params(mergeLora(params, layout, adapter)),
+          batch,
+        );
+        const want = loraGradsFromDense(layout, adapter, ref.grads);
+        const got = await model.lossAndGrads(batch);
+        // The GPU computes x W^T + s (x A^T) B^T, the reference x W'^T with W'
+        // rounded once to f32: both ~1e-7 relative per projection, as in
+        // train_model_test.ts (loss 1e-6 relative; gradients 2e-5 x max|ref|
+        // per tensor, where a wrong slice or a missing term shows as >= 1e-2).
+        assert(
+          Math.abs(got.loss - ref.loss) < 1e-6 * ref.loss,
+          `loss ${got.loss} vs ${ref.loss}`,
+        );
+        assertEquals([...got.grads.keys()], layout.tensors.map((t) => t.name));
+        for (const t of layout.tensors) {
+          const e = want.get(t.name)!;
+          assert(maxAbs(e) > 0, `${t.name}: a zero reference gradient tests nothing`);
+          assertClose(got.grads.get(t.name)!, e, { atol: 2e-5 * maxAbs(e), rtol: 0 }, t.name);
+        }
+      } finally {
+        model.destroy();
+      }
+    },
+  );
+}
+
+gpuTest(
+  "LoRA training: base frozen, adapter updated, optimizer state only for the adapter",
+  async () => {
+    const config = tinyConfig();
+    const lora: LoraConfig = { rank: 2, alpha: 4, dropout: 0, targets: ["q", "v", "down"] };
+    const params = testParameters(config, 5);
     const model = await TrainingModel.create(gpu, config, {
       batchSize: B,
       seqLen: T,
       params,
       lora,
-      adapter,
+      seed: 9,
     });
+    const full = await TrainingModel.create(gpu, config, { batchSize: B, seqLen: T, params });
+    let adamw: AdamW | undefined;
     try {
-      const batch = randomBatch(new Rng(qkNorm ? 21 : 22), B, T, config.vocab_size);
-      const ref = modelLossAndGrads(
-        config,
-        toFloat64Params(mergeLora(params, layout, adapter)),
-        batch,
+      const layout = loraLayout(config, lora);
+      const trainable = model.trainable();
+      assertEquals(trainable.floats, layout.floats);
+      assertEquals(trainable.tensors.map((t) => t.name), layout.tensors.map((t) => t.name));
+      // rank 2 on q [32 -> 32], v [32 -> 16], down [48 -> 32] in 2 layers.
+      assertEquals(
+        loraParameterCount(layout),
+        2 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2 + 2 * 48 + 32 * 2),
       );
-      const want = loraGradsFromDense(layout, adapter, ref.grads);
-      const got = await model.lossAndGrads(batch);
-      // The GPU computes x W^T + s (x A^T) B^T, the reference x W'^T with W'
-      // rounded once to f32: both ~1e-7 relative per projection, as in
-      // train_model_test.ts (loss 1e-6 relative; gradients 2e-5 x max|ref|
-      // per tensor, where a wrong slice or a missing term shows as >= 1e-2).
+      // No base gradient buffer: the model holds less than the full one by at least its size.
+      const baseFloats = full.trainable().floats;
       assert(
-        Math.abs(got.loss - ref.loss) < 1e-6 * ref.loss,
-        `loss ${got.loss} vs ${ref.loss}`,
+        model.gpuBytes + baseFloats * 4 - 2 * layout.floats * 4 <= full.gpuBytes,
+        `LoRA model ${model.gpuBytes} bytes vs full ${full.gpuBytes}`,
       );
-      assertEquals([...got.grads.keys()], layout.tensors.map((t) => t.name));
-      for (const t of layout.tensors) {
-        const e = want.get(t.name)!;
-        assert(maxAbs(e) > 0, `${t.name}: a zero reference gradient tests nothing`);
-        assertClose(got.grads.get(t.name)!, e, { atol: 2e-5 * maxAbs(e), rtol: 0 }, t.name);
+      const before = await model.getAdapter();
+      adamw = await AdamW.create(gpu, trainable, {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weightDecay: 0.01,
+        gradClip: 1,
+      });
+      assertEquals(adamw.gpuBytes >= 2 * layout.floats * 4, true);
+      assert(adamw.gpuBytes < baseFloats * 4, `optimizer ${adamw.gpuBytes} bytes`);
+      const batch = randomBatch(new Rng(1), B, T, config.vocab_size);
+      const losses: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        model.forwardBackward([batch]);
+        adamw.step(1e-2);
+        losses.push(await model.readLoss());
       }
+      assert(losses[4] < losses[0], `loss did not fall: ${losses}`);
+      const after = await model.getAdapter();
+      const base = await model.getParameters();
+      for (const [name, t] of params) assertEquals(base.get(name), t, `${name} changed`);
+      let moved = 0;
+      for (const [name, t] of after) {
+        for (let i = 0; i < t.length; i++) if (t[i] !== before.get(name)![i]) moved++;
+      }
+      assert(moved > loraParameterCount(layout) / 2, `only ${moved} adapter values moved`);
     } finally {
+      adamw?.destroy();
       model.destroy();
+      full.destroy();
     }
-  });
-}
-
-gpuTest("LoRA training: base frozen, adapter updated, optimizer state only for the adapter", async () => {
-  const config = tinyConfig();
-  const lora: LoraConfig = { rank: 2, alpha: 4, dropout: 0, targets: ["q", "v", "down"] };
-  const params = testParameters(config, 5);
-  const model = await TrainingModel.create(gpu, config, {
-    batchSize: B,
-    seqLen: T,
-    params,
-    lora,
-    seed: 9,
-  });
-  const full = await TrainingModel.create(gpu, config, { batchSize: B, seqLen: T, params });
-  let adamw: AdamW | undefined;
-  try {
-    const layout = loraLayout(config, lora);
-    const trainable = model.trainable();
-    assertEquals(trainable.floats, layout.floats);
-    assertEquals(trainable.tensors.map((t) => t.name), layout.tensors.map((t) => t.name));
-    // rank 2 on q [32 -> 32], v [32 -> 16], down [48 -> 32] in 2 layers.
-    assertEquals(loraParameterCount(layout), 2 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2 + 2 * 48 + 32 * 2));
-    // No base gradient buffer: the model holds less than the full one by at least its size.
-    const baseFloats = full.trainable().floats;
-    assert(
-      model.gpuBytes + baseFloats * 4 - 2 * layout.floats * 4 <= full.gpuBytes,
-      `LoRA model ${model.gpuBytes} bytes vs full ${full.gpuBytes}`,
-    );
-    const before = await model.getAdapter();
-    adamw = await AdamW.create(gpu, trainable, {
-      beta1: 0.9,
-      beta2: 0.999,
-      eps: 1e-8,
-      weightDecay: 0.01,
-      gradClip: 1,
-    });
-    assertEquals(adamw.gpuBytes >= 2 * layout.floats * 4, true);
-    assert(adamw.gpuBytes < baseFloats * 4, `optimizer ${adamw.gpuBytes} bytes`);
-    const batch = randomBatch(new Rng(1), B, T, config.vocab_size);
-    const losses: number[] = [];
-    for (let i = 0; i < 5; i++) {
-      model.forwardBackward([batch]);
-      adamw.step(1e-2);
-      losses.push(await model.readLoss());
-    }
-    assert(losses[4] < losses[0], `loss did not fall: ${losses}`);
-    const after = await model.getAdapter();
-    const base = await model.getParameters();
-    for (const [name, t] of params) assertEquals(base.get(name), t, `${name} changed`);
-    let moved = 0;
-    for (const [name, t] of after) {
-      for (let i = 0; i < t.length; i++) if (t[i] !== before.get(name)![i]) moved++;
-    }
-    assert(moved > loraParameterCount(layout) / 2, `only ${moved} adapter values moved`);
-  } finally {
-    adamw?.destroy();
-    model.destroy();
-    full.destroy();
-  }
-});
+  },
+);
 
 Deno.test({
   name: "LoRA: the device is released",

@@ -732,13 +732,19 @@ Deno.test({
 });
 
 Deno.test({
-  name: "serve: the command: help says binding elsewhere exposes the model; a missing --adapter is named",
+  name:
+    "serve: the command: help says binding elsewhere exposes the model; a missing --adapter is named",
   ...GPU_TEST,
   fn: async () => {
     const help = formatHelp(serveCommand).replace(/\s+/g, " ");
     assertStringIncludes(help, "exposes the model to the network");
     assertStringIncludes(help, "LoRA adapter (PEFT format)");
-    const args = await parseCommandArgs(serveCommand, ["--model", modelDir, "--adapter", `${root}/x`]);
+    const args = await parseCommandArgs(serveCommand, [
+      "--model",
+      modelDir,
+      "--adapter",
+      `${root}/x`,
+    ]);
     let err: unknown;
     await runServe(args!, { gpu, log: () => {} }).catch((e) => (err = e));
     assert(err instanceof UserError, `expected a UserError, got ${err}`);

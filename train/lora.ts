@@ -97,7 +97,9 @@ export async function loraStartingPoint(
       const given = asked[key];
       if (given !== undefined && JSON.stringify(given) !== JSON.stringify(saved.config[key])) {
         throw new UserError(
-          `--resume: --lora-${key} ${given} differs from the run's ${saved.config[key]}; a resumed run keeps its adapter`,
+          `--resume: --lora-${key} ${given} differs from the run's ${
+            saved.config[key]
+          }; a resumed run keeps its adapter`,
         );
       }
     }
@@ -135,7 +137,11 @@ export async function loraStartingPoint(
   const base = await loadCheckpoint(baseDir);
   const tokenizer = opts.tokenizer
     ? await TextTokenizer.load(opts.tokenizer)
-    : TextTokenizer.fromJson(base.tokenizer.tokenizerJson, base.tokenizer.tokenizerConfigJson, baseDir);
+    : TextTokenizer.fromJson(
+      base.tokenizer.tokenizerJson,
+      base.tokenizer.tokenizerConfigJson,
+      baseDir,
+    );
   const config = completeLoraConfig(asked);
   return {
     model: base.config,

@@ -92,9 +92,11 @@ export async function runPrepared(
     if (io.parallel) {
       const r = io.parallel.lastReduce;
       print(
-        `all-reduce of the gradients: ${(r.bytes / 2 ** 20).toFixed(1)} MiB per step; on the last step ${
-          r.ms.toFixed(1)
-        } ms in MPI (${(r.bytes / 1e6 / (r.ms / 1000)).toFixed(0)} MB/s, waits for the slowest rank included), ${
+        `all-reduce of the gradients: ${
+          (r.bytes / 2 ** 20).toFixed(1)
+        } MiB per step; on the last step ${r.ms.toFixed(1)} ms in MPI (${
+          (r.bytes / 1e6 / (r.ms / 1000)).toFixed(0)
+        } MB/s, waits for the slowest rank included), ${
           r.totalMs.toFixed(1)
         } ms with the GPU read-back and upload`,
       );

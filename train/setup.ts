@@ -352,9 +352,8 @@ export async function prepareRun(
   // The per-rank batch: the given one, else the saved run's global batch over
   // this run's ranks (a resume with another rank count keeps the global batch).
   const savedGlobal = saved ? saved.batchSize * (saved.worldSize ?? 1) : undefined;
-  let batchSize = opts.batchSize ?? (savedGlobal !== undefined
-    ? savedGlobal / worldSize
-    : d.batchSize);
+  let batchSize = opts.batchSize ??
+    (savedGlobal !== undefined ? savedGlobal / worldSize : d.batchSize);
   if (
     saved && opts.batchSize !== undefined && (saved.worldSize ?? 1) === worldSize &&
     opts.batchSize !== saved.batchSize
