@@ -19,7 +19,7 @@ import {
   mergeLora,
   validateLoraConfig,
 } from "../model/lora.ts";
-import { loadCheckpoint, saveCheckpoint } from "../io/checkpoint.ts";
+import { loadCheckpoint, resolveCheckpointDir, saveCheckpoint } from "../io/checkpoint.ts";
 import type { SamplingDefaults } from "../io/hf_config.ts";
 import { resolve } from "node:path";
 import { ADAPTER_FILES, loadAdapter } from "../io/peft.ts";
@@ -79,13 +79,15 @@ export async function loraStartingPoint(
   lora: LoraRun;
 }> {
   if (opts.resume) {
-    if (!(await exists(join(out, ADAPTER_FILES.state)))) {
+    // After a crash mid-save the adapter may survive as `<out>.old-*`.
+    const source = await resolveCheckpointDir(out).catch(() => out);
+    if (!(await exists(join(source, ADAPTER_FILES.state)))) {
       throw new UserError(
         `--resume: ${out} holds no LoRA run to resume (no ${ADAPTER_FILES.state}); run without --resume first`,
       );
     }
     const state = JSON.parse(
-      await Deno.readTextFile(join(out, ADAPTER_FILES.state)),
+      await Deno.readTextFile(join(source, ADAPTER_FILES.state)),
     ) as TrainerState;
     const saved = state.run?.lora;
     if (state.version !== 1 || !saved || state.run.kind !== opts.kind) {
@@ -109,7 +111,7 @@ export async function loraStartingPoint(
       );
     }
     const base = await loadCheckpoint(saved.base);
-    const adapter = await loadAdapter(out, base.config, { resume: true });
+    const adapter = await loadAdapter(source, base.config, { resume: true });
     const tok = adapter.tokenizer ?? base.tokenizer;
     return {
       model: base.config,

@@ -221,6 +221,16 @@ async function startingPoint(
 }> {
   const { kind } = opts;
   if (opts.lora) {
+    if (opts.init === null) {
+      throw new UsageError(
+        "lora adapts a trained model: --init DIR names it (--init none has no weights to adapt)",
+      );
+    }
+    if (opts.preset !== undefined || opts.modelConfig !== undefined) {
+      throw new UsageError(
+        "lora takes the model's shape from its base (--init); drop --preset / --model-config",
+      );
+    }
     return await loraStartingPoint(opts.lora, {
       kind,
       resume: opts.resume ?? false,
