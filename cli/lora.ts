@@ -111,7 +111,8 @@ function loraOptions() {
     "lora-dropout": {
       type: "string" as const,
       valueName: "P",
-      help: "dropout on the adapters' input: only 0 (the default) is implemented",
+      help:
+        "dropout on the adapters' input while training, as PEFT's lora_dropout (default 0: off)",
     },
     rslora: {
       type: "boolean" as const,

@@ -121,3 +121,101 @@ export function columnsGatherScaled(
 ): Promise<Dispatch> {
   return sliceDispatch(gpu, "gather", args, args.scale, args.y, args.d);
 }
+
+// ---------------------------------------------------------------------------
+// Dropout on the adapter's input.
+
+/**
+ * The dropout state a step writes (a 16-byte storage buffer): the step's
+ * seed, the drop threshold `round(p 2^32)` and the kept values' scale
+ * `1 / (1 - p)`; `[0, 0, 1]` turns dropout off (evaluation).
+ */
+export function dropoutState(seed: number, p: number): Uint32Array {
+  const raw = new ArrayBuffer(16);
+  const u = new Uint32Array(raw);
+  u[0] = seed >>> 0;
+  u[1] = p > 0 ? Math.min(0xffffffff, Math.round(p * 2 ** 32)) : 0;
+  new Float32Array(raw)[2] = p > 0 ? 1 / (1 - p) : 1;
+  return u;
+}
+
+/** lowbias32 (Chris Wellons' integer hash): a bijection on u32 with good avalanche. */
+function hash32(x: number): number {
+  let h = x >>> 0;
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x7feb352d) >>> 0;
+  h ^= h >>> 15;
+  h = Math.imul(h, 0x846ca68b) >>> 0;
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/**
+ * Whether element `i` of dropout stream `stream` survives under `state`
+ * (the CPU twin of the kernel's test): `hash(i ^ hash(seed + stream *
+ * 0x9e3779b9)) >= threshold`. Streams keep the sites' masks independent.
+ */
+export function dropoutKeeps(state: Uint32Array, stream: number, i: number): boolean {
+  const key = hash32((state[0] + Math.imul(stream, 0x9e3779b9)) >>> 0);
+  return hash32((i ^ key) >>> 0) >= state[1];
+}
+
+function dropoutWgsl(accumulate: boolean): string {
+  return `${LINEAR_WORKGROUP_WGSL}
+struct Params { count: u32, stream: u32 }
+struct State { seed: u32, threshold: u32, scale: f32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> state: State;
+@group(0) @binding(2) var<storage, read> src: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+fn hash32(x: u32) -> u32 {
+  var h = x;
+  h ^= h >> 16u; h *= 0x7feb352du; h ^= h >> 15u; h *= 0x846ca68bu; h ^= h >> 16u;
+  return h;
+}
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+        @builtin(local_invocation_index) lid: u32) {
+  let i = linear_workgroup(wid, nwg) * ${WG}u + lid;
+  if (i >= p.count) { return; }
+  let key = hash32(state.seed + p.stream * 0x9e3779b9u);
+  var v = 0.0;
+  if (hash32(i ^ key) >= state.threshold) { v = src[i] * state.scale; }
+  ${accumulate ? "dst[i] = dst[i] + v;" : "dst[i] = v;"}
+}`;
+}
+
+/**
+ * Inverted dropout with a mask from `state` (see `dropoutState`):
+ * `dst[i] (+)= keep(i) ? src[i] / (1 - p) : 0` for i < count. The mask is a
+ * hash of (seed, stream, i), so the backward recomputes the forward's mask
+ * instead of storing it (same seed and stream: same mask, bit for bit).
+ */
+export async function dropoutApply(
+  gpu: Gpu,
+  args: {
+    src: Binding;
+    dst: Binding;
+    state: Binding;
+    count: number;
+    stream: number;
+    accumulate: boolean;
+  },
+): Promise<Dispatch> {
+  const { count, stream } = args;
+  if (!Number.isInteger(count) || count < 0) {
+    throw new RangeError(`dropoutApply: bad count ${count}`);
+  }
+  const u = gpu.createUniform(new Uint32Array([count, stream >>> 0]), "dropout params");
+  const pipeline = await gpu.pipeline(
+    `lora-dropout-${args.accumulate ? "acc" : "set"}`,
+    dropoutWgsl(args.accumulate),
+  );
+  return {
+    label: `dropout n=${count} stream ${stream}`,
+    pipeline,
+    bindGroup: gpu.bindGroup(pipeline, [u, args.state, args.src, args.dst], "dropout"),
+    workgroups: Math.max(1, Math.ceil(count / WG)),
+    owned: [u],
+  };
+}

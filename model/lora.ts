@@ -22,6 +22,11 @@
  * reads its share of dY from them (`kernels/lora.ts`); every product runs on
  * the ordinary matmul kernels.
  *
+ * Dropout p (training only) applies to the adapter's input, as PEFT's
+ * `lora_dropout`: t = (x * m / (1 - p)) A^T with a mask m hashed from the
+ * step's seed (`kernels/lora.ts`); then dA reads the dropped input and
+ * dx gets (dt A) * m / (1 - p), the mask recomputed, never stored.
+ *
  * Names and init follow Hugging Face PEFT, so adapters move both ways:
  * `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, A drawn
  * uniform in ±1/sqrt(in) (PEFT's kaiming-uniform with a = sqrt(5)), B zeros
@@ -31,7 +36,12 @@
  */
 import type { Binding, Dispatch, Gpu } from "../kernels/runtime.ts";
 import { matmulDyTX, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
-import { columnsAddScaled, columnsGatherScaled } from "../kernels/lora.ts";
+import {
+  columnsAddScaled,
+  columnsGatherScaled,
+  dropoutApply,
+  dropoutState,
+} from "../kernels/lora.ts";
 import { headDim, type ModelConfig } from "./config.ts";
 import { type FloatRange, LAYOUT_ALIGN, type TensorSlot } from "./layout.ts";
 import { tensorNames } from "./params.ts";
@@ -61,7 +71,7 @@ export interface LoraConfig {
   rank: number;
   /** The delta is scaled by alpha / r (alpha / sqrt(r) with `rsLora`). */
   alpha: number;
-  /** Dropout on the adapter's input while training (0: none; only 0 is implemented). */
+  /** Dropout on the adapter's input while training (0: none). */
   dropout: number;
   /** The adapted projections, in `LORA_TARGETS` order, in every layer. */
   targets: LoraTarget[];
@@ -380,6 +390,8 @@ export class LoraDispatches {
   #dt = new Map<LoraTarget, GPUBuffer>();
   /** Scratch `[N, max out]`: the forward's delta, the backward's scaled dY slice. */
   #wide: GPUBuffer;
+  /** Dropout (p > 0 only): its state, each site's dropped input `[N, in]`, and `[N, max in]` scratch. */
+  #dropout?: { p: number; state: GPUBuffer; xd: Map<LoraSite, GPUBuffer>; u: GPUBuffer };
 
   private constructor(gpu: Gpu, spec: LoraBuildSpec) {
     this.#gpu = gpu;
@@ -388,6 +400,19 @@ export class LoraDispatches {
     const r = layout.config.rank;
     const maxOut = Math.max(...layout.sites.map((s) => s.outDim));
     this.#wide = spec.buffer(N * maxOut * 4, `lora delta / d slice [N, ${maxOut}]`);
+    const p = layout.config.dropout;
+    if (p > 0) {
+      const maxIn = Math.max(...layout.sites.map((s) => s.inDim));
+      this.#dropout = {
+        p,
+        state: spec.buffer(16, "lora dropout state"),
+        xd: new Map(layout.sites.map((s) => [
+          s,
+          spec.buffer(N * s.inDim * 4, `layer ${s.layer} lora ${s.target} dropped input [N, in]`),
+        ])),
+        u: spec.buffer(N * maxIn * 4, `lora dt A [N, ${maxIn}]`),
+      };
+    }
     for (const s of layout.sites) {
       this.#t.set(s, spec.buffer(N * r * 4, `layer ${s.layer} lora ${s.target} t [N, r]`));
       if (spec.grads && !this.#dt.has(s.target)) {
@@ -409,6 +434,21 @@ export class LoraDispatches {
     return { buffer, offset: slot.offset * 4, size: slot.size * 4 };
   }
 
+  /**
+   * Dropout for the next submitted forward: a mask from `seed`, or off
+   * (`undefined`, evaluation). A no-op without dropout. The write is queued:
+   * it applies to work submitted after it.
+   */
+  setDropout(seed: number | undefined): void {
+    const d = this.#dropout;
+    if (!d) return;
+    this.#gpu.write(d.state, dropoutState(seed ?? 0, seed === undefined ? 0 : d.p));
+  }
+
+  #stream(site: LoraSite): number {
+    return this.#spec.layout.sites.indexOf(site);
+  }
+
   /** Whether layer `layer`'s projection `proj` carries an adapter. */
   has(layer: number, proj: FusedProjection): boolean {
     return this.#sites(layer, proj).length > 0;
@@ -423,8 +463,29 @@ export class LoraDispatches {
     const out: Dispatch[] = [];
     for (const site of this.#sites(layer, proj)) {
       const t = this.#t.get(site)!;
+      let input = x;
+      if (this.#dropout) {
+        input = this.#dropout.xd.get(site)!;
+        out.push(
+          await dropoutApply(gpu, {
+            src: x,
+            dst: input,
+            state: this.#dropout.state,
+            count: N * site.inDim,
+            stream: this.#stream(site),
+            accumulate: false,
+          }),
+        );
+      }
       out.push(
-        await matmulXWt(gpu, { x, w: this.#bind(params, site.a), y: t, M: N, K: site.inDim, N: r }),
+        await matmulXWt(gpu, {
+          x: input,
+          w: this.#bind(params, site.a),
+          y: t,
+          M: N,
+          K: site.inDim,
+          N: r,
+        }),
         await matmulXWt(gpu, {
           x: t,
           w: this.#bind(params, site.b),
@@ -497,7 +558,7 @@ export class LoraDispatches {
         }),
         await matmulDyTX(gpu, {
           dy: dt,
-          x,
+          x: this.#dropout ? this.#dropout.xd.get(site)! : x,
           dw: this.#bind(grads, site.a),
           M: N,
           N: r,
@@ -516,14 +577,24 @@ export class LoraDispatches {
     const r = layout.config.rank;
     const out: Dispatch[] = [];
     for (const site of this.#sites(layer, proj)) {
+      const d = this.#dropout;
+      const dt = this.#dt.get(site.target)!;
+      const A = this.#bind(params, site.a);
+      if (!d) {
+        out.push(
+          await matmulDyW(gpu, { dy: dt, w: A, dx, M: N, N: r, K: site.inDim, accumulate: true }),
+        );
+        continue;
+      }
+      // d(dropped input) = dt A, then through the same mask into dx.
       out.push(
-        await matmulDyW(gpu, {
-          dy: this.#dt.get(site.target)!,
-          w: this.#bind(params, site.a),
-          dx,
-          M: N,
-          N: r,
-          K: site.inDim,
+        await matmulDyW(gpu, { dy: dt, w: A, dx: d.u, M: N, N: r, K: site.inDim }),
+        await dropoutApply(gpu, {
+          src: d.u,
+          dst: dx,
+          state: d.state,
+          count: N * site.inDim,
+          stream: this.#stream(site),
           accumulate: true,
         }),
       );

@@ -49,6 +49,12 @@
  * with the cross-entropy scale 1 / (mask sum over the whole step) making the
  * sum the step's masked mean. No float atomics anywhere: same inputs, same bits.
  *
+ * With low-rank adapters (`lora`, `model/lora.ts`) the base is frozen: no
+ * gradient buffer and no weight-gradient dispatch for it (dW matmuls, RMSNorm
+ * dw, the embedding scatter); the adapters add their delta after each
+ * adapted projection in the forward, and their own backward beside the
+ * projection's dX, and `trainable()` hands the optimizer their flat buffer.
+ *
  * @module
  */
 
@@ -197,6 +203,8 @@ export class TrainingModel {
   #grads?: GPUBuffer; // every gradient, at the same offsets (absent when the base is frozen)
   // Low-rank adapters (absent: full training): layout, flat tensors and gradients, dispatches.
   #lora?: { layout: LoraLayout; params: GPUBuffer; grads: GPUBuffer; dispatches: LoraDispatches };
+  #seed = 0; // the adapters' dropout masks derive from it and the step
+  #steps = 0; // forwardBackward calls so far (the dropout step when the caller gives none)
   #owned: GPUBuffer[] = [];
 
   // Batch inputs [N].
@@ -254,6 +262,7 @@ export class TrainingModel {
         opts.lora === undefined,
       );
       if (opts.lora) model.#allocateAdapter(opts.lora, opts.adapter, opts.seed ?? 0);
+      model.#seed = opts.seed ?? 0;
       await model.#build(opts.logitsChunkRows);
     } catch (e) {
       model.destroy();
@@ -330,7 +339,8 @@ export class TrainingModel {
     const f32 = (n: number) => n * 4;
     const P = bindLayout(this.#layout, this.#params);
     // With a frozen base there are no weight gradients: every dispatch that
-    // would write one is left out (`frozen` below), so G is never bound.
+    // would write one is left out (`frozen` below), so nothing writes through
+    // G (RMSNorm's dw dispatches are built against it, then dropped unrecorded).
     const lora = this.#lora?.dispatches;
     const frozen = this.#grads === undefined;
     const G = bindLayout(this.#layout, this.#grads ?? this.#params);
@@ -752,16 +762,28 @@ export class TrainingModel {
    * `maskTotal` replaces the mean's denominator (the mask sum of these
    * batches): data parallelism passes the whole step's, over every rank's
    * rows, so that the ranks' losses and gradients sum to the global mean's.
+   * `dropoutStep` (the optimizer step) seeds the adapters' dropout masks
+   * (default: the number of earlier calls).
    */
-  forwardBackward(microBatches: Batch[], opts: { maskTotal?: number } = {}): void {
+  forwardBackward(
+    microBatches: Batch[],
+    opts: { maskTotal?: number; dropoutStep?: number } = {},
+  ): void {
     if (microBatches.length === 0) {
       throw new UserError("a training step needs at least one micro-batch");
     }
     microBatches.forEach((b, i) => this.#checkBatch(b, `micro-batch ${i}`));
     const gpu = this.#gpu;
     this.#writeScale(microBatches, opts.maskTotal);
+    const step = opts.dropoutStep ?? this.#steps;
+    this.#steps++;
     microBatches.forEach((b, i) => {
       this.#writeBatch(b, true);
+      // Adapter dropout: one mask per (seed, step, micro-batch), so a resumed run draws the same.
+      this.#lora?.dispatches.setDropout(
+        (Math.imul(this.#seed, 0x9e3779b1) ^ Math.imul(step, 0x85ebca6b) ^
+          Math.imul(i, 0xc2b2ae35)) >>> 0,
+      );
       gpu.submit((enc) => {
         if (i === 0) this.#clearGradients(enc);
         const pass = enc.beginComputePass();
@@ -840,6 +862,7 @@ export class TrainingModel {
     this.#checkBatch(batch, "eval batch");
     const gpu = this.#gpu;
     this.#writeBatch(batch, false);
+    this.#lora?.dispatches.setDropout(undefined); // evaluation sees the whole adapter
     gpu.submit((enc) => {
       enc.clearBuffer(this.#evalLoss);
       const pass = enc.beginComputePass();

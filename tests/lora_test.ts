@@ -15,7 +15,13 @@
 import { assert, assertClose, assertEquals } from "./assert.ts";
 import { GPU_TEST, gpuTest, randomF32, submitPassAndWait, tinyConfig } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
-import { columnsAddScaled, columnsGatherScaled } from "../kernels/lora.ts";
+import {
+  columnsAddScaled,
+  columnsGatherScaled,
+  dropoutApply,
+  dropoutKeeps,
+  dropoutState,
+} from "../kernels/lora.ts";
 import {
   initLora,
   LORA_TARGETS,
@@ -82,6 +88,66 @@ for (const [N, ld, off, width] of [[7, 37, 5, 13], [1, 9, 0, 9], [300, 70, 61, 9
     },
   );
 }
+
+gpuTest(
+  "dropoutApply: the mask of dropoutKeeps, scaled by 1 / (1 - p), set and accumulated",
+  async () => {
+    const count = 5000; // not a multiple of the 256-wide workgroup
+    const p = 0.3;
+    const rng = new Rng(3);
+    const src = randomF32(rng, count);
+    const dst0 = randomF32(rng, count);
+    const state = dropoutState(1234567, p);
+    const stateBuf = gpu.createBuffer(state, "state");
+    const srcBuf = gpu.createBuffer(src, "src");
+    const setBuf = gpu.createBuffer(count * 4, "set");
+    const accBuf = gpu.createBuffer(dst0, "acc");
+    await submitPassAndWait(gpu, [
+      await dropoutApply(gpu, {
+        src: srcBuf,
+        dst: setBuf,
+        state: stateBuf,
+        count,
+        stream: 7,
+        accumulate: false,
+      }),
+      await dropoutApply(gpu, {
+        src: srcBuf,
+        dst: accBuf,
+        state: stateBuf,
+        count,
+        stream: 7,
+        accumulate: true,
+      }),
+    ]);
+    const set = await gpu.readF32(setBuf, 0, count);
+    const acc = await gpu.readF32(accBuf, 0, count);
+    const scale = Math.fround(1 / (1 - p));
+    let kept = 0;
+    const wantSet = new Float64Array(count);
+    const wantAcc = Float64Array.from(dst0);
+    for (let i = 0; i < count; i++) {
+      if (!dropoutKeeps(state, 7, i)) continue;
+      kept++;
+      wantSet[i] = src[i] * scale;
+      wantAcc[i] += src[i] * scale;
+    }
+    // Dropped elements are exactly 0 (set) or untouched (accumulate); kept ones
+    // one multiply (or multiply-add) of f32 values: within 1 ulp.
+    const tol = { atol: 2 ** -23, rtol: 2 ** -23 };
+    assertClose(set, wantSet, tol, "set");
+    assertClose(acc, wantAcc, tol, "accumulate");
+    // The keep rate is 1 - p: 3500 expected, binomial sd 32; 5 sd either way.
+    assert(Math.abs(kept - count * (1 - p)) < 5 * Math.sqrt(count * p * (1 - p)), `kept ${kept}`);
+    // Another stream or seed gives another mask.
+    let same = 0;
+    for (let i = 0; i < count; i++) {
+      if (dropoutKeeps(state, 7, i) === dropoutKeeps(state, 8, i)) same++;
+    }
+    assert(same < 0.7 * count, `streams 7 and 8 agree on ${same} of ${count}`);
+    for (const b of [stateBuf, srcBuf, setBuf, accBuf]) b.destroy();
+  },
+);
 
 Deno.test("parseLoraTargets: order, PEFT names, and an unknown name is an error", () => {
   assertEquals(parseLoraTargets(["v", "q_proj", "down"]), ["q", "v", "down"]);
@@ -251,6 +317,78 @@ gpuTest(
       adamw?.destroy();
       model.destroy();
       full.destroy();
+    }
+  },
+);
+
+gpuTest(
+  "LoRA dropout: evaluation sees the whole adapter; the gradient is the masked loss's",
+  async () => {
+    const config = tinyConfig();
+    const lora: LoraConfig = { rank: 3, alpha: 5, dropout: 0.3, targets: [...LORA_TARGETS] };
+    const params = testParameters(config, 3);
+    const { layout, adapter } = testAdapter(config, lora, 4);
+    const model = await TrainingModel.create(gpu, config, {
+      batchSize: B,
+      seqLen: T,
+      params,
+      lora,
+      adapter,
+    });
+    try {
+      const batch = randomBatch(new Rng(31), B, T, config.vocab_size);
+      // Evaluation: no dropout, so the merged reference's loss.
+      const ref = modelLossAndGrads(
+        config,
+        toFloat64Params(mergeLora(params, layout, adapter)),
+        batch,
+      );
+      const { lossSum, count } = await model.evalLoss(batch);
+      const evalLoss = lossSum / count;
+      assert(Math.abs(evalLoss - ref.loss) < 1e-6 * ref.loss, `eval ${evalLoss} vs ${ref.loss}`);
+      // Training drops inputs: another loss, the same for the same step, another for the next.
+      const lossAt = async (step: number) => {
+        model.forwardBackward([batch], { dropoutStep: step });
+        return await model.readLoss();
+      };
+      const l5 = await lossAt(5);
+      assert(Math.abs(l5 - evalLoss) > 1e-4, `dropout changed nothing: ${l5} vs ${evalLoss}`);
+      assertEquals(await lossAt(5), l5);
+      assert(await lossAt(6) !== l5, "step 6 drew step 5's mask");
+
+      // The gradient at step 5's mask against central differences of that
+      // loss along a random direction v in layer 0's adapters (whose gradient
+      // passes through every later layer's dropout backward).
+      model.forwardBackward([batch], { dropoutStep: 5 });
+      const flat = await model.readGradients();
+      const rng = new Rng(77);
+      const v = new Map<string, Float32Array>();
+      let slope = 0;
+      for (const t of layout.tensors) {
+        const dir = new Float32Array(t.size);
+        if (t.name.includes("layers.0.")) {
+          for (let i = 0; i < t.size; i++) {
+            dir[i] = rng.normal();
+            slope += dir[i] * flat[t.offset + i];
+          }
+        }
+        v.set(t.name, dir);
+      }
+      // Step so the loss moves by ~0.01: f32 rounding of the loss (~4e-7) is
+      // then 4e-5 of the difference, and the curvature term O(eps^2) is below
+      // that at these scales; 1e-2 relative leaves room while a mask missed in
+      // the backward changes the slope by tens of percent.
+      const eps = 0.01 / Math.abs(slope);
+      const shifted = (sign: number) =>
+        new Map([...adapter].map(([n, a]) => [n, a.map((x, i) => x + sign * eps * v.get(n)![i])]));
+      model.setAdapter(shifted(1));
+      const up = await lossAt(5);
+      model.setAdapter(shifted(-1));
+      const down = await lossAt(5);
+      const fd = (up - down) / (2 * eps);
+      assert(Math.abs(fd - slope) < 1e-2 * Math.abs(slope), `slope ${slope} vs differences ${fd}`);
+    } finally {
+      model.destroy();
     }
   },
 );

@@ -321,10 +321,10 @@ async function loop(
     if (dp) {
       // This rank's rows, the loss over every rank's; then the sum over ranks.
       const maskTotal = DataParallel.maskTotal(micro);
-      model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal });
+      model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal, dropoutStep: step });
       await dp.reduce(model);
     } else {
-      model.forwardBackward(micro);
+      model.forwardBackward(micro, { dropoutStep: step });
     }
     optimizer.step(lr);
     step++;

@@ -49,11 +49,6 @@ export function completeLoraConfig(asked: Partial<LoraConfig>): LoraConfig {
     ...(asked.rsLora ? { rsLora: true } : {}),
   };
   validateLoraConfig(c, "LoRA settings");
-  if (c.dropout > 0) {
-    throw new UserError(
-      "--lora-dropout above 0 is not implemented yet (the adapter trains without dropout); leave it at 0",
-    );
-  }
   return c;
 }
 
