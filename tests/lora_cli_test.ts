@@ -73,6 +73,8 @@ const COMMON = [
   "q,v,o",
   "--lora-targets",
   "up,down",
+  "--lora-dropout",
+  "0.1",
   "--log-every",
   "1",
   "--save-every",
@@ -96,7 +98,8 @@ async function lora(
 }
 
 Deno.test({
-  name: "lora: a run writes a PEFT adapter, trains only it, and resumes exactly after Ctrl-C",
+  name:
+    "lora: a run writes a PEFT adapter, trains only it, and resumes exactly after Ctrl-C (dropout on)",
   ...GPU_TEST,
   fn: async () => {
     const straight = await lora([...COMMON, "--out", `${root}/a`]);
@@ -124,6 +127,7 @@ Deno.test({
     assertEquals(cfg.lora_alpha, 6);
     assertEquals(cfg.target_modules, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]);
     assertEquals(cfg.base_model_name_or_path, baseDir);
+    assertEquals(cfg.lora_dropout, 0.1);
     // The base is frozen: its files are untouched.
     assertEquals(await Deno.readFile(`${baseDir}/model.safetensors`), baseBytes);
     const adapter = await loadAdapter(`${root}/a`, config);
