@@ -54,7 +54,8 @@ const ADD_WGSL = kernelWgsl(`dst[wide] = dst[wide] + p.scale * src[i];`);
 const GATHER_WGSL = kernelWgsl(`dst[i] = p.scale * src[wide];`);
 
 function checkSlice(s: ColumnSlice, what: string): void {
-  for (const [name, v] of Object.entries(s)) {
+  const { N, ld, off, width } = s;
+  for (const [name, v] of Object.entries({ N, ld, off, width })) {
     if (!Number.isInteger(v) || v < 0) throw new RangeError(`${what}: bad ${name} ${v}`);
   }
   if (s.off + s.width > s.ld) {
