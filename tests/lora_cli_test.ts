@@ -97,12 +97,19 @@ async function lora(
   return { status, lines };
 }
 
+/** The 4-step run into `${root}/a` that later tests read (run once, by whichever test comes first). */
+let straightRun: Promise<{ status: number; lines: string[] }> | undefined;
+function trainedAdapter(): Promise<{ status: number; lines: string[] }> {
+  straightRun ??= lora([...COMMON, "--out", `${root}/a`]);
+  return straightRun;
+}
+
 Deno.test({
   name:
     "lora: a run writes a PEFT adapter, trains only it, and resumes exactly after Ctrl-C (dropout on)",
   ...GPU_TEST,
   fn: async () => {
-    const straight = await lora([...COMMON, "--out", `${root}/a`]);
+    const straight = await trainedAdapter();
     assertEquals(straight.status, 0);
     const said = straight.lines.join("\n");
     assertStringIncludes(said, "LoRA r 3, alpha 6 on q,v,o,up,down");
@@ -170,6 +177,7 @@ Deno.test({
   name: "lora merge equals --adapter: generate (folded on load) and eval (unmerged on the GPU)",
   ...GPU_TEST,
   fn: async () => {
+    assertEquals((await trainedAdapter()).status, 0);
     const adapterDir = `${root}/a`;
     const merged = `${root}/merged`;
     const margs = await parseCommandArgs(loraMergeCommand, [
@@ -308,6 +316,7 @@ Deno.test({
   name: "lora: peft loads our adapter with the reference's logits, and we load one peft made",
   ignore: peftMissing !== undefined,
   fn: async () => {
+    assertEquals((await trainedAdapter()).status, 0);
     const ids = [tokenizer.bosId, 5, 9, 300, 17, 2, 40, 8, 77];
     const made = `${root}/peft-made`;
     const out = await new Deno.Command(PYTHON!, {
