@@ -122,7 +122,9 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
             const shown = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
             const base = `http://${shown}:${addr.port}`;
             log(
-              `serving '${modelName}' (${ckpt.source}, context ${context} tokens, ${gpu.adapterSummary.name})`,
+              `serving '${modelName}' (${ckpt.source}${
+                loaded.adapter ? ` + adapter ${loaded.adapter}` : ""
+              }, context ${context} tokens, ${gpu.adapterSummary.name})`,
             );
             log(`  chat page:  ${base}/`);
             log(`  OpenAI API: ${base}/v1  (model '${modelName}'${apiKey ? ", API key set" : ""})`);

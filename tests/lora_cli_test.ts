@@ -3,7 +3,7 @@
  * tiny random base with the embedded tokenizer and corpus: the adapter
  * directory and its PEFT files, the base left untouched, exact resume after
  * Ctrl-C, `lora merge` against `--adapter` (generate folds it on load, eval
- * runs it unmerged on the GPU), bad adapters named; and, where Python with
+ * runs it unmerged on the GPU, serve answers as generate), bad adapters named; and, where Python with
  * torch, transformers and peft is present, PEFT loading our adapter onto the
  * base with the reference's logits, and our loading of an adapter PEFT made.
  */
@@ -14,6 +14,7 @@ import { parseCommandArgs } from "../cli/args.ts";
 import { loraCommand, loraMergeCommand } from "../cli/lora.ts";
 import { evalCommand } from "../cli/eval.ts";
 import { generateCommand, runGenerate } from "../cli/generate.ts";
+import { runServe, serveCommand } from "../cli/serve.ts";
 import { loadCheckpoint, saveCheckpoint } from "../io/checkpoint.ts";
 import { loadAdapter, saveAdapter } from "../io/peft.ts";
 import { initLora, loraLayout, mergeLora } from "../model/lora.ts";
@@ -174,7 +175,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "lora merge equals --adapter: generate (folded on load) and eval (unmerged on the GPU)",
+  name:
+    "lora merge equals --adapter: generate and serve (folded on load), eval (unmerged on the GPU)",
   ...GPU_TEST,
   fn: async () => {
     assertEquals((await trainedAdapter()).status, 0);
@@ -217,6 +219,42 @@ Deno.test({
     const viaAdapter = await gen(["--model", baseDir, "--adapter", adapterDir]);
     assertEquals(viaAdapter, await gen(["--model", merged]));
     assert(viaAdapter.length > 0, "nothing generated");
+
+    // serve --adapter answers as generate --adapter does.
+    const stop = new AbortController();
+    const logs: string[] = [];
+    let port = 0;
+    const serving = runServe(
+      (await parseCommandArgs(serveCommand, [
+        "--model",
+        baseDir,
+        "--adapter",
+        adapterDir,
+        "--port",
+        "0",
+      ]))!,
+      { gpu, log: (l) => void logs.push(l), signal: stop.signal, onListen: (a) => (port = a.port) },
+    );
+    try {
+      for (let i = 0; i < 600 && port === 0; i++) await new Promise((r) => setTimeout(r, 100));
+      assert(port !== 0, "the server did not listen");
+      assertStringIncludes(logs.join("\n"), `+ adapter ${adapterDir}`);
+      const res = await fetch(`http://127.0.0.1:${port}/v1/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: "base", prompt: "Medemo", max_tokens: 12, temperature: 0 }),
+      });
+      const body = await res.json();
+      const served = body.choices[0].text as string;
+      const want = tokenizer.decode(
+        viaAdapter.filter((id) => id !== tokenizer.eosId),
+        { skipSpecialTokens: true },
+      );
+      assertEquals(served, want);
+    } finally {
+      stop.abort();
+      await serving;
+    }
 
     const evalLoss = async (argv: string[]) => {
       const lines: string[] = [];
