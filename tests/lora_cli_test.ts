@@ -286,6 +286,42 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name: "lora --text: plain text, every token (the pretrain objective) on a frozen base",
+  ...GPU_TEST,
+  fn: async () => {
+    const out = `${root}/text`;
+    const run = await lora([
+      "--init",
+      baseDir,
+      "--text",
+      "--steps",
+      "2",
+      "--batch-size",
+      "2",
+      "--seq-len",
+      "32",
+      "--data",
+      corpus.pretrain,
+      "--eval-data",
+      corpus.pretrainEval,
+      "--out",
+      out,
+    ]);
+    assertEquals(run.status, 0);
+    assertStringIncludes(run.lines.join("\n"), "lora (pretrain)");
+    const state = JSON.parse(await Deno.readTextFile(`${out}/trainer_state.json`));
+    assertEquals(state.run.kind, "pretrain");
+    assertEquals(state.run.lora.config.targets, ["q", "v"]);
+    // A resume as SFT is refused: the run's objective is part of it.
+    let err: unknown;
+    await lora(["--init", baseDir, "--out", out, "--resume", "--steps", "3"]).catch((
+      e,
+    ) => (err = e));
+    assert(err instanceof UserError && err.message.includes("not a LoRA sft run"), `${err}`);
+  },
+});
+
 Deno.test("lora: bad adapters are refused with the file and the reason", async () => {
   const layout = loraLayout(config, { rank: 2, alpha: 2, dropout: 0, targets: ["q"] });
   const dir = `${root}/bad`;
