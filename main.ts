@@ -6,6 +6,7 @@ import { type CommandSpec, formatHelp, parseCommandArgs } from "./cli/args.ts";
 import { UsageError, UserError } from "./util/errors.ts";
 import { infoCommand } from "./cli/info.ts";
 import { pretrainCommand, sftCommand } from "./cli/train.ts";
+import { loraCommand, loraMergeCommand } from "./cli/lora.ts";
 import { evalCommand } from "./cli/eval.ts";
 import { experimentCommand } from "./cli/experiment.ts";
 import { chatCommand, generateCommand } from "./cli/generate.ts";
@@ -17,6 +18,8 @@ import { tokenizerTrainCommand } from "./cli/tokenizer.ts";
 export const COMMANDS: CommandSpec[] = [
   pretrainCommand,
   sftCommand,
+  loraCommand,
+  loraMergeCommand,
   generateCommand,
   chatCommand,
   serveCommand,

@@ -67,6 +67,28 @@ export {
   TrainingModel,
   type TrainingModelOptions,
 } from "./model/train_model.ts";
+/** Low-rank adapters (LoRA): settings, layout with PEFT names, init, merge. */
+export {
+  initLora,
+  LORA_DEFAULTS,
+  LORA_TARGETS,
+  type LoraConfig,
+  type LoraLayout,
+  loraLayout,
+  loraParameterCount,
+  loraScale,
+  type LoraTarget,
+  mergeLora,
+  PEFT_MODULES,
+} from "./model/lora.ts";
+/** PEFT adapter directories (`adapter_config.json` + `adapter_model.safetensors`). */
+export {
+  type AdapterContents,
+  loadAdapter,
+  type LoadAdapterOptions,
+  type LoadedAdapter,
+  saveAdapter,
+} from "./io/peft.ts";
 /** The flat parameter layout (fused q|k|v and gate|up, decayed tensors first). */
 export {
   type FloatRange,

@@ -19,6 +19,7 @@ import {
   stringOption,
 } from "./args.ts";
 import { UsageError, UserError } from "../util/errors.ts";
+import { loadAdapter } from "../io/peft.ts";
 
 async function runEval(args: ParsedArgs): Promise<number> {
   if (!stringOption(args, "model")) throw new UsageError("--model PATH is required");
@@ -31,7 +32,8 @@ async function runEval(args: ParsedArgs): Promise<number> {
     );
   }
   const { path, opts } = modelFrom(args);
-  const { ckpt, tokenizer } = await loadGenerationModel(path, opts);
+  // The adapter is not folded in here: eval runs it unmerged (below).
+  const { ckpt, tokenizer } = await loadGenerationModel(path, { ...opts, adapter: undefined });
   for (const line of ckpt.notes) console.error(`${ckpt.source}: ${line}`);
   const seqLen = numberOption(args, "seq-len", Math.min(512, ckpt.config.max_position_embeddings), {
     integer: true,
@@ -39,6 +41,9 @@ async function runEval(args: ParsedArgs): Promise<number> {
     max: ckpt.config.max_position_embeddings,
   });
   const batchSize = numberOption(args, "batch-size", 8, { integer: true, min: 1 });
+  // An adapter runs unmerged: the model adds its low-rank delta on the GPU.
+  const adapterDir = stringOption(args, "adapter");
+  const adapter = adapterDir ? await loadAdapter(adapterDir, ckpt.config) : undefined;
   const kindFlag = flagOption(args, "sft") ? "sft" : undefined;
   const gpu = await Gpu.request();
   try {
@@ -46,6 +51,7 @@ async function runEval(args: ParsedArgs): Promise<number> {
       batchSize,
       seqLen,
       params: ckpt.params,
+      ...(adapter ? { lora: adapter.lora, adapter: adapter.tensors } : {}),
     });
     try {
       const r = await evaluateLines(model, tokenizer, resolved.files, {
@@ -59,7 +65,9 @@ async function runEval(args: ParsedArgs): Promise<number> {
         console.log(
           `loss ${r.loss.toFixed(4)}  perplexity ${
             r.perplexity.toFixed(2)
-          }  (${r.tokens} tokens in ${r.sequences} sequences, seq-len ${seqLen}, ${ckpt.source})`,
+          }  (${r.tokens} tokens in ${r.sequences} sequences, seq-len ${seqLen}, ${ckpt.source}${
+            adapterDir ? ` + adapter ${adapterDir}` : ""
+          })`,
         );
       }
       return 0;
@@ -86,6 +94,11 @@ export const evalCommand: CommandSpec = {
         "checkpoint or Hugging Face model directory, or a PyTorch .pth state dict as MiniMind saves",
     },
     ...STATE_DICT_OPTIONS,
+    adapter: {
+      type: "string",
+      valueName: "DIR",
+      help: "a LoRA adapter (PEFT format) trained on --model, run unmerged",
+    },
     data: { type: "string", multiple: true, valueName: "PATH", help: "JSONL files, dirs or globs" },
     "seq-len": {
       type: "string",

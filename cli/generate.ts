@@ -108,12 +108,19 @@ export function modelFrom(args: ParsedArgs): { path?: string; opts: GenerationMo
       tokenizer: stringOption(args, "tokenizer"),
       preset: stringOption(args, "preset"),
       modelConfig: stringOption(args, "model-config"),
+      adapter: stringOption(args, "adapter"),
     },
   };
 }
 
 const SAMPLING_FROM =
   "generation_config.json as Transformers reads it: greedy unless it says do_sample: true";
+
+const ADAPTER_OPTION: OptionSpec = {
+  type: "string",
+  valueName: "DIR",
+  help: "a LoRA adapter (PEFT format) trained on --model, applied in memory on load",
+};
 
 const SAMPLING_OPTIONS: Record<string, OptionSpec> = {
   "max-new-tokens": {
@@ -297,6 +304,7 @@ export const generateCommand: CommandSpec = {
   options: {
     model: MODEL_OPTION,
     ...STATE_DICT_OPTIONS,
+    adapter: ADAPTER_OPTION,
     prompt: { type: "string", valueName: "TEXT", help: "the text to continue (default empty)" },
     chat: { type: "boolean", help: "answer the prompt as a user turn of a chat" },
     json: {
@@ -437,6 +445,7 @@ export const chatCommand: CommandSpec = {
   options: {
     model: MODEL_OPTION,
     ...STATE_DICT_OPTIONS,
+    adapter: ADAPTER_OPTION,
     history: {
       type: "string",
       valueName: "N",

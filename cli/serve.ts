@@ -57,11 +57,6 @@ export function modelNameOf(dir: string, given?: string): string {
 /** Runs `trainer serve` until `io.signal` aborts (or Ctrl-C); resolves to the exit status. */
 export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<number> {
   const log = io.log ?? ((line: string) => console.error(line));
-  if (stringOption(args, "adapter") !== undefined) {
-    throw new UserError(
-      "--adapter: LoRA adapters are not supported yet; serve a merged model directory with --model",
-    );
-  }
   const host = stringOption(args, "host", DEFAULT_HOST);
   const port = numberOption(args, "port", DEFAULT_PORT, { integer: true, min: 0, max: 65535 });
   const maxQueue = numberOption(args, "max-queue", DEFAULT_MAX_QUEUE, { integer: true, min: 0 });
@@ -69,7 +64,9 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
   if (apiKey !== undefined && apiKey.trim() === "") {
     throw new UsageError(`the API key (--api-key or ${API_KEY_ENV}) must not be empty`);
   }
-  const loaded = await loadGenerationModel(stringOption(args, "model"));
+  const loaded = await loadGenerationModel(stringOption(args, "model"), {
+    adapter: stringOption(args, "adapter"),
+  });
   const { ckpt } = loaded;
   const modelName = modelNameOf(
     stringOption(args, "model", DEFAULT_MODEL_DIR),
@@ -125,7 +122,9 @@ export async function runServe(args: ParsedArgs, io: ServeIo = {}): Promise<numb
             const shown = addr.hostname.includes(":") ? `[${addr.hostname}]` : addr.hostname;
             const base = `http://${shown}:${addr.port}`;
             log(
-              `serving '${modelName}' (${ckpt.source}, context ${context} tokens, ${gpu.adapterSummary.name})`,
+              `serving '${modelName}' (${ckpt.source}${
+                loaded.adapter ? ` + adapter ${loaded.adapter}` : ""
+              }, context ${context} tokens, ${gpu.adapterSummary.name})`,
             );
             log(`  chat page:  ${base}/`);
             log(`  OpenAI API: ${base}/v1  (model '${modelName}'${apiKey ? ", API key set" : ""})`);
@@ -222,7 +221,7 @@ The server listens on 127.0.0.1, this machine only, unless --host says otherwise
     adapter: {
       type: "string",
       valueName: "DIR",
-      help: "a LoRA adapter: not supported yet (refused); serve a merged model instead",
+      help: "a LoRA adapter (PEFT format) trained on --model, applied in memory on load",
     },
   },
   run: (args) => runServe(args),

@@ -25,7 +25,8 @@ import {
 
 type Kind = TrainKind;
 
-function trainOptions(kind: Kind): Record<string, OptionSpec> {
+/** The options of `pretrain` / `sft` (also the base of `lora`'s). */
+export function trainOptions(kind: Kind): Record<string, OptionSpec> {
   const d = TRAIN_DEFAULTS[kind];
   return {
     data: {
@@ -278,8 +279,10 @@ export async function runTraining(
     /** Tests: behave as if Ctrl-C came during this step. */
     interruptAtStep?: number;
   } = {},
+  /** Options that other commands add (`lora`). */
+  extra: Partial<TrainOptions> = {},
 ): Promise<number> {
-  const opts = trainOptionsFrom(kind, args);
+  const opts = { ...trainOptionsFrom(kind, args), ...extra };
   // Under mpirun/srun every rank joins (libmpi through FFI); alone, nothing is loaded.
   // Each rank's GPU is chosen before any adapter is requested (TRAINER_GPUS).
   const gpuPick = applyGpuForRank(detectLaunch(Deno.env));
@@ -291,7 +294,10 @@ export async function runTraining(
   } catch (e) {
     // One rank's error ends every rank at once, rather than leaving them waiting.
     if (parallel && e instanceof UserError) {
-      comm.abort(`trainer ${kind} (rank ${comm.rank} of ${comm.size}): ${e.message}`, e.exitCode);
+      comm.abort(
+        `trainer ${extra.lora ? "lora" : kind} (rank ${comm.rank} of ${comm.size}): ${e.message}`,
+        e.exitCode,
+      );
     }
     throw e;
   } finally {

@@ -13,6 +13,8 @@ import { requestedShape } from "../io/model_config.ts";
 import { checkSamplingOptions, type SamplingOptions } from "../model/sampling.ts";
 import { type ChatMessage, StreamingDecoder, TextTokenizer } from "../data/tokenizer.ts";
 import { UserError } from "../util/errors.ts";
+import { loadAdapter } from "../io/peft.ts";
+import { loraLayout, mergeLora } from "../model/lora.ts";
 
 /** Where generation looks for a model by default: the result of `deno task sft`. */
 export const DEFAULT_MODEL_DIR = "out/sft";
@@ -29,6 +31,8 @@ export interface GenerationModel {
   tokenizer: TextTokenizer;
   /** The directory (or state dict file) it was loaded from. */
   dir: string;
+  /** The LoRA adapter applied on load, when one was given. */
+  adapter?: string;
 }
 
 /** How to read a model that does not carry everything itself (a `.pth` state dict). */
@@ -39,6 +43,12 @@ export interface GenerationModelOptions {
   modelConfig?: string;
   /** `--tokenizer`: a tokenizer directory, instead of the checkpoint's (a state dict has none). */
   tokenizer?: string;
+  /**
+   * A LoRA adapter directory (PEFT format) trained on this model: its delta
+   * `s B A` is added to the adapted weights once, in memory, on load (the
+   * files stay as they are; generation then runs at the base model's speed).
+   */
+  adapter?: string;
 }
 
 /**
@@ -76,6 +86,11 @@ export async function loadGenerationModel(
         given ? ` (--tokenizer ${opts.tokenizer})` : ""
       } has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${ckpt.config.vocab_size}`,
     );
+  }
+  if (opts.adapter !== undefined) {
+    const adapter = await loadAdapter(opts.adapter, ckpt.config);
+    ckpt.params = mergeLora(ckpt.params, loraLayout(ckpt.config, adapter.lora), adapter.tensors);
+    return { ckpt, tokenizer, dir: path, adapter: opts.adapter };
   }
   return { ckpt, tokenizer, dir: path };
 }

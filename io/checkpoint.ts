@@ -215,7 +215,8 @@ async function writeFileSynced(
   }
 }
 
-function jsonBytes(value: unknown): Uint8Array {
+/** `value` as pretty-printed JSON bytes with a final newline (how every JSON file of ours is written). */
+export function jsonBytes(value: unknown): Uint8Array {
   return new TextEncoder().encode(JSON.stringify(value, null, 2) + "\n");
 }
 
@@ -224,7 +225,7 @@ function jsonBytes(value: unknown): Uint8Array {
  * error rather than a silent null; numbers round-trip exactly (shortest
  * round-trip decimal), except that -0 reads back as 0.
  */
-function stateJson(state: Record<string, unknown>): Uint8Array {
+export function stateJson(state: Record<string, unknown>): Uint8Array {
   return jsonBytes(JSON.parse(JSON.stringify(state, (key, v) => {
     if (typeof v === "number" && !Number.isFinite(v)) {
       throw new Error(`trainer state: ${key} = ${v} cannot be stored in JSON`);
@@ -319,6 +320,68 @@ export async function saveCheckpoint(
     }
   }
   const stateBytes = c.state ? stateJson(c.state) : undefined;
+  await replaceDirectory(dir, {
+    ...opts,
+    markers: [FILES.config],
+    isManaged: isManagedFile,
+    write: async (put, tmp, hook) => {
+      await put(FILES.config, jsonBytes(toHfConfig(c.config, c.special)));
+      await put(FILES.generation, jsonBytes(toGenerationConfig(c.special, c.sampling)));
+      const specs = parameterSpecs(c.config);
+      const tensorsOf = (m: Map<string, Float32Array>, suffix = "") =>
+        new Map<string, TensorToWrite>(
+          specs.map((s) => [s.name + suffix, { shape: s.shape, data: m.get(s.name)! }]),
+        );
+      // `format: pt` is required: Transformers refuses safetensors files whose
+      // metadata names another framework.
+      await writeSafetensors(join(tmp, FILES.model), tensorsOf(c.params), {
+        metadata: { format: "pt" },
+        onProgress: hook(FILES.model),
+      });
+      await put(FILES.tokenizer, new TextEncoder().encode(c.tokenizer.tokenizerJson));
+      await put(FILES.tokenizerConfig, new TextEncoder().encode(c.tokenizer.tokenizerConfigJson));
+      if (c.optimizer) {
+        const moments = new Map([
+          ...tensorsOf(c.optimizer.m, ".exp_avg"),
+          ...tensorsOf(c.optimizer.v, ".exp_avg_sq"),
+        ]);
+        await writeSafetensors(join(tmp, FILES.optimizer), moments, {
+          metadata: { format: "pt", content: "AdamW exp_avg (m) and exp_avg_sq (v) per parameter" },
+          onProgress: hook(FILES.optimizer),
+        });
+      }
+      if (stateBytes) await put(FILES.state, stateBytes);
+    },
+  });
+}
+
+/** What `replaceDirectory` writes and how it recognises a directory it may replace. */
+export interface ReplaceDirectoryOptions extends SaveCheckpointOptions {
+  /** A directory holding any of these files is ours to replace (as is one of run files only). */
+  markers: string[];
+  /** Files of the old directory that the new one replaces or drops (others are carried over). */
+  isManaged: (name: string) => boolean;
+  /**
+   * Writes the new contents into the temp directory `tmp`: `put(name, bytes)`
+   * writes and syncs one file; `hook(name)` is the progress callback for
+   * writers of their own (safetensors).
+   */
+  write: (
+    put: (name: string, bytes: Uint8Array) => Promise<void>,
+    tmp: string,
+    hook: (name: string) => (bytesWritten: number) => void,
+  ) => Promise<void>;
+}
+
+/**
+ * Replaces directory `dir` with new contents through the checkpoint's atomic
+ * protocol (see the module comment): write a temp sibling, move the old
+ * directory aside, move the new one in, remove the old. A crash at any point
+ * leaves a whole directory, old or new; files the user kept in the old one
+ * are carried over. Refuses a directory that is neither ours (`markers`) nor
+ * empty of all but run files.
+ */
+export async function replaceDirectory(dir: string, o: ReplaceDirectoryOptions): Promise<void> {
   const p = splitDir(dir);
   if (p.base === "" || p.base === "." || p.base === "..") {
     throw new UserError(`${dir}: a checkpoint must be a named directory (say, out/ckpt)`);
@@ -335,9 +398,13 @@ export async function saveCheckpoint(
         break;
       }
     }
-    if (foreign && !(await exists(join(p.dir, FILES.config)))) {
+    let marked = false;
+    for (const m of o.markers) if (await exists(join(p.dir, m))) marked = true;
+    if (foreign && !marked) {
       throw new UserError(
-        `${p.dir}: exists and is not a checkpoint (no ${FILES.config}); refusing to replace it: choose a new or empty directory`,
+        `${p.dir}: exists and is not a checkpoint (no ${
+          o.markers.join(" or ")
+        }); refusing to replace it: choose a new or empty directory`,
       );
     }
   }
@@ -348,40 +415,15 @@ export async function saveCheckpoint(
   const tmp = join(p.parent, `${p.base}.tmp-${randomSuffix()}`);
   await Deno.mkdir(tmp);
   try {
-    const hook = (name: string) => (n: number) => opts.onWrite?.(name, n);
+    const hook = (name: string) => (n: number) => o.onWrite?.(name, n);
     const put = (name: string, bytes: Uint8Array) =>
       writeFileSynced(join(tmp, name), bytes, hook(name));
-    await put(FILES.config, jsonBytes(toHfConfig(c.config, c.special)));
-    await put(FILES.generation, jsonBytes(toGenerationConfig(c.special, c.sampling)));
-    const specs = parameterSpecs(c.config);
-    const tensorsOf = (m: Map<string, Float32Array>, suffix = "") =>
-      new Map<string, TensorToWrite>(
-        specs.map((s) => [s.name + suffix, { shape: s.shape, data: m.get(s.name)! }]),
-      );
-    // `format: pt` is required: Transformers refuses safetensors files whose
-    // metadata names another framework.
-    await writeSafetensors(join(tmp, FILES.model), tensorsOf(c.params), {
-      metadata: { format: "pt" },
-      onProgress: hook(FILES.model),
-    });
-    await put(FILES.tokenizer, new TextEncoder().encode(c.tokenizer.tokenizerJson));
-    await put(FILES.tokenizerConfig, new TextEncoder().encode(c.tokenizer.tokenizerConfigJson));
-    if (c.optimizer) {
-      const moments = new Map([
-        ...tensorsOf(c.optimizer.m, ".exp_avg"),
-        ...tensorsOf(c.optimizer.v, ".exp_avg_sq"),
-      ]);
-      await writeSafetensors(join(tmp, FILES.optimizer), moments, {
-        metadata: { format: "pt", content: "AdamW exp_avg (m) and exp_avg_sq (v) per parameter" },
-        onProgress: hook(FILES.optimizer),
-      });
-    }
-    if (stateBytes) await put(FILES.state, stateBytes);
+    await o.write(put, tmp, hook);
     // Carry over what the user keeps beside our files in the old checkpoint.
     const previous = current ? p.dir : stale.old.length === 1 ? stale.old[0] : undefined;
     if (previous) {
       for await (const e of Deno.readDir(previous)) {
-        if (!isManagedFile(e.name)) await linkTree(join(previous, e.name), join(tmp, e.name));
+        if (!o.isManaged(e.name)) await linkTree(join(previous, e.name), join(tmp, e.name));
       }
     }
     await syncDir(tmp);
@@ -389,15 +431,15 @@ export async function saveCheckpoint(
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
     throw e;
   }
-  opts.onStep?.("written");
+  o.onStep?.("written");
 
   if (current) {
     await Deno.rename(p.dir, join(p.parent, `${p.base}.old-${randomSuffix()}`));
-    opts.onStep?.("old-moved-aside");
+    o.onStep?.("old-moved-aside");
   }
   await Deno.rename(tmp, p.dir);
   await syncDir(p.parent);
-  opts.onStep?.("new-in-place");
+  o.onStep?.("new-in-place");
   const done = await leftovers(p.parent, p.base);
   for (const d of [...done.old, ...done.tmp]) await Deno.remove(d, { recursive: true });
 }

@@ -134,6 +134,16 @@ export interface DecoderForwardSpec {
   ropeInSplit?: { T: number; theta: number };
   /** Attention of layer l: from q, k, v (after QK-norm, and RoPE if split applied it) to `attn`. */
   attention(l: number, buffers: LayerBuffers): Promise<Dispatch[]>;
+  /**
+   * Dispatches run right after projection `proj` of layer l wrote `y` from
+   * `x` (low-rank adapters add their delta there, `model/lora.ts`). Absent: none.
+   */
+  afterLinear?(
+    l: number,
+    proj: "qkv" | "o" | "gateUp" | "down",
+    x: Binding,
+    y: Binding,
+  ): Promise<Dispatch[]>;
 }
 
 /**
@@ -153,6 +163,12 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
   const L = c.num_hidden_layers;
   const eps = c.rms_norm_eps;
   const first = spec.layer(0);
+  const after = async (
+    l: number,
+    proj: "qkv" | "o" | "gateUp" | "down",
+    x: Binding,
+    y: Binding,
+  ): Promise<Dispatch[]> => spec.afterLinear ? await spec.afterLinear(l, proj, x, y) : [];
   const out: Dispatch[] = [
     await embeddingForward(gpu, { weight: w.embed, ids: spec.ids, out: first.x, N, H }),
     await rmsnormForward(gpu, {
@@ -171,6 +187,7 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
     const heads = { N, nH, nKV, hd };
     out.push(
       await spec.linear(a.h1, W.qkv, a.qkv, H, qDim + 2 * kvDim),
+      ...await after(l, "qkv", a.h1, a.qkv),
       c.qk_norm
         ? await splitQkv(gpu, { ...heads, qkv: a.qkv, q: a.qProj!, k: a.kProj!, v: a.v })
         : await splitQkv(gpu, {
@@ -210,6 +227,7 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
       ...await spec.attention(l, a),
       // xMid = a Wo^T, then += x with the post-attention norm fused.
       await spec.linear(a.attn, W.o, a.xMid, qDim, H),
+      ...await after(l, "o", a.attn, a.xMid),
       await addRmsnormForward(gpu, {
         x: a.xMid,
         delta: a.x,
@@ -221,9 +239,11 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
         eps,
       }),
       await spec.linear(a.h2, W.gateUp, a.gateUp, H, 2 * I),
+      ...await after(l, "gateUp", a.h2, a.gateUp),
       await swigluForward(gpu, { gateUp: a.gateUp, h: a.act, N, I }),
       // next = act Wd^T, then += xMid with the next norm (or the final norm) fused.
       await spec.linear(a.act, W.down, a.next, I, H),
+      ...await after(l, "down", a.act, a.next),
       await addRmsnormForward(gpu, {
         x: a.next,
         delta: a.xMid,

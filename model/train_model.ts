@@ -49,6 +49,12 @@
  * with the cross-entropy scale 1 / (mask sum over the whole step) making the
  * sum the step's masked mean. No float atomics anywhere: same inputs, same bits.
  *
+ * With low-rank adapters (`lora`, `model/lora.ts`) the base is frozen: no
+ * gradient buffer and no weight-gradient dispatch for it (dW matmuls, RMSNorm
+ * dw, the embedding scatter); the adapters add their delta after each
+ * adapted projection in the forward, and their own backward beside the
+ * projection's dX, and `trainable()` hands the optimizer their flat buffer.
+ *
  * @module
  */
 
@@ -80,6 +86,15 @@ import {
 } from "./layout.ts";
 import { bindLayout, decoderForward, type LayerBuffers } from "./forward.ts";
 import { checkDeviceLimits, logitsChunkBudget, logitsChunkRows } from "./plan.ts";
+import {
+  flattenLora,
+  initLora,
+  type LoraConfig,
+  LoraDispatches,
+  type LoraLayout,
+  loraLayout,
+  unflattenLora,
+} from "./lora.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Options of `TrainingModel.create`. */
@@ -98,6 +113,14 @@ export interface TrainingModelOptions {
    * device's storage offset alignment; tests use it to force several chunks.
    */
   logitsChunkRows?: number;
+  /**
+   * Train low-rank adapters (`model/lora.ts`) instead of the weights: the
+   * base parameters are frozen (no gradient buffer, no weight-gradient
+   * dispatches, and `trainable()` hands the optimizer the adapter alone).
+   */
+  lora?: LoraConfig;
+  /** The adapter's initial tensors by PEFT name; default `initLora(layout, seed)`. */
+  adapter?: Map<string, Float32Array>;
 }
 
 /** The parameters and gradients as the optimizer sees them: two flat buffers and their layout. */
@@ -177,7 +200,11 @@ export class TrainingModel {
   #specs: ParamSpec[];
   #layout: ParamLayout;
   #params!: GPUBuffer; // every parameter, flat (#layout)
-  #grads!: GPUBuffer; // every gradient, at the same offsets
+  #grads?: GPUBuffer; // every gradient, at the same offsets (absent when the base is frozen)
+  // Low-rank adapters (absent: full training): layout, flat tensors and gradients, dispatches.
+  #lora?: { layout: LoraLayout; params: GPUBuffer; grads: GPUBuffer; dispatches: LoraDispatches };
+  #seed = 0; // the adapters' dropout masks derive from it and the step
+  #steps = 0; // forwardBackward calls so far (the dropout step when the caller gives none)
   #owned: GPUBuffer[] = [];
 
   // Batch inputs [N].
@@ -193,7 +220,7 @@ export class TrainingModel {
   #forward: Dispatch[] = [];
   #headChunks: HeadChunk[] = [];
   #backward: Dispatch[] = [];
-  #embeddingBackward!: Dispatch;
+  #embeddingBackward?: Dispatch; // absent when the base is frozen
   #uploadGroups!: (groups: EmbeddingGroups) => void;
 
   private constructor(gpu: Gpu, config: ModelConfig, batchSize: number, seqLen: number) {
@@ -230,7 +257,12 @@ export class TrainingModel {
     checkDeviceLimits(gpu.limits, config, B, T);
     const model = new TrainingModel(gpu, config, B, T);
     try {
-      model.#allocateParameters(opts.params ?? initParameters(config, opts.seed ?? 0));
+      model.#allocateParameters(
+        opts.params ?? initParameters(config, opts.seed ?? 0),
+        opts.lora === undefined,
+      );
+      if (opts.lora) model.#allocateAdapter(opts.lora, opts.adapter, opts.seed ?? 0);
+      model.#seed = opts.seed ?? 0;
       await model.#build(opts.logitsChunkRows);
     } catch (e) {
       model.destroy();
@@ -245,22 +277,46 @@ export class TrainingModel {
     return b;
   }
 
-  #allocateParameters(params: Map<string, Float32Array>): void {
+  #allocateParameters(params: Map<string, Float32Array>, withGradients: boolean): void {
     checkTensorSizes(this.#specs, params, "parameters");
     const floats = this.#layout.floats;
     this.#params = this.#buffer(flattenTensors(this.#layout, params), `parameters [${floats}]`);
-    this.#grads = this.#buffer(floats * 4, `gradients [${floats}]`);
+    if (withGradients) this.#grads = this.#buffer(floats * 4, `gradients [${floats}]`);
+  }
+
+  #allocateAdapter(lora: LoraConfig, adapter: Map<string, Float32Array> | undefined, seed: number) {
+    const layout = loraLayout(this.config, lora);
+    const flat = flattenLora(layout, adapter ?? initLora(layout, seed));
+    const params = this.#buffer(flat, `adapter [${layout.floats}]`);
+    const grads = this.#buffer(layout.floats * 4, `adapter gradients [${layout.floats}]`);
+    const dispatches = LoraDispatches.create(this.#gpu, {
+      layout,
+      N: this.batchSize * this.seqLen,
+      params,
+      grads,
+      buffer: (bytes, label) => this.#buffer(bytes, label),
+    });
+    this.#lora = { layout, params, grads, dispatches };
   }
 
   /** The flat parameters and gradients with their layout: what the optimizer updates. */
   trainable(): TrainableParameters {
+    if (this.#lora) {
+      const { layout, params, grads } = this.#lora;
+      return { params, grads, floats: layout.floats, tensors: layout.tensors, runs: layout.runs };
+    }
     return {
       params: this.#params,
-      grads: this.#grads,
+      grads: this.#grads!,
       floats: this.#layout.floats,
       tensors: this.#layout.tensors,
       runs: this.#layout.runs,
     };
+  }
+
+  /** The adapter's layout when training low-rank adapters. */
+  get loraLayout(): LoraLayout | undefined {
+    return this.#lora?.layout;
   }
 
   async #build(requestedChunkRows?: number): Promise<void> {
@@ -282,7 +338,12 @@ export class TrainingModel {
     const qk = c.qk_norm;
     const f32 = (n: number) => n * 4;
     const P = bindLayout(this.#layout, this.#params);
-    const G = bindLayout(this.#layout, this.#grads);
+    // With a frozen base there are no weight gradients: every dispatch that
+    // would write one is left out (`frozen` below), so nothing writes through
+    // G (RMSNorm's dw dispatches are built against it, then dropped unrecorded).
+    const lora = this.#lora?.dispatches;
+    const frozen = this.#grads === undefined;
+    const G = bindLayout(this.#layout, this.#grads ?? this.#params);
     const qkvDim = qDim + 2 * kvDim;
 
     this.#ids = this.#buffer(f32(N), "ids [B, T]");
@@ -362,7 +423,7 @@ export class TrainingModel {
       [chunkRows, V, H],
     ];
     let partialsBytes = 0;
-    for (const [M, out, K] of dwShapes) {
+    for (const [M, out, K] of frozen ? [] : dwShapes) {
       const need = await splitKPartialsBytes(gpu, {
         dy: dResid,
         x: dResid,
@@ -383,7 +444,23 @@ export class TrainingModel {
     const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
       matmulXWt(gpu, { x, w, y, M: N, K, N: out });
     const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: Binding, out: number, K: number) =>
-      matmulDyTXSplitK(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true, partials });
+      frozen
+        ? Promise.resolve([])
+        : matmulDyTXSplitK(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true, partials });
+    // RMSNorm's backward is a dx dispatch then a dw dispatch; a frozen base keeps only dx.
+    const normBackward = async (args: Parameters<typeof rmsnormBackward>[1]) => {
+      const d = await rmsnormBackward(gpu, args);
+      if (!frozen) return d;
+      releaseDispatches(d.slice(1));
+      return d.slice(0, 1);
+    };
+    // Low-rank adapters: the weights part of a projection's backward runs where
+    // its dW would, the input part right after its dX.
+    type Proj = "qkv" | "o" | "gateUp" | "down";
+    const loraWeights = (l: number, proj: Proj, dy: GPUBuffer, x: GPUBuffer) =>
+      lora ? lora.backwardWeights(l, proj, dy, x) : Promise.resolve([]);
+    const loraInput = (l: number, proj: Proj, dx: GPUBuffer) =>
+      lora ? lora.backwardInput(l, proj, dx) : Promise.resolve([]);
     const linearDx = (
       dy: GPUBuffer,
       w: Binding,
@@ -406,6 +483,7 @@ export class TrainingModel {
       ids: this.#ids,
       layer: (l) => layers[l],
       linear,
+      afterLinear: lora ? (l, proj, x, y) => lora.forward(l, proj, x, y) : undefined,
       ropeInSplit: qk ? undefined : { T, theta },
       attention: async (l) => {
         const a = layers[l];
@@ -458,7 +536,7 @@ export class TrainingModel {
         lossTrain: await ce(this.#ceScale, this.#loss),
         lossEval: await ce(this.#one, this.#evalLoss),
         backward: [
-          ...await matmulDyTXSplitK(gpu, {
+          ...frozen ? [] : await matmulDyTXSplitK(gpu, {
             dy: lg,
             x: xf,
             dw: G.head,
@@ -478,7 +556,7 @@ export class TrainingModel {
     // from here on carries d(residual stream); each norm's backward adds its
     // branch into it (x_{l+1} = m_l + mlp(m_l) gives d m_l = d x_{l+1} + d through
     // the MLP's norm; likewise for m_l = x_l + attn(x_l)).
-    const bwd: Dispatch[] = await rmsnormBackward(gpu, {
+    const bwd: Dispatch[] = await normBackward({
       dy: dH,
       x: xLast,
       w: P.norm,
@@ -498,12 +576,16 @@ export class TrainingModel {
         // then takes d act = dy Wd.
         await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I }),
         ...await linearDw(dResid, mlpScratch, dW.down, H, I),
+        ...await loraWeights(l, "down", dResid, mlpScratch),
         await linearDx(dResid, W.down, mlpScratch, H, I),
+        ...await loraInput(l, "down", mlpScratch),
         await swigluBackward(gpu, { dh: mlpScratch, gateUp: a.gateUp, dGateUp, N, I }),
         // gate|up = h2 [Wg; Wu]^T: one weight gradient, and d h2 = d(gate|up) [Wg; Wu].
         ...await linearDw(dGateUp, a.h2, dW.gateUp, 2 * I, H),
+        ...await loraWeights(l, "gateUp", dGateUp, a.h2),
         await linearDx(dGateUp, W.gateUp, dH, 2 * I, H),
-        ...await rmsnormBackward(gpu, {
+        ...await loraInput(l, "gateUp", dH),
+        ...await normBackward({
           dy: dH,
           x: a.xMid,
           w: W.postNorm,
@@ -516,7 +598,9 @@ export class TrainingModel {
         }),
         // Attention, xMid = x + a Wo^T.
         ...await linearDw(dResid, a.attn, dW.o, H, qDim),
+        ...await loraWeights(l, "o", dResid, a.attn),
         await linearDx(dResid, W.o, dAttn, H, qDim),
+        ...await loraInput(l, "o", dAttn),
         ...await attentionBackward(gpu, {
           q: a.q,
           k: a.k,
@@ -538,7 +622,7 @@ export class TrainingModel {
         bwd.push(
           await ropeBack(dq, nH),
           await ropeBack(dk, nKV),
-          ...await rmsnormBackward(gpu, {
+          ...await normBackward({
             dy: dq,
             x: a.qProj!,
             w: W.qNorm!,
@@ -549,7 +633,7 @@ export class TrainingModel {
             H: hd,
             accumulateDx: false,
           }),
-          ...await rmsnormBackward(gpu, {
+          ...await normBackward({
             dy: dk,
             x: a.kProj!,
             w: W.kNorm!,
@@ -577,8 +661,10 @@ export class TrainingModel {
         }),
         // q|k|v = h1 [Wq; Wk; Wv]^T: one weight gradient, and d h1 = d(q|k|v) [Wq; Wk; Wv].
         ...await linearDw(qkvScratch, a.h1, dW.qkv, qkvDim, H),
+        ...await loraWeights(l, "qkv", qkvScratch, a.h1),
         await linearDx(qkvScratch, W.qkv, dH, qkvDim, H),
-        ...await rmsnormBackward(gpu, {
+        ...await loraInput(l, "qkv", dH),
+        ...await normBackward({
           dy: dH,
           x: a.x,
           w: W.inputNorm,
@@ -592,6 +678,7 @@ export class TrainingModel {
       );
     }
     this.#backward = bwd;
+    if (frozen) return; // the embedding is frozen too: no scatter, no token groups
     // Embedding: dE[tok] += sum of d x_0 rows at its positions (adds to the
     // tied head's dW when tied).
     const emb = await embeddingBackward(gpu, { dOut: dResid, dWeight: G.embed, N, H });
@@ -632,11 +719,13 @@ export class TrainingModel {
     this.#gpu.write(this.#ids, b.ids);
     this.#gpu.write(this.#targets, b.targets);
     this.#gpu.write(this.#mask, b.mask);
-    if (withGroups) this.#uploadGroups(groupByToken(b.ids, this.config.vocab_size));
+    if (withGroups && this.#embeddingBackward) {
+      this.#uploadGroups(groupByToken(b.ids, this.config.vocab_size));
+    }
   }
 
   #clearGradients(enc: GPUCommandEncoder): void {
-    enc.clearBuffer(this.#grads);
+    enc.clearBuffer(this.trainable().grads);
     enc.clearBuffer(this.#loss);
   }
 
@@ -650,7 +739,7 @@ export class TrainingModel {
       recordDispatches(gpu, pass, h.backward);
     }
     recordDispatches(gpu, pass, this.#backward);
-    recordDispatches(gpu, pass, this.#embeddingBackward);
+    if (this.#embeddingBackward) recordDispatches(gpu, pass, this.#embeddingBackward);
   }
 
   /** Writes the step's cross-entropy scale: 1 / (mask sum over all its micro-batches). */
@@ -673,16 +762,28 @@ export class TrainingModel {
    * `maskTotal` replaces the mean's denominator (the mask sum of these
    * batches): data parallelism passes the whole step's, over every rank's
    * rows, so that the ranks' losses and gradients sum to the global mean's.
+   * `dropoutStep` (the optimizer step) seeds the adapters' dropout masks
+   * (default: the number of earlier calls).
    */
-  forwardBackward(microBatches: Batch[], opts: { maskTotal?: number } = {}): void {
+  forwardBackward(
+    microBatches: Batch[],
+    opts: { maskTotal?: number; dropoutStep?: number } = {},
+  ): void {
     if (microBatches.length === 0) {
       throw new UserError("a training step needs at least one micro-batch");
     }
     microBatches.forEach((b, i) => this.#checkBatch(b, `micro-batch ${i}`));
     const gpu = this.#gpu;
     this.#writeScale(microBatches, opts.maskTotal);
+    const step = opts.dropoutStep ?? this.#steps;
+    this.#steps++;
     microBatches.forEach((b, i) => {
       this.#writeBatch(b, true);
+      // Adapter dropout: one mask per (seed, step, micro-batch), so a resumed run draws the same.
+      this.#lora?.dispatches.setDropout(
+        (Math.imul(this.#seed, 0x9e3779b1) ^ Math.imul(step, 0x85ebca6b) ^
+          Math.imul(i, 0xc2b2ae35)) >>> 0,
+      );
       gpu.submit((enc) => {
         if (i === 0) this.#clearGradients(enc);
         const pass = enc.beginComputePass();
@@ -702,7 +803,7 @@ export class TrainingModel {
       ...this.#forward,
       ...this.#headChunks.flatMap((h) => [h.logits, ...h.lossTrain, ...h.backward]),
       ...this.#backward,
-      this.#embeddingBackward,
+      ...this.#embeddingBackward ? [this.#embeddingBackward] : [],
     ];
   }
 
@@ -735,15 +836,21 @@ export class TrainingModel {
 
   /**
    * For tests and diagnostics: one forward and backward of `batch` with no
-   * update; returns the masked mean loss and every parameter's gradient.
-   * Leaves the gradient buffers holding these gradients.
+   * update; returns the masked mean loss and every trained tensor's gradient
+   * (the adapter's, by PEFT name, when training adapters). Leaves the
+   * gradient buffers holding these gradients.
    */
   async lossAndGrads(
     batch: Batch,
   ): Promise<{ loss: number; grads: Map<string, Float32Array> }> {
     this.forwardBackward([batch]);
     const loss = await this.readLoss();
-    return { loss, grads: await this.#readFlat(this.#grads) };
+    const flat = await this.readGradients();
+    const grads = new Map<string, Float32Array>();
+    for (const t of this.trainable().tensors) {
+      grads.set(t.name, flat.slice(t.offset, t.offset + t.size));
+    }
+    return { loss, grads };
   }
 
   /**
@@ -755,6 +862,7 @@ export class TrainingModel {
     this.#checkBatch(batch, "eval batch");
     const gpu = this.#gpu;
     this.#writeBatch(batch, false);
+    this.#lora?.dispatches.setDropout(undefined); // evaluation sees the whole adapter
     gpu.submit((enc) => {
       enc.clearBuffer(this.#evalLoss);
       const pass = enc.beginComputePass();
@@ -777,15 +885,17 @@ export class TrainingModel {
 
   /** The flat gradient buffer's contents (`trainable().tensors` says where each tensor is). */
   readGradients(): Promise<Float32Array> {
-    return this.#gpu.readF32(this.#grads, 0, this.#layout.floats);
+    const t = this.trainable();
+    return this.#gpu.readF32(t.grads, 0, t.floats);
   }
 
   /** Replaces the flat gradients (a data-parallel sum over ranks). */
   writeGradients(flat: Float32Array): void {
-    if (flat.length !== this.#layout.floats) {
-      throw new Error(`writeGradients: ${flat.length} floats, expected ${this.#layout.floats}`);
+    const t = this.trainable();
+    if (flat.length !== t.floats) {
+      throw new Error(`writeGradients: ${flat.length} floats, expected ${t.floats}`);
     }
-    this.#gpu.write(this.#grads, flat);
+    this.#gpu.write(t.grads, flat);
   }
 
   /** Replaces the step's loss (a data-parallel sum over ranks), for the next `readLoss`. */
@@ -802,6 +912,19 @@ export class TrainingModel {
   setParameters(m: Map<string, Float32Array>): void {
     checkTensorSizes(this.#specs, m, "parameters");
     this.#gpu.write(this.#params, flattenTensors(this.#layout, m));
+  }
+
+  /** The adapter's tensors by PEFT name (a copy), when training adapters. */
+  async getAdapter(): Promise<Map<string, Float32Array>> {
+    if (!this.#lora) throw new Error("getAdapter: this model trains no adapter");
+    const { layout, params } = this.#lora;
+    return unflattenLora(layout, await this.#gpu.readF32(params, 0, layout.floats));
+  }
+
+  /** Replaces the adapter's tensors (every tensor of its layout must be present). */
+  setAdapter(adapter: Map<string, Float32Array>): void {
+    if (!this.#lora) throw new Error("setAdapter: this model trains no adapter");
+    this.#gpu.write(this.#lora.params, flattenLora(this.#lora.layout, adapter));
   }
 
   /** Releases every buffer the model and its dispatches allocated. */

@@ -13,7 +13,7 @@
  * - a client that disconnects mid-stream stops its generation and frees the
  *   slot; a full queue answers 503; every bad request gets its status and an
  *   OpenAI-style error body, and the server goes on serving;
- * - the `serve` command (help, --adapter refused, the model's name);
+ * - the `serve` command (help, a missing --adapter named, the model's name);
  * - Python's `openai` client, and the chat page in headless Chromium (typing,
  *   send, streamed reply, history, reset); each is ignored, with the reason,
  *   where python3's openai package or Chromium is missing.
@@ -732,17 +732,23 @@ Deno.test({
 });
 
 Deno.test({
-  name: "serve: the command: help says binding elsewhere exposes the model; --adapter is refused",
+  name:
+    "serve: the command: help says binding elsewhere exposes the model; a missing --adapter is named",
   ...GPU_TEST,
   fn: async () => {
     const help = formatHelp(serveCommand).replace(/\s+/g, " ");
     assertStringIncludes(help, "exposes the model to the network");
-    assertStringIncludes(help, "not supported yet");
-    const args = await parseCommandArgs(serveCommand, ["--model", modelDir, "--adapter", "x"]);
+    assertStringIncludes(help, "LoRA adapter (PEFT format)");
+    const args = await parseCommandArgs(serveCommand, [
+      "--model",
+      modelDir,
+      "--adapter",
+      `${root}/x`,
+    ]);
     let err: unknown;
     await runServe(args!, { gpu, log: () => {} }).catch((e) => (err = e));
     assert(err instanceof UserError, `expected a UserError, got ${err}`);
-    assertStringIncludes((err as Error).message, "LoRA adapters are not supported yet");
+    assertStringIncludes((err as Error).message, `${root}/x/adapter_config.json: missing`);
 
     // Started as the command does, on a free port; the model's id is the directory's name.
     const stop = new AbortController();

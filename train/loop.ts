@@ -31,6 +31,8 @@ import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from 
 import { lossPlotSvg } from "./plot.ts";
 import { Progress } from "./progress.ts";
 import { DataParallel } from "./distributed.ts";
+import { describeLoraRun, type LoraRun } from "./lora.ts";
+import { saveAdapter } from "../io/peft.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
 export interface RunConfig {
@@ -64,6 +66,8 @@ export interface RunConfig {
   packing?: Packing;
   /** SFT: MiniMind's augmentations (absent: none). */
   sftAugment?: SftAugmentation;
+  /** Low-rank adapters on a frozen base (`trainer lora`); absent: every weight trains. */
+  lora?: LoraRun;
 }
 
 /** What `trainer_state.json` holds. */
@@ -82,6 +86,8 @@ export interface TrainerState {
 /** Where a run starts from. */
 export interface RunStart {
   params: Map<string, Float32Array>;
+  /** A LoRA run's adapter on resume (absent: a fresh adapter from the seed). */
+  adapter?: Map<string, Float32Array>;
   /** AdamW's moments after `step` updates (resume); fresh zeros otherwise. */
   optimizer?: AdamWState;
   /** Steps already done (0 for a fresh run). */
@@ -134,6 +140,7 @@ export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<Trai
     batchSize: run.batchSize,
     seqLen: run.seqLen,
     params: ctx.start.params,
+    ...(run.lora ? { lora: run.lora.config, adapter: ctx.start.adapter, seed: run.seed } : {}),
   });
   let optimizer: AdamW | undefined;
   try {
@@ -145,6 +152,7 @@ export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<Trai
       gradClip: run.gradClip,
     }, { steps: ctx.start.step });
     if (ctx.start.optimizer) optimizer.setState(ctx.start.optimizer, ctx.start.step);
+    if (run.lora) print(describeLoraRun(run.model, run.lora, optimizer.gpuBytes));
     return await loop(run, ctx, model, optimizer, print);
   } finally {
     optimizer?.destroy();
@@ -203,13 +211,28 @@ async function loop(
       data: ctx.train.position(),
       elapsed_s: elapsed(),
     };
+    const tokenizerFiles = {
+      tokenizerJson: ctx.tokenizer.tokenizerJson,
+      tokenizerConfigJson: ctx.tokenizer.tokenizerConfigJson,
+    };
+    if (run.lora) {
+      // A PEFT adapter directory (the base stays where it is).
+      await saveAdapter(run.out, run.model, {
+        lora: run.lora.config,
+        tensors: await model.getAdapter(),
+        baseModel: run.lora.base,
+        tokenizer: tokenizerFiles,
+        optimizer: await optimizer.getState(),
+        state: state as unknown as Record<string, unknown>,
+      });
+      await writePlot(run);
+      lastGoodStep = step;
+      return;
+    }
     const contents: CheckpointContents = {
       config: run.model,
       params: await model.getParameters(),
-      tokenizer: {
-        tokenizerJson: ctx.tokenizer.tokenizerJson,
-        tokenizerConfigJson: ctx.tokenizer.tokenizerConfigJson,
-      },
+      tokenizer: tokenizerFiles,
       special: {
         bos: ctx.tokenizer.bosId,
         eos: ctx.tokenizer.eosId,
@@ -304,10 +327,10 @@ async function loop(
     if (dp) {
       // This rank's rows, the loss over every rank's; then the sum over ranks.
       const maskTotal = DataParallel.maskTotal(micro);
-      model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal });
+      model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal, dropoutStep: step });
       await dp.reduce(model);
     } else {
-      model.forwardBackward(micro);
+      model.forwardBackward(micro, { dropoutStep: step });
     }
     optimizer.step(lr);
     step++;
@@ -382,7 +405,7 @@ async function writePlot(run: RunConfig): Promise<void> {
   const svg = lossPlotSvg(
     train.map((r) => ({ step: r.step, loss: r.loss })),
     evals.map((r) => ({ step: r.step, loss: r.loss })),
-    `${run.kind}: ${run.out}`,
+    `${run.lora ? "lora " : ""}${run.kind}: ${run.out}`,
   );
   const tmp = `${run.out}/loss.svg.tmp`;
   await Deno.writeTextFile(tmp, svg);

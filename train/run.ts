@@ -47,7 +47,7 @@ export async function runPrepared(
   try {
     const adapter = io.gpu.adapterSummary;
     print(
-      `${kind}: ${describeModel(run.model)} (${
+      `${run.lora ? `lora (${kind})` : kind}: ${describeModel(run.model)} (${
         (parameterCount(run.model).total / 1e6).toFixed(2)
       }M parameters) on ${adapter.name}${adapter.isFallback ? " (CPU fallback)" : ""}`,
     );
@@ -113,6 +113,19 @@ export async function runPrepared(
         Math.round(result.tokensPerSecond)
       } tokens/s)`,
     );
+    if (run.lora) {
+      print(
+        `adapter: ${out}/ (PEFT: adapter_config.json + adapter_model.safetensors on base ${run.lora.base}), metrics: ${out}/metrics.jsonl, plot: ${out}/loss.svg`,
+      );
+      if (result.interrupted) {
+        print(`continue with: deno task lora --out ${out} --resume`);
+        return { status: 130, result };
+      }
+      print(
+        `next: deno task chat --model ${run.lora.base} --adapter ${out}   (or: deno task lora merge --model ${run.lora.base} --adapter ${out} --out DIR)`,
+      );
+      return { status: 0, result };
+    }
     print(
       `checkpoint: ${out}/ (Transformers-loadable), metrics: ${out}/metrics.jsonl, plot: ${out}/loss.svg`,
     );

@@ -36,6 +36,8 @@ import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
 import { peakFlopsFor } from "./peak.ts";
+import type { LoraConfig } from "../model/lora.ts";
+import { LORA_RUN_DEFAULTS, type LoraRun, loraStartingPoint } from "./lora.ts";
 
 /** What a run trains on: plain text, or conversations with the assistant-only mask. */
 export type TrainKind = "pretrain" | "sft";
@@ -117,6 +119,12 @@ export interface TrainOptions {
   saveEvery?: number;
   /** The adapter's FP32 peak in TFLOP/s, for MFU (default: known GPUs are recognised). */
   peakTflops?: number;
+  /**
+   * Train low-rank adapters on the frozen `init` checkpoint (default out/sft)
+   * instead of every weight; the fields given (others default, or on resume
+   * must match the saved run). Output: a PEFT adapter directory (default out/lora).
+   */
+  lora?: Partial<LoraConfig>;
 }
 
 /**
@@ -232,8 +240,27 @@ async function startingPoint(
   model: ModelConfig;
   tokenizer: TextTokenizer;
   state?: TrainerState;
+  lora?: LoraRun;
 }> {
   const { kind } = opts;
+  if (opts.lora) {
+    if (opts.init === null) {
+      throw new UsageError(
+        "lora adapts a trained model: --init DIR names it (--init none has no weights to adapt)",
+      );
+    }
+    if (opts.preset !== undefined || opts.modelConfig !== undefined) {
+      throw new UsageError(
+        "lora takes the model's shape from its base (--init); drop --preset / --model-config",
+      );
+    }
+    return await loraStartingPoint(opts.lora, {
+      kind,
+      resume: opts.resume ?? false,
+      base: opts.init ?? undefined,
+      tokenizer: opts.tokenizer,
+    }, out);
+  }
   const d = TRAIN_DEFAULTS[kind];
   let initDir = opts.init === null ? undefined : opts.init;
   if (kind === "sft" && opts.init === undefined && !opts.resume) initDir = "out/pretrain";
@@ -338,11 +365,11 @@ export async function prepareRun(
     throw new UsageError("give --preset or --model-config, not both");
   }
   const d = TRAIN_DEFAULTS[kind];
-  const out = (opts.out ?? d.out).replace(/\/+$/, "");
+  const out = (opts.out ?? (opts.lora ? LORA_RUN_DEFAULTS.out : d.out)).replace(/\/+$/, "");
   const resume = opts.resume ?? false;
 
   // --- Where the run starts: resume, --init, or fresh weights. -----------------
-  const { start, model, tokenizer, state } = await startingPoint(opts, out, io.gpu, print);
+  const { start, model, tokenizer, state, lora } = await startingPoint(opts, out, io.gpu, print);
   if (tokenizer.vocabSize > model.vocab_size) {
     throw new UserError(
       `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocab_size is ${model.vocab_size}`,
@@ -478,7 +505,7 @@ export async function prepareRun(
     batchSize,
     seqLen,
     accum,
-    lr: pick("lr", d.lr),
+    lr: pick("lr", opts.lora ? LORA_RUN_DEFAULTS.lr : d.lr),
     minLrRatio: pick("minLrRatio", TRAIN_DEFAULTS.minLrRatio),
     warmupSteps: pick("warmupSteps", TRAIN_DEFAULTS.warmupSteps),
     weightDecay: pick("weightDecay", TRAIN_DEFAULTS.weightDecay),
@@ -494,6 +521,7 @@ export async function prepareRun(
     ...(worldSize > 1 ? { worldSize } : {}),
     ...(kind === "pretrain" && packing !== "pack" ? { packing } : {}),
     ...(kind === "sft" && augmentationActive(sftAugment) ? { sftAugment } : {}),
+    ...(lora ? { lora } : {}),
   };
   if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
   if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
@@ -515,7 +543,7 @@ export async function prepareRun(
     const names: string[] = [];
     for await (const e of Deno.readDir(out)) names.push(e.name);
     const ours = new Set(["metrics.jsonl", "loss.svg"]);
-    const isCheckpoint = names.includes("config.json");
+    const isCheckpoint = names.includes("config.json") || names.includes("adapter_config.json");
     if (!isCheckpoint && names.some((n) => !ours.has(n))) {
       throw new UserError(
         `--out ${out} exists and is not a checkpoint of ours; choose a new or empty directory`,
