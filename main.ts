@@ -5,7 +5,7 @@
 import { type CommandSpec, formatHelp, parseCommandArgs } from "./cli/args.ts";
 import { UsageError, UserError } from "./util/errors.ts";
 import { infoCommand } from "./cli/info.ts";
-import { pretrainCommand, sftCommand } from "./cli/train.ts";
+import { dpoCommand, pretrainCommand, sftCommand } from "./cli/train.ts";
 import { evalCommand } from "./cli/eval.ts";
 import { experimentCommand } from "./cli/experiment.ts";
 import { chatCommand, generateCommand } from "./cli/generate.ts";
@@ -17,6 +17,7 @@ import { tokenizerTrainCommand } from "./cli/tokenizer.ts";
 export const COMMANDS: CommandSpec[] = [
   pretrainCommand,
   sftCommand,
+  dpoCommand,
   generateCommand,
   chatCommand,
   serveCommand,

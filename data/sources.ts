@@ -386,31 +386,40 @@ export function parseSftRecord(text: string, where: RecordWhere): ChatMessage[] 
   const example = `{"conversations": [{"role": "user", "content": "..."}, ` +
     `{"role": "assistant", "content": "..."}]}`;
   const obj = parseObject(text, where, example);
-  const conv = obj["conversations"];
+  return parseTurns(obj["conversations"], "conversations", where, example);
+}
+
+/** A list of `{"role", "content"}` turns named `field` (`conversations`, `chosen`, ...). */
+function parseTurns(
+  conv: unknown,
+  field: string,
+  where: RecordWhere,
+  example: string,
+): ChatMessage[] {
   if (conv === undefined) {
     throw recordError(
       where,
-      `expected a "conversations" field (a list of {"role", "content"} turns), as in ${example}`,
+      `expected a "${field}" field (a list of {"role", "content"} turns), as in ${example}`,
     );
   }
   if (!Array.isArray(conv)) {
-    throw recordError(where, `"conversations" must be a list of turns, got ${typeName(conv)}`);
+    throw recordError(where, `"${field}" must be a list of turns, got ${typeName(conv)}`);
   }
-  if (conv.length === 0) throw recordError(where, `"conversations" is an empty list`);
+  if (conv.length === 0) throw recordError(where, `"${field}" is an empty list`);
   const out: ChatMessage[] = [];
   for (let i = 0; i < conv.length; i++) {
     const turn = conv[i];
     if (typeof turn !== "object" || turn === null || Array.isArray(turn)) {
       throw recordError(
         where,
-        `conversations[${i}] must be an object {"role", "content"}, got ${typeName(turn)}`,
+        `${field}[${i}] must be an object {"role", "content"}, got ${typeName(turn)}`,
       );
     }
     const { role, content } = turn as Record<string, unknown>;
     if (role !== "system" && role !== "user" && role !== "assistant") {
       throw recordError(
         where,
-        `conversations[${i}].role must be "system", "user" or "assistant", got ${
+        `${field}[${i}].role must be "system", "user" or "assistant", got ${
           role === undefined ? "nothing" : JSON.stringify(role)
         }`,
       );
@@ -418,7 +427,7 @@ export function parseSftRecord(text: string, where: RecordWhere): ChatMessage[] 
     if (typeof content !== "string") {
       throw recordError(
         where,
-        `conversations[${i}].content must be a string, got ${
+        `${field}[${i}].content must be a string, got ${
           content === undefined ? "nothing" : typeName(content)
         }`,
       );
@@ -426,6 +435,39 @@ export function parseSftRecord(text: string, where: RecordWhere): ChatMessage[] 
     out.push({ role, content });
   }
   return out;
+}
+
+/** A preference pair: the same prompt answered well (`chosen`) and badly (`rejected`). */
+export interface DpoRecord {
+  chosen: ChatMessage[];
+  rejected: ChatMessage[];
+}
+
+/**
+ * Parses one JSONL line as a DPO record, MiniMind's `dpo.jsonl` format:
+ * `{"chosen": [turns], "rejected": [turns]}`, each a conversation that ends
+ * in the answer being judged. Each side needs an assistant turn, and no
+ * assistant turn may be empty (an empty answer has nothing to prefer).
+ * Throws `UserError` (naming `file:line`) when the line is not one.
+ */
+export function parseDpoRecord(text: string, where: RecordWhere): DpoRecord {
+  const example = `{"chosen": [{"role": "user", "content": "..."}, ` +
+    `{"role": "assistant", "content": "..."}], "rejected": [{"role": "user", ...}, ` +
+    `{"role": "assistant", ...}]}`;
+  const obj = parseObject(text, where, example);
+  const side = (field: "chosen" | "rejected"): ChatMessage[] => {
+    const turns = parseTurns(obj[field], field, where, example);
+    if (!turns.some((t) => t.role === "assistant")) {
+      throw recordError(where, `"${field}" has no assistant turn: nothing to prefer`);
+    }
+    turns.forEach((t, i) => {
+      if (t.role === "assistant" && t.content.trim() === "") {
+        throw recordError(where, `${field}[${i}] is an empty assistant turn`);
+      }
+    });
+    return turns;
+  };
+  return { chosen: side("chosen"), rejected: side("rejected") };
 }
 
 function parseObject(text: string, where: RecordWhere, example: string): Record<string, unknown> {

@@ -29,6 +29,8 @@ import { readShardManifest, sha256Hex, ShardFile, type ShardManifest } from "./s
 import { assistantMask, fitSftSample } from "./sft.ts";
 import {
   type DataKind,
+  type DpoRecord,
+  parseDpoRecord,
   parsePretrainRecord,
   parseSftRecord,
   readJsonlLines,
@@ -37,12 +39,18 @@ import {
 import type { ChatMessage, TextTokenizer } from "./tokenizer.ts";
 import { type Batch, emptyBatch, setRow } from "./batch.ts";
 
+/**
+ * What a stream yields: pretrain windows, SFT rows, or DPO pairs (JSONL only:
+ * a batch of B pairs is 2B rows, the chosen answers then the rejected ones).
+ */
+export type StreamKind = DataKind | "dpo";
+
 /** How to build a `DataStream`. */
 export interface DataStreamOptions {
   /** `--data` paths: JSONL files, directories, globs, or token-shard directories. */
   data: string[];
-  /** Pretrain windows or SFT rows. */
-  kind: DataKind;
+  /** Pretrain windows, SFT rows or DPO pairs. */
+  kind: StreamKind;
   /** Needed for JSONL; for shards, checked against the shards' tokenizer when given. */
   tokenizer?: TextTokenizer;
   /** B: rows per batch. */
@@ -99,8 +107,8 @@ export interface DataPosition {
   version: 1;
   /** What the data was: JSONL or token shards. */
   format: "jsonl" | "shards";
-  /** Pretrain or SFT; must match to resume. */
-  kind: DataKind;
+  /** Pretrain, SFT or DPO; must match to resume. */
+  kind: StreamKind;
   /** T; must match to resume. */
   seqLen: number;
   /** Seed; must match to resume. */
@@ -136,6 +144,8 @@ export interface DataStats extends DataCounters {
 interface Piece {
   tokens: ArrayLike<number>;
   mask?: ArrayLike<number>;
+  /** DPO: the rejected answer's tokens and mask (`tokens`/`mask` are the chosen one's). */
+  rejected?: { tokens: ArrayLike<number>; mask: ArrayLike<number> };
   origin: SampleOrigin;
 }
 
@@ -144,6 +154,8 @@ interface Sample {
   ids: Int32Array;
   /** `[T + 1]`, aligned with ids; undefined means all ones. */
   mask: Uint8Array | undefined;
+  /** DPO: the rejected row (`ids`/`mask` are the chosen one). */
+  rejected?: { ids: Int32Array; mask: Uint8Array };
   origin: SampleOrigin;
 }
 
@@ -233,14 +245,14 @@ abstract class EpochSource implements PieceSource {
 class JsonlSource extends EpochSource {
   protected readonly lineBase = 1;
   #files: string[];
-  #kind: DataKind;
+  #kind: StreamKind;
   #tok: TextTokenizer;
   #skipBadLines: boolean;
   #lines: AsyncGenerator<Line> | undefined;
 
   constructor(
     files: string[],
-    kind: DataKind,
+    kind: StreamKind,
     tok: TextTokenizer,
     skipBadLines: boolean,
     cfg: SourceConfig,
@@ -266,10 +278,12 @@ class JsonlSource extends EpochSource {
       this.pos.line = line.number + 1;
       if (line.text.trim() === "") continue;
       const where = { file, line: line.number };
-      let record: string | ChatMessage[];
+      let record: string | ChatMessage[] | DpoRecord;
       try {
         record = this.#kind === "pretrain"
           ? parsePretrainRecord(line.text, where)
+          : this.#kind === "dpo"
+          ? parseDpoRecord(line.text, where)
           : parseSftRecord(line.text, where);
       } catch (e) {
         if (this.#skipBadLines && e instanceof UserError) {
@@ -281,6 +295,15 @@ class JsonlSource extends EpochSource {
       let piece: Piece;
       if (typeof record === "string") {
         piece = { tokens: documentTokens(this.#tok, record), origin };
+      } else if (!Array.isArray(record)) {
+        const chosen = assistantMask(this.#tok, record.chosen);
+        const rejected = assistantMask(this.#tok, record.rejected);
+        piece = {
+          tokens: chosen.ids,
+          mask: chosen.mask,
+          rejected: { tokens: rejected.ids, mask: rejected.mask },
+          origin,
+        };
       } else {
         const { ids, mask } = assistantMask(this.#tok, record);
         piece = { tokens: ids, mask, origin };
@@ -383,7 +406,7 @@ class ShardSource extends EpochSource {
 
 /** Turns pieces into samples: pretrain windows or SFT rows of `[T + 1]` tokens. */
 class SampleMaker {
-  #kind: DataKind;
+  #kind: StreamKind;
   #source: PieceSource;
   #seqLen: number;
   #padId: number;
@@ -394,7 +417,7 @@ class SampleMaker {
   #tokensThisEpoch = 0;
 
   constructor(
-    kind: DataKind,
+    kind: StreamKind,
     source: PieceSource,
     seqLen: number,
     padId: number,
@@ -411,7 +434,11 @@ class SampleMaker {
     source.onEpochEnd = (epoch, fromStart) => {
       if (fromStart && this.#samplesThisEpoch === 0) {
         throw new UserError(
-          this.#kind === "sft"
+          this.#kind === "dpo"
+            ? `epoch ${epoch}: no pair has an assistant token in both answers within seq_len + 1 = ${
+              seqLen + 1
+            } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
+            : this.#kind === "sft"
             ? `epoch ${epoch}: no conversation has an assistant token within seq_len + 1 = ${
               seqLen + 1
             } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
@@ -459,11 +486,19 @@ class SampleMaker {
       if (!piece) return undefined;
       this.#tokensThisEpoch += piece.tokens.length;
       const row = fitSftSample(piece.tokens, piece.mask!, this.#seqLen, this.#padId);
-      if (!row) {
+      // A DPO pair trains only when both answers keep a target after truncation.
+      const rejected = piece.rejected &&
+        fitSftSample(piece.rejected.tokens, piece.rejected.mask, this.#seqLen, this.#padId);
+      if (!row || (piece.rejected && !rejected)) {
         this.#counters.skippedConversations++;
         continue;
       }
-      return { ids: row.ids, mask: row.mask, origin: piece.origin };
+      return {
+        ids: row.ids,
+        mask: row.mask,
+        ...(rejected ? { rejected: { ids: rejected.ids, mask: rejected.mask } } : {}),
+        origin: piece.origin,
+      };
     }
   }
 }
@@ -489,8 +524,8 @@ interface Entry {
  * ```
  */
 export class DataStream {
-  /** Pretrain or SFT. */
-  readonly kind: DataKind;
+  /** Pretrain, SFT or DPO. */
+  readonly kind: StreamKind;
   /** B: rows per batch. */
   readonly batchSize: number;
   /** T: tokens per row. */
@@ -562,6 +597,11 @@ export class DataStream {
       }
       paths = resolved.files;
       padId = opts.tokenizer.padId;
+    } else if (opts.kind === "dpo") {
+      throw new UserError(
+        `${resolved.dirs[0]} holds token shards; DPO reads its pairs from JSONL ` +
+          `({"chosen": [...], "rejected": [...]} lines), which \`trainer data prepare\` does not convert`,
+      );
     } else {
       manifests = await Promise.all(resolved.dirs.map(readShardManifest));
       paths = [];
@@ -631,7 +671,7 @@ export class DataStream {
         origin,
         counters,
       )
-      : new ShardSource(paths, opts.kind, cfg, origin, counters);
+      : new ShardSource(paths, opts.kind as DataKind, cfg, origin, counters);
     const maker = new SampleMaker(opts.kind, source, opts.seqLen, padId, counters, origin.skip);
 
     let buffer: ShuffleBuffer<Entry>;
@@ -683,11 +723,13 @@ export class DataStream {
 
   /**
    * The next batch, or undefined after the last epoch (`maxEpochs`). The last
-   * batch is filled up with rows of padding at mask 0, so every batch is `[B, T]`.
+   * batch is filled up with rows of padding at mask 0, so every batch is `[B, T]`
+   * (DPO: `[2B, T]`, pair b's chosen answer in row b, its rejected one in row B + b).
    */
   async next(): Promise<Batch | undefined> {
     const B = this.batchSize;
-    const batch = emptyBatch(B, this.seqLen, this.#padId);
+    const dpo = this.kind === "dpo";
+    const batch = emptyBatch(dpo ? 2 * B : B, this.seqLen, this.#padId);
     let rows = 0;
     for (; rows < B; rows++) {
       let entry: Entry | undefined;
@@ -700,6 +742,7 @@ export class DataStream {
       if (!entry) break;
       // Samples are T + 1 tokens (SFT rows padded, with mask 0 on the padding).
       setRow(batch, rows, entry.sample, this.#padId);
+      if (dpo) setRow(batch, B + rows, entry.sample.rejected!, this.#padId);
     }
     if (rows === 0) return undefined;
     this.#batches++;

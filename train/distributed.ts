@@ -45,7 +45,9 @@ export class DataParallel {
   localBatch(global: Batch): Batch {
     const B = global.B / this.comm.size;
     if (!Number.isInteger(B)) {
-      throw new Error(`a global batch of ${global.B} rows does not split over ${this.comm.size} ranks`);
+      throw new Error(
+        `a global batch of ${global.B} rows does not split over ${this.comm.size} ranks`,
+      );
     }
     const rows = B * global.T;
     const from = this.comm.rank * rows;

@@ -21,6 +21,8 @@ import { checkDeviceLimits } from "../model/plan.ts";
 import { loadCheckpoint, resolveCheckpointDir } from "../io/checkpoint.ts";
 import { fromHfConfig } from "../io/hf_config.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
+import { PREFERENCE_FILES, writePreferenceSet } from "../data/preferences.ts";
+import { sha256Hex } from "../data/shards.ts";
 import { DataStream, type DataStreamOptions } from "../data/stream.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
@@ -28,13 +30,24 @@ import { parse as parseJsonc, type ParseError } from "jsonc-parser";
 import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
 import { peakFlopsFor } from "./peak.ts";
 
-/** What a run trains on: plain text, or conversations with the assistant-only mask. */
-export type TrainKind = "pretrain" | "sft";
+/**
+ * What a run trains on: plain text, conversations with the assistant-only
+ * mask, or preference pairs (DPO against a frozen copy of the starting model).
+ */
+export type TrainKind = "pretrain" | "sft" | "dpo";
 
 /** Defaults per kind. MiniMind: AdamW 0.9/0.999, eps 1e-8, cosine to 0.1 x lr, clip 1.0. */
 export const TRAIN_DEFAULTS = {
   pretrain: { lr: 5e-4, out: "out/pretrain", steps: 600, batchSize: 16, seqLen: 128 },
   sft: { lr: 2e-4, out: "out/sft", steps: 300, batchSize: 16, seqLen: 128 },
+  /**
+   * batchSize counts pairs (2 rows each). MiniMind's DPO rate, 4e-8, is for
+   * its 100M-token preference set on a large model; the embedded set and the
+   * tiny model need a larger one to move in a few minutes (docs/guide.md).
+   */
+  dpo: { lr: 1e-5, out: "out/dpo", steps: 100, batchSize: 8, seqLen: 128 },
+  /** DPO's β (MiniMind's default until 2026-03; its current script uses 0.15). */
+  beta: 0.1,
   minLrRatio: 0.1,
   warmupSteps: 0,
   weightDecay: 0.01,
@@ -96,6 +109,8 @@ export interface TrainOptions {
   saveEvery?: number;
   /** The adapter's FP32 peak in TFLOP/s, for MFU (default: known GPUs are recognised). */
   peakTflops?: number;
+  /** DPO: β, the strength of the pull toward the reference (default 0.1). */
+  beta?: number;
 }
 
 /** A run ready for `trainLoop`. */
@@ -214,6 +229,12 @@ async function startingPoint(
   const d = TRAIN_DEFAULTS[kind];
   let initDir = opts.init === null ? undefined : opts.init;
   if (kind === "sft" && opts.init === undefined && !opts.resume) initDir = "out/pretrain";
+  if (kind === "dpo" && opts.init === undefined && !opts.resume) initDir = "out/sft";
+  if (kind === "dpo" && opts.init === null) {
+    throw new UsageError(
+      "dpo starts from a trained checkpoint, which is also its frozen reference; --init none is not possible",
+    );
+  }
   if (opts.resume) {
     // After a crash mid-save the checkpoint may survive as `<out>.old-*`.
     const source = await resolveCheckpointDir(out).catch(() => out);
@@ -245,6 +266,7 @@ async function startingPoint(
         step: state.step,
         tokens: state.tokens,
         elapsed_s: state.elapsed_s,
+        ...(kind === "dpo" ? { reference: await loadReference(state, ckpt.config) } : {}),
       },
     };
   }
@@ -253,6 +275,8 @@ async function startingPoint(
       throw new UserError(
         kind === "sft" && initDir === "out/pretrain"
           ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint) or --init none (random weights)"
+          : kind === "dpo" && initDir === "out/sft"
+          ? "dpo starts from out/sft, which does not exist yet: run `deno task pretrain` and `deno task sft` first, or pass --init DIR (a checkpoint)"
           : `--init ${initDir}: no such checkpoint directory`,
       );
     }
@@ -268,7 +292,14 @@ async function startingPoint(
     return {
       model: ckpt.config,
       tokenizer,
-      start: { params: ckpt.params, step: 0, tokens: 0, elapsed_s: 0 },
+      start: {
+        params: ckpt.params,
+        step: 0,
+        tokens: 0,
+        elapsed_s: 0,
+        // DPO's frozen reference is the starting model itself.
+        ...(kind === "dpo" ? { reference: ckpt.params } : {}),
+      },
     };
   }
   const tokenizer = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : defaultTokenizer();
@@ -285,6 +316,45 @@ async function startingPoint(
       elapsed_s: 0,
     },
   };
+}
+
+/** The sha256 of a checkpoint's weights file: what a DPO run records of its reference. */
+async function weightsSha256(dir: string): Promise<string> {
+  return sha256Hex(await Deno.readFile(join(dir, "model.safetensors")));
+}
+
+/**
+ * A resumed DPO run's reference: the checkpoint it started from, which must
+ * still hold the same weights (their sha256 is in the run's state).
+ */
+async function loadReference(
+  state: TrainerState,
+  config: ModelConfig,
+): Promise<Map<string, Float32Array>> {
+  const ref = state.run.reference;
+  if (!ref) {
+    throw new UserError("--resume: the DPO run's state does not name its reference checkpoint");
+  }
+  const sha = await weightsSha256(ref.path).catch((e) => {
+    throw new UserError(
+      `--resume: the DPO reference ${ref.path} cannot be read (${(e as Error).message}); ` +
+        "a DPO run needs the checkpoint it started from",
+    );
+  });
+  if (sha !== ref.sha256) {
+    throw new UserError(
+      `--resume: the DPO reference ${ref.path} has changed since the run started ` +
+        `(model.safetensors sha256 ${sha.slice(0, 12)}... vs ${ref.sha256.slice(0, 12)}...); ` +
+        "the run cannot continue against another reference",
+    );
+  }
+  const ckpt = await loadCheckpoint(ref.path);
+  for (const field of MODEL_CONFIG_FIELDS) {
+    if (ckpt.config[field] !== config[field]) {
+      throw new UserError(`--resume: the DPO reference ${ref.path} is another model (${field})`);
+    }
+  }
+  return ckpt.params;
 }
 
 /**
@@ -304,6 +374,9 @@ export async function prepareRun(
 ): Promise<PreparedRun> {
   const worldSize = io.worldSize ?? 1;
   const { kind } = opts;
+  if (kind === "dpo" && worldSize > 1) {
+    throw new UserError("dpo runs in one process; data-parallel DPO over MPI is not supported yet");
+  }
   const print = io.print;
   if (opts.steps !== undefined && opts.epochs !== undefined) {
     throw new UsageError("give --steps or --epochs, not both");
@@ -335,9 +408,8 @@ export async function prepareRun(
   // The per-rank batch: the given one, else the saved run's global batch over
   // this run's ranks (a resume with another rank count keeps the global batch).
   const savedGlobal = saved ? saved.batchSize * (saved.worldSize ?? 1) : undefined;
-  let batchSize = opts.batchSize ?? (savedGlobal !== undefined
-    ? savedGlobal / worldSize
-    : d.batchSize);
+  let batchSize = opts.batchSize ??
+    (savedGlobal !== undefined ? savedGlobal / worldSize : d.batchSize);
   if (
     saved && opts.batchSize !== undefined && (saved.worldSize ?? 1) === worldSize &&
     opts.batchSize !== saved.batchSize
@@ -401,9 +473,24 @@ export async function prepareRun(
         `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
       );
     });
-    data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
-    if (evalData.length === 0) evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
-    print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
+    if (kind === "dpo") {
+      const pairs = await writePreferenceSet(corpusDir).catch((e) => {
+        throw new UserError(
+          `cannot write the embedded preference set to ${corpusDir}: ${(e as Error).message}`,
+        );
+      });
+      data = [pairs.dpo];
+      if (evalData.length === 0) evalData = [pairs.dpoEval];
+      print(
+        `data: the embedded preference pairs, written to ${corpusDir}/ (${PREFERENCE_FILES.dpo})`,
+      );
+    } else {
+      data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
+      if (evalData.length === 0) {
+        evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
+      }
+      print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
+    }
   }
   const streamOptions: DataStreamOptions = {
     data,
@@ -453,7 +540,17 @@ export async function prepareRun(
     saveEvery: Math.max(1, pick("saveEvery", four)),
     out,
     ...(worldSize > 1 ? { worldSize } : {}),
+    ...(kind === "dpo"
+      ? {
+        beta: pick("beta", TRAIN_DEFAULTS.beta),
+        reference: saved?.reference ?? {
+          path: opts.init ?? "out/sft",
+          sha256: await weightsSha256(opts.init ?? "out/sft"),
+        },
+      }
+      : {}),
   };
+  if (kind === "dpo" && !(run.beta! > 0)) throw new UsageError("--beta must be above 0");
   if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
   if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
   if (saved && steps < state!.step) {
