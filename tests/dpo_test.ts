@@ -375,7 +375,13 @@ Deno.test({
     assertEquals(
       await runTraining(
         "sft",
-        args({ init: "none", "model-config": modelConfig, steps: "0", out: start }),
+        args({
+          init: "none",
+          "model-config": modelConfig,
+          "seq-len": "64",
+          steps: "0",
+          out: start,
+        }),
         quiet,
       ),
       0,

@@ -5,9 +5,9 @@
  * dlogits — against the float64 oracle (model/dpo_reference.ts), whose own
  * gradient is first checked against central finite differences.
  *
- * Shapes are not tile multiples: P = 1, 3, 5 pairs, T = 1, 7, 33 (T > the 64
- * threads of the sums only in a strided sense: 70), V = 11, 100, 2048 + 7;
- * masks with zeros (prompt rows) and a padding pair that must not count.
+ * Shapes are not tile multiples: P = 1, 2, 3, 5 pairs, T = 1, 7, 33 and 70
+ * (more rows than the sums' 64 threads), V = 11, 100, 2048 + 7; masks with
+ * zeros (prompt rows) and a padding pair that must not count.
  *
  * Tolerances, from the f32 arithmetic: each rowLoss is within 3e-5 of the
  * float64 value (the cross-entropy test's bound, 2e-5, plus the masked

@@ -22,7 +22,6 @@ import { loadCheckpoint, resolveCheckpointDir } from "../io/checkpoint.ts";
 import { fromHfConfig } from "../io/hf_config.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
 import { PREFERENCE_FILES, writePreferenceSet } from "../data/preferences.ts";
-import { sha256Hex } from "../data/shards.ts";
 import { DataStream, type DataStreamOptions } from "../data/stream.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
@@ -320,7 +319,9 @@ async function startingPoint(
 
 /** The sha256 of a checkpoint's weights file: what a DPO run records of its reference. */
 async function weightsSha256(dir: string): Promise<string> {
-  return sha256Hex(await Deno.readFile(join(dir, "model.safetensors")));
+  const bytes = await Deno.readFile(join(dir, "model.safetensors"));
+  const digest = await crypto.subtle.digest("SHA-256", bytes);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 /**
