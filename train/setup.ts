@@ -44,7 +44,7 @@ export const TRAIN_DEFAULTS = {
    * its 100M-token preference set on a large model; the embedded set and the
    * tiny model need a larger one to move in a few minutes (docs/guide.md).
    */
-  dpo: { lr: 1e-5, out: "out/dpo", steps: 100, batchSize: 8, seqLen: 128 },
+  dpo: { lr: 5e-5, out: "out/dpo", steps: 100, batchSize: 8, seqLen: 80 },
   /** DPO's β (MiniMind's default until 2026-03; its current script uses 0.15). */
   beta: 0.1,
   minLrRatio: 0.1,
