@@ -5,7 +5,7 @@
 import { type CommandSpec, formatHelp, parseCommandArgs } from "./cli/args.ts";
 import { UsageError, UserError } from "./util/errors.ts";
 import { infoCommand } from "./cli/info.ts";
-import { pretrainCommand, sftCommand } from "./cli/train.ts";
+import { dpoCommand, pretrainCommand, sftCommand } from "./cli/train.ts";
 import { loraCommand, loraMergeCommand } from "./cli/lora.ts";
 import { evalCommand } from "./cli/eval.ts";
 import { experimentCommand } from "./cli/experiment.ts";
@@ -20,6 +20,7 @@ export const COMMANDS: CommandSpec[] = [
   sftCommand,
   loraCommand,
   loraMergeCommand,
+  dpoCommand,
   generateCommand,
   chatCommand,
   serveCommand,

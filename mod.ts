@@ -226,6 +226,18 @@ export {
   type SftRecord,
   writeEmbeddedCorpus,
 } from "./data/corpus.ts";
+/** DPO: the embedded preference pairs, MiniMind's dpo.jsonl records, the step's figures. */
+export {
+  embeddedPreferences,
+  type PreferenceRecord,
+  type PreferenceSet,
+  writePreferenceSet,
+} from "./data/preferences.ts";
+export { type DpoRecord, parseDpoRecord } from "./data/sources.ts";
+export { type StreamKind } from "./data/stream.ts";
+export { dpoPairs, type DpoStats } from "./model/preference.ts";
+export { DPO_STATS, DPO_STATS_FLOATS, dpoLoss, dpoRowWeights } from "./kernels/dpo.ts";
+export { dpoLossReference, type DpoReferenceResult } from "./model/dpo_reference.ts";
 /** The learning-rate schedule. */
 export { cosineWithWarmup, type Schedule } from "./optim/schedule.ts";
 /** A training run: typed options, setup, the loop. */

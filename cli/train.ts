@@ -35,8 +35,20 @@ export function trainOptions(kind: Kind): Record<string, OptionSpec> {
       valueName: "PATH",
       help: kind === "pretrain"
         ? 'JSONL shards ({"text"} lines), dirs, globs or token-shard dirs (default: the embedded corpus)'
+        : kind === "dpo"
+        ? 'JSONL of preference pairs ({"chosen": [turns], "rejected": [turns]} lines, MiniMind\'s dpo.jsonl), dirs or globs (default: the embedded pairs)'
         : 'JSONL shards ({"conversations"} lines), dirs, globs or token-shard dirs (default: the embedded corpus)',
     },
+    ...(kind === "dpo"
+      ? {
+        beta: {
+          type: "string",
+          valueName: "B",
+          help:
+            `DPO beta: how strongly the policy is held to the reference (default ${TRAIN_DEFAULTS.beta}; MiniMind's current script uses 0.15)`,
+        } satisfies OptionSpec,
+      }
+      : {}),
     tokenizer: {
       type: "string",
       valueName: "DIR",
@@ -107,11 +119,12 @@ export function trainOptions(kind: Kind): Record<string, OptionSpec> {
     init: {
       type: "string",
       valueName: "PATH",
-      help:
-        (kind === "pretrain"
+      help: kind === "dpo"
+        ? "start from this checkpoint, which is also the frozen reference (default out/sft)"
+        : (kind === "pretrain"
           ? "start from this checkpoint's weights (fresh optimizer, step 0)"
           : "start from this checkpoint's weights (default out/pretrain; 'none' = random weights)") +
-        ": a checkpoint directory, or a PyTorch .pth state dict as MiniMind saves (shape read from the tensors, or --preset / --model-config; needed without q_norm)",
+          ": a checkpoint directory, or a PyTorch .pth state dict as MiniMind saves (shape read from the tensors, or --preset / --model-config; needed without q_norm)",
     },
     steps: { type: "string", valueName: "N", help: `optimizer steps (default ${d.steps})` },
     epochs: {
@@ -122,7 +135,9 @@ export function trainOptions(kind: Kind): Record<string, OptionSpec> {
     "batch-size": {
       type: "string",
       valueName: "B",
-      help: `sequences per micro-batch (default ${d.batchSize})`,
+      help: kind === "dpo"
+        ? `preference pairs per micro-batch, 2 sequences each (default ${d.batchSize})`
+        : `sequences per micro-batch (default ${d.batchSize})`,
     },
     "seq-len": {
       type: "string",
@@ -139,6 +154,8 @@ export function trainOptions(kind: Kind): Record<string, OptionSpec> {
       valueName: "LR",
       help: kind === "pretrain"
         ? `peak learning rate (default ${d.lr}, MiniMind's pretrain rate)`
+        : kind === "dpo"
+        ? `peak learning rate (default ${d.lr}, for the embedded pairs; MiniMind uses 4e-8 on its large set)`
         : `peak learning rate (default ${d.lr}, for short runs on small models; MiniMind's full SFT uses 1e-5)`,
     },
     "min-lr-ratio": {
@@ -266,6 +283,7 @@ export function trainOptionsFrom(kind: Kind, args: ParsedArgs): TrainOptions {
     evalEvery: int("eval-every"),
     saveEvery: int("save-every"),
     peakTflops: num("peak-tflops"),
+    ...(kind === "dpo" ? { beta: num("beta") } : {}),
   };
 }
 
@@ -372,10 +390,14 @@ function trainCommand(kind: Kind): CommandSpec {
     name: kind,
     summary: kind === "pretrain"
       ? "Pretrain a model by next-token prediction on plain text"
+      : kind === "dpo"
+      ? "Preference-tune a model with DPO on chosen/rejected answer pairs"
       : "Fine-tune a model on conversations, with the loss on assistant tokens only",
     usage: "[options]",
     description: kind === "pretrain"
       ? `With no options, trains the tiny preset on the embedded corpus with the embedded tokenizer into ${TRAIN_DEFAULTS.pretrain.out}. --steps 0 writes the initialized model and exits. Documents are packed into full windows (--packing pad: one padded document per row, as MiniMind does). Ctrl-C saves a checkpoint and exits 130; --resume continues it.`
+      : kind === "dpo"
+      ? `Direct Preference Optimization, as MiniMind's train_dpo.py: with no options, starts from ${TRAIN_DEFAULTS.sft.out}, keeps a frozen copy of it as the reference, and trains on the embedded preference pairs (about the embedded corpus's valley: short correct answers chosen over wrong or rambling ones) into ${TRAIN_DEFAULTS.dpo.out}. Both answers of a pair are rendered with the chat template; only assistant tokens count. The loss is -log sigmoid(beta ((log p - log p_ref)(chosen) - (log p - log p_ref)(rejected))), log p summed over a sequence's assistant tokens; the log line shows the reward margin and the share of pairs whose chosen reward is higher. Ctrl-C saves a checkpoint and exits 130; --resume continues it (the reference checkpoint must be unchanged). Not yet: data-parallel DPO over MPI, token shards as DPO data.`
       : `With no options, starts from ${TRAIN_DEFAULTS.pretrain.out} and trains on the embedded conversations into ${TRAIN_DEFAULTS.sft.out}. Each conversation is rendered with the tokenizer's chat template; only assistant turns (through <|im_end|>) are trained. MiniMind's tool-call and reasoning records (tools on the system message, tool_calls, reasoning_content, tool turns) are rendered as MiniMind's SFTDataset renders them: an assistant's tool calls are trained, tool results are not. MiniMind's random augmentations are off unless --sft-system-ratio / --sft-empty-think-keep are given. Ctrl-C saves a checkpoint and exits 130; --resume continues it.`,
     options: trainOptions(kind),
     config: true,
@@ -387,3 +409,5 @@ function trainCommand(kind: Kind): CommandSpec {
 export const pretrainCommand: CommandSpec = trainCommand("pretrain");
 /** `trainer sft`. */
 export const sftCommand: CommandSpec = trainCommand("sft");
+/** `trainer dpo`. */
+export const dpoCommand: CommandSpec = trainCommand("dpo");

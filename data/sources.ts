@@ -19,6 +19,13 @@ import type { JsonValue } from "./tokenizer.ts";
 /** What a run trains on: plain documents or conversations with assistant-only loss. */
 export type DataKind = "pretrain" | "sft";
 
+/**
+ * What a training stream yields: pretrain windows, SFT rows, or DPO pairs
+ * (JSONL only: a batch of B pairs is 2B rows, the chosen answers then the
+ * rejected ones).
+ */
+export type StreamKind = DataKind | "dpo";
+
 /** The `--data` paths, resolved. */
 export type ResolvedData =
   | { format: "jsonl"; files: string[] }
@@ -401,22 +408,31 @@ export function parseSftRecord(text: string, where: RecordWhere): SftConversatio
   const example = `{"conversations": [{"role": "user", "content": "..."}, ` +
     `{"role": "assistant", "content": "..."}]}`;
   const obj = parseObject(text, where, example);
-  const conv = obj["conversations"];
+  return parseTurns(obj["conversations"], "conversations", where, example);
+}
+
+/** A list of turns named `field` (`conversations`, `chosen`, `rejected`), with its tools. */
+function parseTurns(
+  conv: unknown,
+  field: string,
+  where: RecordWhere,
+  example: string,
+): SftConversation {
   if (conv === undefined) {
     throw recordError(
       where,
-      `expected a "conversations" field (a list of {"role", "content"} turns), as in ${example}`,
+      `expected a "${field}" field (a list of {"role", "content"} turns), as in ${example}`,
     );
   }
   if (!Array.isArray(conv)) {
-    throw recordError(where, `"conversations" must be a list of turns, got ${typeName(conv)}`);
+    throw recordError(where, `"${field}" must be a list of turns, got ${typeName(conv)}`);
   }
-  if (conv.length === 0) throw recordError(where, `"conversations" is an empty list`);
+  if (conv.length === 0) throw recordError(where, `"${field}" is an empty list`);
   const out: SftMessage[] = [];
   let tools: JsonValue[] | undefined;
   for (let i = 0; i < conv.length; i++) {
     const turn = conv[i];
-    const at = `conversations[${i}]`;
+    const at = `${field}[${i}]`;
     if (typeof turn !== "object" || turn === null || Array.isArray(turn)) {
       throw recordError(
         where,
@@ -474,6 +490,44 @@ export function parseSftRecord(text: string, where: RecordWhere): SftConversatio
     out.push(message);
   }
   return tools === undefined ? { messages: out } : { messages: out, tools };
+}
+
+/** A preference pair: the same prompt answered well (`chosen`) and badly (`rejected`). */
+export interface DpoRecord {
+  chosen: SftMessage[];
+  rejected: SftMessage[];
+}
+
+/**
+ * Parses one JSONL line as a DPO record, MiniMind's `dpo.jsonl` format:
+ * `{"chosen": [turns], "rejected": [turns]}`, each a conversation that ends
+ * in the answer being judged (turns as in SFT records; tool definitions are
+ * not taken here). Each side needs an assistant turn, and no assistant turn
+ * may be empty (an empty answer has nothing to prefer). Throws `UserError`
+ * (naming `file:line`) when the line is not one.
+ */
+export function parseDpoRecord(text: string, where: RecordWhere): DpoRecord {
+  const example = `{"chosen": [{"role": "user", "content": "..."}, ` +
+    `{"role": "assistant", "content": "..."}], "rejected": [{"role": "user", ...}, ` +
+    `{"role": "assistant", ...}]}`;
+  const obj = parseObject(text, where, example);
+  const side = (field: "chosen" | "rejected"): SftMessage[] => {
+    const conv = parseTurns(obj[field], field, where, example);
+    if (conv.tools !== undefined) {
+      throw recordError(where, `"${field}" carries tools: DPO records take no tool definitions`);
+    }
+    const turns = conv.messages;
+    if (!turns.some((t) => t.role === "assistant")) {
+      throw recordError(where, `"${field}" has no assistant turn: nothing to prefer`);
+    }
+    turns.forEach((t, i) => {
+      if (t.role === "assistant" && t.content.trim() === "" && t.tool_calls === undefined) {
+        throw recordError(where, `${field}[${i}] is an empty assistant turn`);
+      }
+    });
+    return turns;
+  };
+  return { chosen: side("chosen"), rejected: side("rejected") };
 }
 
 /** A field that holds a list, or a JSON string of one; undefined when empty (null or ""). */

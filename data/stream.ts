@@ -33,7 +33,7 @@ import {
   NO_AUGMENTATION,
   type SftAugmentation,
 } from "./sft_augment.ts";
-import { type DataKind, resolveDataPaths } from "./sources.ts";
+import { type DataKind, resolveDataPaths, type StreamKind } from "./sources.ts";
 import type { TextTokenizer } from "./tokenizer.ts";
 import { type Batch, emptyBatch, setRow } from "./batch.ts";
 import {
@@ -51,12 +51,14 @@ export {
   type SampleOrigin,
 } from "./stream_sources.ts";
 
+export type { StreamKind } from "./sources.ts";
+
 /** How to build a `DataStream`. */
 export interface DataStreamOptions {
   /** `--data` paths: JSONL files, directories, globs, or token-shard directories. */
   data: string[];
-  /** Pretrain windows or SFT rows. */
-  kind: DataKind;
+  /** Pretrain windows, SFT rows or DPO pairs. */
+  kind: StreamKind;
   /** Needed for JSONL; for shards, checked against the shards' tokenizer when given. */
   tokenizer?: TextTokenizer;
   /** B: rows per batch. */
@@ -93,8 +95,8 @@ export interface DataPosition {
   version: 1;
   /** What the data was: JSONL or token shards. */
   format: "jsonl" | "shards";
-  /** Pretrain or SFT; must match to resume. */
-  kind: DataKind;
+  /** Pretrain, SFT or DPO; must match to resume. */
+  kind: StreamKind;
   /** T; must match to resume. */
   seqLen: number;
   /** Seed; must match to resume. */
@@ -136,12 +138,14 @@ interface Sample {
   ids: Int32Array;
   /** `[T + 1]`, aligned with ids; undefined means all ones. */
   mask: Uint8Array | undefined;
+  /** DPO: the rejected row (`ids`/`mask` are the chosen one). */
+  rejected?: { ids: Int32Array; mask: Uint8Array };
   origin: SampleOrigin;
 }
 
 /** Turns pieces into samples: pretrain windows, padded documents or SFT rows of `[T + 1]` tokens. */
 class SampleMaker {
-  #kind: DataKind;
+  #kind: StreamKind;
   #packing: Packing;
   #source: PieceSource;
   #seqLen: number;
@@ -153,7 +157,7 @@ class SampleMaker {
   #tokensThisEpoch = 0;
 
   constructor(
-    kind: DataKind,
+    kind: StreamKind,
     packing: Packing,
     source: PieceSource,
     seqLen: number,
@@ -172,7 +176,11 @@ class SampleMaker {
     source.onEpochEnd = (epoch, fromStart) => {
       if (fromStart && this.#samplesThisEpoch === 0) {
         throw new UserError(
-          this.#kind === "sft"
+          this.#kind === "dpo"
+            ? `epoch ${epoch}: no pair has an assistant token in both answers within seq_len + 1 = ${
+              seqLen + 1
+            } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
+            : this.#kind === "sft"
             ? `epoch ${epoch}: no conversation has an assistant token within seq_len + 1 = ${
               seqLen + 1
             } tokens (${this.#counters.skippedConversations} skipped); check the data or raise --seq-len`
@@ -195,7 +203,7 @@ class SampleMaker {
   }
 
   async next(): Promise<Sample | undefined> {
-    const s = this.#kind === "sft"
+    const s = this.#kind === "sft" || this.#kind === "dpo"
       ? await this.#nextRow()
       : this.#packing === "pad"
       ? await this.#nextPadded()
@@ -234,12 +242,20 @@ class SampleMaker {
       if (!piece) return undefined;
       this.#tokensThisEpoch += piece.tokens.length;
       const row = fitSftSample(piece.tokens, piece.mask!, this.#seqLen, this.#padId);
-      if (!row) {
+      // A DPO pair trains only when both answers keep a target after truncation.
+      const rejected = piece.rejected &&
+        fitSftSample(piece.rejected.tokens, piece.rejected.mask, this.#seqLen, this.#padId);
+      if (!row || (piece.rejected && !rejected)) {
         // Once per conversation: later epochs meet the same ones.
         if (piece.origin.at.epoch === 0) this.#counters.skippedConversations++;
         continue;
       }
-      return { ids: row.ids, mask: row.mask, origin: piece.origin };
+      return {
+        ids: row.ids,
+        mask: row.mask,
+        ...(rejected ? { rejected: { ids: rejected.ids, mask: rejected.mask } } : {}),
+        origin: piece.origin,
+      };
     }
   }
 }
@@ -266,7 +282,7 @@ interface Entry {
  */
 export class DataStream {
   /** Pretrain or SFT. */
-  readonly kind: DataKind;
+  readonly kind: StreamKind;
   /** B: rows per batch. */
   readonly batchSize: number;
   /** T: tokens per row. */
@@ -352,6 +368,11 @@ export class DataStream {
       }
       paths = resolved.files;
       padId = opts.tokenizer.padId;
+    } else if (opts.kind === "dpo") {
+      throw new UserError(
+        `${resolved.dirs[0]} holds token shards; DPO reads its pairs from JSONL ` +
+          `({"chosen": [...], "rejected": [...]} lines), which \`trainer data prepare\` does not convert`,
+      );
     } else {
       manifests = await Promise.all(resolved.dirs.map(readShardManifest));
       paths = [];
@@ -427,7 +448,7 @@ export class DataStream {
       )
       : new ShardSource(
         paths,
-        opts.kind,
+        opts.kind as DataKind,
         opts.kind === "sft" || packing === "pad",
         cfg,
         origin,
@@ -494,11 +515,13 @@ export class DataStream {
 
   /**
    * The next batch, or undefined after the last epoch (`maxEpochs`). The last
-   * batch is filled up with rows of padding at mask 0, so every batch is `[B, T]`.
+   * batch is filled up with rows of padding at mask 0, so every batch is `[B, T]`
+   * (DPO: `[2B, T]`, pair b's chosen answer in row b, its rejected one in row B + b).
    */
   async next(): Promise<Batch | undefined> {
     const B = this.batchSize;
-    const batch = emptyBatch(B, this.seqLen, this.#padId);
+    const dpo = this.kind === "dpo";
+    const batch = emptyBatch(dpo ? 2 * B : B, this.seqLen, this.#padId);
     let rows = 0;
     for (; rows < B; rows++) {
       let entry: Entry | undefined;
@@ -511,6 +534,7 @@ export class DataStream {
       if (!entry) break;
       // Samples are T + 1 tokens (SFT rows padded, with mask 0 on the padding).
       setRow(batch, rows, entry.sample, this.#padId);
+      if (dpo) setRow(batch, B + rows, entry.sample.rejected!, this.#padId);
     }
     if (rows === 0) return undefined;
     this.#batches++;

@@ -17,7 +17,15 @@ import {
   sampleRng,
   type SftAugmentation,
 } from "./sft_augment.ts";
-import { type DataKind, parsePretrainRecord, parseSftRecord, readJsonlLines } from "./sources.ts";
+import {
+  type DataKind,
+  type DpoRecord,
+  parseDpoRecord,
+  parsePretrainRecord,
+  parseSftRecord,
+  readJsonlLines,
+  type StreamKind,
+} from "./sources.ts";
 import type { TextTokenizer } from "./tokenizer.ts";
 import { type EncodedChunk, type EncodeRecords, TokenizerPool } from "./tokenize_worker.ts";
 
@@ -66,6 +74,8 @@ export interface SampleOrigin {
 export interface Piece {
   tokens: ArrayLike<number>;
   mask?: ArrayLike<number>;
+  /** DPO: the rejected answer's tokens and mask (`tokens`/`mask` are the chosen one's). */
+  rejected?: { tokens: ArrayLike<number>; mask: ArrayLike<number> };
   origin: SampleOrigin;
 }
 
@@ -166,7 +176,7 @@ export const BAD_LINES_NAMED = 5;
 export class JsonlSource extends EpochSource {
   protected readonly lineBase = 1;
   #files: string[];
-  #kind: DataKind;
+  #kind: StreamKind;
   #tok: TextTokenizer;
   #skipBadLines: boolean;
   #augment: SftAugmentation | undefined;
@@ -189,7 +199,7 @@ export class JsonlSource extends EpochSource {
 
   constructor(
     files: string[],
-    kind: DataKind,
+    kind: StreamKind,
     tok: TextTokenizer,
     skipBadLines: boolean,
     augment: SftAugmentation | undefined,
@@ -206,7 +216,7 @@ export class JsonlSource extends EpochSource {
     this.#augment = augment && augmentationActive(augment) ? augment : undefined;
     this.#seed = cfg.seed;
     this.#shared = counters;
-    if (workers > 0) {
+    if (workers > 0 && kind !== "dpo") {
       this.#pool = new TokenizerPool(tok, workers);
       // Reading ahead counts into the reader's own copy; the stream's counts
       // follow the records handed out (see #handOut).
@@ -253,7 +263,7 @@ export class JsonlSource extends EpochSource {
 
   /** The next valid record of the file with its origin, counted; undefined at its end. */
   async #nextRecord(): Promise<
-    { record: string | SftConversation; origin: SampleOrigin; line: number } | undefined
+    { record: string | SftConversation | DpoRecord; origin: SampleOrigin; line: number } | undefined
   > {
     const file = this.#files[this.order[this.pos.file]];
     this.#lines ??= readJsonlLines(file, { byte: this.pos.offset, line: this.pos.line });
@@ -266,10 +276,12 @@ export class JsonlSource extends EpochSource {
       this.pos.line = line.number + 1;
       if (line.text.trim() === "") continue;
       const where = { file, line: line.number };
-      let record: string | SftConversation;
+      let record: string | SftConversation | DpoRecord;
       try {
         record = this.#kind === "pretrain"
           ? parsePretrainRecord(line.text, where)
+          : this.#kind === "dpo"
+          ? parseDpoRecord(line.text, where)
           : parseSftRecord(line.text, where);
       } catch (e) {
         if (this.#skipBadLines && e instanceof UserError) {
@@ -332,7 +344,9 @@ export class JsonlSource extends EpochSource {
             }
             this.#pending.push(r.origin);
             if (typeof r.record === "string") texts.push(r.record);
-            else {
+            else if ("chosen" in r.record) {
+              throw new Error("DPO pairs are tokenized here, not in workers");
+            } else {
               conversations.push(r.record);
               seeds.push([this.#seed, this.pos.epoch, fileIndex, r.line]);
             }
@@ -362,24 +376,27 @@ export class JsonlSource extends EpochSource {
     const next = await this.#nextRecord();
     if (!next) return undefined;
     const { record, origin, line } = next;
-    {
-      let piece: Piece;
-      if (typeof record === "string") {
-        piece = { tokens: documentTokens(this.#tok, record), origin };
-      } else {
-        const text = this.#augment
-          ? renderAugmented(
-            this.#tok,
-            record,
-            this.#augment,
-            sampleRng(this.#seed, this.pos.epoch, fileIndex, line),
-          )
-          : renderConversation(this.#tok, record.messages, record.tools);
-        const { ids, mask } = maskRendered(this.#tok, text);
-        piece = { tokens: ids, mask, origin };
-      }
-      return piece;
+    if (typeof record === "string") return { tokens: documentTokens(this.#tok, record), origin };
+    if ("chosen" in record) {
+      const chosen = maskRendered(this.#tok, renderConversation(this.#tok, record.chosen));
+      const rejected = maskRendered(this.#tok, renderConversation(this.#tok, record.rejected));
+      return {
+        tokens: chosen.ids,
+        mask: chosen.mask,
+        rejected: { tokens: rejected.ids, mask: rejected.mask },
+        origin,
+      };
     }
+    const text = this.#augment
+      ? renderAugmented(
+        this.#tok,
+        record,
+        this.#augment,
+        sampleRng(this.#seed, this.pos.epoch, fileIndex, line),
+      )
+      : renderConversation(this.#tok, record.messages, record.tools);
+    const { ids, mask } = maskRendered(this.#tok, text);
+    return { tokens: ids, mask, origin };
   }
 
   #countBadLine(where: string): void {

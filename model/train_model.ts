@@ -73,6 +73,7 @@ import { rmsnormBackward } from "../kernels/rmsnorm.ts";
 import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
 import { mergeQkv } from "../kernels/qkv.ts";
 import { crossEntropy } from "../kernels/cross_entropy.ts";
+import { DPO_STATS, DPO_STATS_FLOATS } from "../kernels/dpo.ts";
 import type { Batch } from "../data/batch.ts";
 import { headDim, type ModelConfig } from "./config.ts";
 import { checkTensorSizes, initParameters, parameterSpecs, type ParamSpec } from "./params.ts";
@@ -95,6 +96,7 @@ import {
   loraLayout,
   unflattenLora,
 } from "./lora.ts";
+import { buildPreferencePlan, dpoPairs, type DpoStats, type PreferencePlan } from "./preference.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Options of `TrainingModel.create`. */
@@ -121,6 +123,12 @@ export interface TrainingModelOptions {
   lora?: LoraConfig;
   /** The adapter's initial tensors by PEFT name; default `initLora(layout, seed)`. */
   adapter?: Map<string, Float32Array>;
+  /**
+   * DPO: the frozen reference model's parameters (by name), kept on the GPU
+   * beside the policy's; enables `dpoForwardBackward` and `dpoEval`, whose
+   * batches hold `batchSize / 2` pairs (chosen rows first, then rejected).
+   */
+  reference?: Map<string, Float32Array>;
 }
 
 /** The parameters and gradients as the optimizer sees them: two flat buffers and their layout. */
@@ -222,6 +230,12 @@ export class TrainingModel {
   #backward: Dispatch[] = [];
   #embeddingBackward?: Dispatch; // absent when the base is frozen
   #uploadGroups!: (groups: EmbeddingGroups) => void;
+  // DPO only (opts.reference).
+  #reference?: GPUBuffer; // the reference model's parameters, flat (#layout)
+  #dpoHyper?: GPUBuffer; // [beta, 1 / pairs of the step]
+  #dpoStats?: GPUBuffer; // [DPO_STATS_FLOATS] of the step
+  #dpoEvalStats?: GPUBuffer; // [DPO_STATS_FLOATS] of an evaluation batch
+  #dpo?: PreferencePlan;
 
   private constructor(gpu: Gpu, config: ModelConfig, batchSize: number, seqLen: number) {
     this.#gpu = gpu;
@@ -262,6 +276,7 @@ export class TrainingModel {
         opts.lora === undefined,
       );
       if (opts.lora) model.#allocateAdapter(opts.lora, opts.adapter, opts.seed ?? 0);
+      if (opts.reference) model.#allocateReference(opts.reference);
       model.#seed = opts.seed ?? 0;
       await model.#build(opts.logitsChunkRows);
     } catch (e) {
@@ -297,6 +312,20 @@ export class TrainingModel {
       buffer: (bytes, label) => this.#buffer(bytes, label),
     });
     this.#lora = { layout, params, grads, dispatches };
+  }
+
+  #allocateReference(params: Map<string, Float32Array>): void {
+    if (this.batchSize % 2 !== 0) {
+      throw new UserError(
+        `DPO needs an even number of rows per micro-batch (chosen, then rejected), got ${this.batchSize}`,
+      );
+    }
+    checkTensorSizes(this.#specs, params, "reference parameters");
+    const floats = this.#layout.floats;
+    this.#reference = this.#buffer(
+      flattenTensors(this.#layout, params),
+      `reference parameters [${floats}]`,
+    );
   }
 
   /** The flat parameters and gradients with their layout: what the optimizer updates. */
@@ -476,34 +505,38 @@ export class TrainingModel {
 
     // ---- Forward: RoPE in the q|k|v split (or, with QK-norm, in place after
     // the norms), then flash attention over the batch.
-    this.#forward = await decoderForward(gpu, {
-      config: c,
-      N,
-      weights: P,
-      ids: this.#ids,
-      layer: (l) => layers[l],
-      linear,
-      afterLinear: lora ? (l, proj, x, y) => lora.forward(l, proj, x, y) : undefined,
-      ropeInSplit: qk ? undefined : { T, theta },
-      attention: async (l) => {
-        const a = layers[l];
-        return [
-          ...(qk ? [await rope(a.q, nH), await rope(a.k, nKV)] : []),
-          await attentionForward(gpu, {
-            q: a.q,
-            k: a.k,
-            v: a.v,
-            out: a.attn,
-            lse: a.lse,
-            B,
-            T,
-            nH,
-            nKV,
-            hd,
-          }),
-        ];
-      },
-    });
+    const attention = async (l: number): Promise<Dispatch[]> => {
+      const a = layers[l];
+      return [
+        ...(qk ? [await rope(a.q, nH), await rope(a.k, nKV)] : []),
+        await attentionForward(gpu, {
+          q: a.q,
+          k: a.k,
+          v: a.v,
+          out: a.attn,
+          lse: a.lse,
+          B,
+          T,
+          nH,
+          nKV,
+          hd,
+        }),
+      ];
+    };
+    // The reference model of DPO runs without adapters (`adapters` false).
+    const forwardWith = (weights: typeof P, adapters = false) =>
+      decoderForward(gpu, {
+        config: c,
+        N,
+        weights,
+        ids: this.#ids,
+        layer: (l) => layers[l],
+        linear,
+        afterLinear: adapters && lora ? (l, proj, x, y) => lora.forward(l, proj, x, y) : undefined,
+        ropeInSplit: qk ? undefined : { T, theta },
+        attention,
+      });
+    this.#forward = await forwardWith(P, true);
 
     // ---- Head and loss, in row chunks; each chunk's backward follows its
     // forward so one logits chunk serves all. d xf lands in dH.
@@ -684,6 +717,31 @@ export class TrainingModel {
     const emb = await embeddingBackward(gpu, { dOut: dResid, dWeight: G.embed, N, H });
     this.#embeddingBackward = emb.dispatch;
     this.#uploadGroups = (g) => emb.upload(g);
+    if (this.#reference) {
+      this.#dpoHyper = this.#buffer(4 * 2, "dpo [beta, scale]");
+      this.#dpoStats = this.#buffer(4 * DPO_STATS_FLOATS, "dpo step stats");
+      this.#dpoEvalStats = this.#buffer(4 * DPO_STATS_FLOATS, "dpo eval stats");
+      this.#dpo = await buildPreferencePlan(gpu, {
+        config: c,
+        batchSize: B,
+        seqLen: T,
+        forwardWith,
+        referenceWeights: bindLayout(this.#layout, this.#reference),
+        xFinal,
+        logits,
+        chunkRows,
+        headChunks: this.#headChunks,
+        targets: this.#targets,
+        mask: this.#mask,
+        one: this.#one,
+        hyper: this.#dpoHyper,
+        loss: this.#loss,
+        stats: this.#dpoStats,
+        evalLoss: this.#evalLoss,
+        evalStats: this.#dpoEvalStats,
+        buffer: (bytes, label) => this.#buffer(bytes, label),
+      });
+    }
   }
 
   #checkBatch(b: Batch, what: string): void {
@@ -879,6 +937,103 @@ export class TrainingModel {
     return { lossSum, count };
   }
 
+  // ---- DPO (a model created with `reference`) ----
+
+  #preference(what: string): PreferencePlan {
+    if (!this.#dpo) {
+      throw new Error(`${what}: the model was created without reference parameters`);
+    }
+    return this.#dpo;
+  }
+
+  /**
+   * One DPO step's forward and backward over `microBatches` (rows: `B / 2`
+   * chosen answers, then their rejected answers, with the assistant mask):
+   * the reference's and the policy's sequence log-probabilities, the loss
+   * -log σ(β((π_c - ρ_c) - (π_r - ρ_r))) averaged over the step's pairs, and
+   * its gradient in the gradient buffers (cleared first). Returns without
+   * waiting; `readLoss` / `readDpoStats` give the figures.
+   */
+  dpoForwardBackward(microBatches: Batch[], beta: number): void {
+    const plan = this.#preference("dpoForwardBackward");
+    if (microBatches.length === 0) {
+      throw new UserError("a training step needs at least one micro-batch");
+    }
+    microBatches.forEach((b, i) => this.#checkBatch(b, `micro-batch ${i}`));
+    let pairs = 0;
+    for (const b of microBatches) pairs += dpoPairs(b);
+    const gpu = this.#gpu;
+    // A step with no counted pair has loss 0 and zero gradients.
+    gpu.write(this.#dpoHyper!, new Float32Array([beta, pairs > 0 ? 1 / pairs : 0]));
+    microBatches.forEach((b, i) => {
+      this.#writeBatch(b, true);
+      gpu.submit((enc) => {
+        if (i === 0) {
+          this.#clearGradients(enc);
+          enc.clearBuffer(this.#dpoStats!);
+        }
+        const pass = enc.beginComputePass();
+        recordDispatches(gpu, pass, plan.reference);
+        recordDispatches(gpu, pass, this.#forward);
+        recordDispatches(gpu, pass, plan.policyHead);
+        recordDispatches(gpu, pass, plan.lossTrain);
+        recordDispatches(gpu, pass, plan.headBackward);
+        recordDispatches(gpu, pass, this.#backward);
+        if (this.#embeddingBackward) recordDispatches(gpu, pass, this.#embeddingBackward);
+        pass.end();
+      });
+    });
+  }
+
+  /** The DPO figures of the last step submitted before this call (means over its pairs). */
+  async readDpoStats(): Promise<DpoStats> {
+    const gpu = this.#gpu;
+    const [loss, stats] = await Promise.all([
+      gpu.readF32(this.#loss, 0, 1),
+      gpu.readF32(this.#dpoStats!, 0, DPO_STATS_FLOATS),
+    ]);
+    return {
+      loss: loss[0],
+      chosenReward: stats[DPO_STATS.chosenReward],
+      rejectedReward: stats[DPO_STATS.rejectedReward],
+      accuracy: stats[DPO_STATS.accuracy],
+    };
+  }
+
+  /**
+   * DPO forward only: the sums over the batch's counted pairs of the loss, the
+   * rewards and the wins, and the number of pairs (average over many batches
+   * by dividing). Touches no gradient and not the training figures.
+   */
+  async dpoEval(batch: Batch, beta: number): Promise<DpoStats & { pairs: number }> {
+    const plan = this.#preference("dpoEval");
+    this.#checkBatch(batch, "eval batch");
+    const gpu = this.#gpu;
+    this.#writeBatch(batch, false);
+    gpu.write(this.#dpoHyper!, new Float32Array([beta, 1]));
+    gpu.submit((enc) => {
+      enc.clearBuffer(this.#evalLoss);
+      enc.clearBuffer(this.#dpoEvalStats!);
+      const pass = enc.beginComputePass();
+      recordDispatches(gpu, pass, plan.reference);
+      recordDispatches(gpu, pass, this.#forward);
+      recordDispatches(gpu, pass, plan.policyHead);
+      recordDispatches(gpu, pass, plan.lossEval);
+      pass.end();
+    });
+    const [loss, stats] = await Promise.all([
+      gpu.readF32(this.#evalLoss, 0, 1),
+      gpu.readF32(this.#dpoEvalStats!, 0, DPO_STATS_FLOATS),
+    ]);
+    return {
+      loss: loss[0],
+      chosenReward: stats[DPO_STATS.chosenReward],
+      rejectedReward: stats[DPO_STATS.rejectedReward],
+      accuracy: stats[DPO_STATS.accuracy],
+      pairs: dpoPairs(batch),
+    };
+  }
+
   async #readFlat(buffer: GPUBuffer): Promise<Map<string, Float32Array>> {
     return unflattenTensors(this.#layout, await this.#gpu.readF32(buffer, 0, this.#layout.floats));
   }
@@ -935,6 +1090,7 @@ export class TrainingModel {
     }
     releaseDispatches(this.#backward);
     if (this.#embeddingBackward) releaseDispatches([this.#embeddingBackward]);
+    if (this.#dpo) releaseDispatches(this.#dpo.own);
     for (const b of this.#owned) b.destroy();
     this.#owned = [];
   }

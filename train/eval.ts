@@ -14,6 +14,7 @@
  * @module
  */
 import type { TrainingModel } from "../model/train_model.ts";
+import type { DpoStats } from "../model/preference.ts";
 import { emptyBatch, setRow } from "../data/batch.ts";
 import { documentTokens } from "../data/pretrain.ts";
 import { assistantMask, fitSftSample } from "../data/sft.ts";
@@ -48,6 +49,38 @@ export async function evaluate(model: TrainingModel, stream: DataStream): Promis
   }
   if (count === 0) throw new UserError("the eval data has no token to evaluate");
   return lossSum / count;
+}
+
+/**
+ * DPO figures over one pass of `stream` (pairs; closed afterwards): the mean
+ * loss, rewards and accuracy over every counted pair.
+ */
+export async function evaluateDpo(
+  model: TrainingModel,
+  stream: DataStream,
+  beta: number,
+): Promise<DpoStats> {
+  const sum = { loss: 0, chosenReward: 0, rejectedReward: 0, accuracy: 0 };
+  let pairs = 0;
+  try {
+    for (let batch = await stream.next(); batch; batch = await stream.next()) {
+      const r = await model.dpoEval(batch, beta);
+      sum.loss += r.loss;
+      sum.chosenReward += r.chosenReward;
+      sum.rejectedReward += r.rejectedReward;
+      sum.accuracy += r.accuracy;
+      pairs += r.pairs;
+    }
+  } finally {
+    stream.close();
+  }
+  if (pairs === 0) throw new UserError("the eval data has no preference pair to evaluate");
+  return {
+    loss: sum.loss / pairs,
+    chosenReward: sum.chosenReward / pairs,
+    rejectedReward: sum.rejectedReward / pairs,
+    accuracy: sum.accuracy / pairs,
+  };
 }
 
 /** Detects a JSONL file's kind from its first non-blank line: `conversations` means SFT. */

@@ -19,6 +19,7 @@ import type { Gpu } from "../kernels/runtime.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { trainFlopsPerToken } from "../model/config.ts";
 import { TrainingModel } from "../model/train_model.ts";
+import type { DpoStats } from "../model/preference.ts";
 import { DEFAULT_SAMPLING } from "../model/sampling.ts";
 import { AdamW, type AdamWState } from "../optim/adamw.ts";
 import { cosineWithWarmup } from "../optim/schedule.ts";
@@ -26,7 +27,7 @@ import { type CheckpointContents, saveCheckpoint } from "../io/checkpoint.ts";
 import type { DataPosition, DataStream } from "../data/stream.ts";
 import type { TextTokenizer } from "../data/tokenizer.ts";
 import { UserError } from "../util/errors.ts";
-import { evaluate } from "./eval.ts";
+import { evaluate, evaluateDpo } from "./eval.ts";
 import { type EvalMetrics, MetricsWriter, readMetrics, type TrainMetrics } from "./metrics.ts";
 import { lossPlotSvg } from "./plot.ts";
 import { Progress } from "./progress.ts";
@@ -36,7 +37,7 @@ import { saveAdapter } from "../io/peft.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
 export interface RunConfig {
-  kind: "pretrain" | "sft";
+  kind: "pretrain" | "sft" | "dpo";
   model: ModelConfig;
   steps: number;
   batchSize: number;
@@ -68,6 +69,10 @@ export interface RunConfig {
   sftAugment?: SftAugmentation;
   /** Low-rank adapters on a frozen base (`trainer lora`); absent: every weight trains. */
   lora?: LoraRun;
+  /** DPO: β of the loss. */
+  beta?: number;
+  /** DPO: the frozen reference (the starting checkpoint) and its weights' sha256. */
+  reference?: { path: string; sha256: string };
 }
 
 /** What `trainer_state.json` holds. */
@@ -94,6 +99,8 @@ export interface RunStart {
   step: number;
   tokens: number;
   elapsed_s: number;
+  /** DPO: the frozen reference model's parameters. */
+  reference?: Map<string, Float32Array>;
 }
 
 /** What the loop needs besides the run config. */
@@ -131,16 +138,22 @@ export interface TrainResult {
   interrupted: boolean;
   elapsed_s: number;
   tokensPerSecond: number;
+  /** DPO: the figures of the first and last logged steps and of the last evaluation. */
+  dpo?: { first?: DpoStats; last?: DpoStats; eval?: DpoStats };
 }
 
 /** Runs `run.steps` optimizer steps from `ctx.start`; saves checkpoints into `run.out`. */
 export async function trainLoop(run: RunConfig, ctx: TrainContext): Promise<TrainResult> {
   const print = ctx.print ?? ((line: string) => console.log(line));
+  const dpo = run.kind === "dpo";
+  if (dpo && !ctx.start.reference) throw new Error("a DPO run needs its reference parameters");
   const model = await TrainingModel.create(ctx.gpu, run.model, {
-    batchSize: run.batchSize,
+    // DPO: batchSize counts pairs, each a chosen and a rejected row.
+    batchSize: dpo ? 2 * run.batchSize : run.batchSize,
     seqLen: run.seqLen,
     params: ctx.start.params,
     ...(run.lora ? { lora: run.lora.config, adapter: ctx.start.adapter, seed: run.seed } : {}),
+    ...(dpo ? { reference: ctx.start.reference } : {}),
   });
   let optimizer: AdamW | undefined;
   try {
@@ -176,7 +189,9 @@ async function loop(
       keepThroughStep: ctx.start.step > 0 ? ctx.start.step : undefined,
     })
     : undefined;
-  const globalRows = run.batchSize * (run.worldSize ?? 1);
+  const dpo = run.kind === "dpo";
+  // DPO: a batch of B pairs is 2B rows.
+  const globalRows = run.batchSize * (run.worldSize ?? 1) * (dpo ? 2 : 1);
   const tokensPerStep = globalRows * run.seqLen * run.accum;
   // Only rank 0 shows progress (its live line writes to the terminal itself).
   const progress = new Progress(run.steps, print, writer ? undefined : false);
@@ -186,12 +201,16 @@ async function loop(
     warmupSteps: run.warmupSteps,
     minLrRatio: run.minLrRatio,
   };
-  const flopsPerStep = trainFlopsPerToken(run.model, run.seqLen) * tokensPerStep;
+  // DPO adds the reference's forward, 2 of the 6 FLOP per parameter and token
+  // (and a second head matmul, not counted).
+  const flopsPerStep = trainFlopsPerToken(run.model, run.seqLen) * tokensPerStep *
+    (dpo ? 4 / 3 : 1);
 
   let step = ctx.start.step;
   let tokens = ctx.start.tokens;
   const losses: { step: number; loss: number }[] = [];
   let evalLoss: number | undefined;
+  const dpoResult: NonNullable<TrainResult["dpo"]> = {};
   let interrupted = false;
   let lastGoodStep = step;
   const t0 = performance.now();
@@ -266,8 +285,13 @@ async function loop(
     at: { step: number; lr: number; tokens: number },
     loss: number,
     gradNorm: number,
+    stats?: DpoStats,
   ): Promise<void> => {
     checkFinite(loss, "training", at.step);
+    if (stats) {
+      dpoResult.first ??= stats;
+      dpoResult.last = stats;
+    }
     const now = performance.now();
     const dt = (now - windowStart.time) / 1000;
     const tokensPerSecond = dt > 0 ? (at.tokens - windowStart.tokens) / dt : 0;
@@ -283,6 +307,7 @@ async function loop(
       tokens_per_s: tokensPerSecond,
       elapsed_s: elapsed(),
       ...(dp ? { allreduce_ms: dp.lastReduce.ms } : {}),
+      ...(stats ? rewardFields(stats) : {}),
     };
     await metrics?.write(record);
     const flopsPerSecond = (tokensPerSecond / tokensPerStep) * flopsPerStep;
@@ -295,6 +320,7 @@ async function loop(
       gflops: flopsPerSecond / 1e9,
       elapsed_s: elapsed() - ctx.start.elapsed_s,
       stepsDone: at.step - ctx.start.step,
+      extra: stats ? formatRewards(stats) : undefined,
     });
   };
   let pendingLog: Promise<void> | undefined;
@@ -324,7 +350,9 @@ async function loop(
       micro.push(batch);
     }
     if (micro.length === 0) break; // --epochs reached: the data ended
-    if (dp) {
+    if (dpo) {
+      model.dpoForwardBackward(micro, run.beta!);
+    } else if (dp) {
       // This rank's rows, the loss over every rank's; then the sum over ranks.
       const maskTotal = DataParallel.maskTotal(micro);
       model.forwardBackward(micro.map((b) => dp.localBatch(b)), { maskTotal, dropoutStep: step });
@@ -348,11 +376,28 @@ async function loop(
     if (step % run.logEvery === 0 || last || stop) {
       // Loss and gradient norm in one copy, mapped while the next step runs.
       const at = { step, lr, tokens };
-      pendingLog = ctx.gpu.readScalars([model.lossCell, optimizer.gradNormSquaredCell])
-        .then(([loss, normSquared]) => logStep(at, loss, Math.sqrt(normSquared)));
+      pendingLog = Promise.all([
+        ctx.gpu.readScalars([model.lossCell, optimizer.gradNormSquaredCell]),
+        dpo ? model.readDpoStats() : undefined,
+      ]).then(([[loss, normSquared], stats]) => logStep(at, loss, Math.sqrt(normSquared), stats));
       if (last || stop || evalDue || saveDue) await flushLog();
     }
-    if (ctx.openEval && evalDue) {
+    if (ctx.openEval && evalDue && dpo) {
+      const r = await evaluateDpo(model, await ctx.openEval(), run.beta!);
+      evalLoss = r.loss;
+      dpoResult.eval = r;
+      checkFinite(evalLoss, "eval");
+      const record: EvalMetrics = {
+        step,
+        split: "eval",
+        loss: r.loss,
+        tokens,
+        elapsed_s: elapsed(),
+        ...rewardFields(r),
+      };
+      await metrics?.write(record);
+      progress.note(`eval at step ${step}: loss ${r.loss.toFixed(4)}, ${formatRewards(r)}`);
+    } else if (ctx.openEval && evalDue) {
       evalLoss = await evaluate(model, await ctx.openEval());
       checkFinite(evalLoss, "eval");
       const record: EvalMetrics = {
@@ -395,7 +440,23 @@ async function loop(
     interrupted,
     elapsed_s: elapsed(),
     tokensPerSecond: totalTime > 0 ? (tokens - ctx.start.tokens) / totalTime : 0,
+    ...(dpo ? { dpo: dpoResult } : {}),
   };
+}
+
+/** The DPO figures as `metrics.jsonl` fields. */
+function rewardFields(s: DpoStats) {
+  return {
+    reward_chosen: s.chosenReward,
+    reward_rejected: s.rejectedReward,
+    reward_margin: s.chosenReward - s.rejectedReward,
+    reward_accuracy: s.accuracy,
+  };
+}
+
+/** `margin 0.123  acc 0.75`: the DPO figures of the progress line. */
+export function formatRewards(s: DpoStats): string {
+  return `margin ${(s.chosenReward - s.rejectedReward).toFixed(4)}  acc ${s.accuracy.toFixed(2)}`;
 }
 
 async function writePlot(run: RunConfig): Promise<void> {

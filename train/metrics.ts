@@ -17,6 +17,11 @@ export interface TrainMetrics {
   elapsed_s: number;
   /** Data parallel: milliseconds of the step's gradient all-reduce (absent for one process). */
   allreduce_ms?: number;
+  /** DPO: the step's mean rewards β (π - ρ), their difference, and the share of pairs won. */
+  reward_chosen?: number;
+  reward_rejected?: number;
+  reward_margin?: number;
+  reward_accuracy?: number;
 }
 
 /** A held-out evaluation. */
@@ -24,9 +29,15 @@ export interface EvalMetrics {
   step: number;
   split: "eval";
   loss: number;
-  perplexity: number;
+  /** exp(loss), for the next-token losses (absent for DPO, whose loss is not one). */
+  perplexity?: number;
   tokens: number;
   elapsed_s: number;
+  /** DPO: mean rewards, margin and accuracy over the held-out pairs. */
+  reward_chosen?: number;
+  reward_rejected?: number;
+  reward_margin?: number;
+  reward_accuracy?: number;
 }
 
 /** One line of `metrics.jsonl`. */

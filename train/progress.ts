@@ -17,6 +17,8 @@ export interface ProgressUpdate {
   /** Seconds spent in this process's steps, and how many steps that was (for the ETA). */
   elapsed_s: number;
   stepsDone: number;
+  /** Figures shown after the loss (DPO: reward margin and accuracy). */
+  extra?: string;
 }
 
 /** `1h02m`, `3m07s`, `42s`. */
@@ -49,9 +51,11 @@ export class Progress {
     const speed = u.mfu !== undefined
       ? `MFU ${(u.mfu * 100).toFixed(1)}%`
       : `${u.gflops.toFixed(u.gflops < 10 ? 2 : 0)} GFLOP/s`;
-    return `step ${String(u.step).padStart(width)}/${this.#total}  loss ${u.loss.toFixed(4)}  lr ${
-      u.lr.toExponential(2)
-    }  ${Math.round(u.tokensPerSecond)} tok/s  ${speed}  ETA ${formatDuration(eta)}`;
+    return `step ${String(u.step).padStart(width)}/${this.#total}  loss ${u.loss.toFixed(4)}${
+      u.extra ? `  ${u.extra}` : ""
+    }  lr ${u.lr.toExponential(2)}  ${Math.round(u.tokensPerSecond)} tok/s  ${speed}  ETA ${
+      formatDuration(eta)
+    }`;
   }
 
   /** Shows an update. */

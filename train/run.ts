@@ -10,6 +10,7 @@ import { type ModelConfig, parameterCount } from "../model/config.ts";
 import { trainLoop, type TrainResult } from "./loop.ts";
 import type { PreparedRun } from "./setup.ts";
 import { formatDuration } from "./progress.ts";
+import { formatRewards } from "./loop.ts";
 import type { DataParallel } from "./distributed.ts";
 
 /** How the user is told and asked. */
@@ -55,8 +56,15 @@ export async function runPrepared(
     print(
       `${
         prepared.resumed ? `resuming at step ${start.step} of ${run.steps}` : `${run.steps} steps`
-      }, batch ${ranks}${run.batchSize} x ${run.seqLen} x accum ${run.accum}, lr ${run.lr} (cosine to x${run.minLrRatio}), into ${out}`,
+      }, batch ${ranks}${run.batchSize}${
+        kind === "dpo" ? " pairs" : ""
+      } x ${run.seqLen} x accum ${run.accum}, lr ${run.lr} (cosine to x${run.minLrRatio}), into ${out}`,
     );
+    if (kind === "dpo") {
+      print(
+        `dpo: beta ${run.beta}, frozen reference ${run.reference?.path} (its log-probs computed on the GPU for every batch)`,
+      );
+    }
     if (io.parallel) {
       print(
         `data parallel: ${io.parallel.comm.size} ranks (${io.parallel.comm.description}); each trains on its ${run.batchSize} of the step's ${
@@ -87,7 +95,9 @@ export async function runPrepared(
     }
     if (stats.skippedConversations > 0) {
       print(
-        `skipped ${stats.skippedConversations} conversations with no assistant token left after truncation to ${run.seqLen}`,
+        `skipped ${stats.skippedConversations} ${
+          kind === "dpo" ? "pairs" : "conversations"
+        } with no assistant token left after truncation to ${run.seqLen}`,
       );
     }
     const lossLine = result.firstLoss !== undefined
@@ -104,6 +114,14 @@ export async function runPrepared(
         } MB/s, waits for the slowest rank included), ${
           r.totalMs.toFixed(1)
         } ms with the GPU read-back and upload`,
+      );
+    }
+    const d = result.dpo;
+    if (d?.first && d.last) {
+      print(
+        `rewards (beta (log p - log p_ref)) on the logged training steps: ${
+          formatRewards(d.first)
+        } -> ${formatRewards(d.last)}${d.eval ? `; held-out pairs: ${formatRewards(d.eval)}` : ""}`,
       );
     }
     print(

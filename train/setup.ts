@@ -22,6 +22,7 @@ import { loadCheckpoint, resolveCheckpointDir } from "../io/checkpoint.ts";
 import { readModelConfigFile, requestedShape } from "../io/model_config.ts";
 import { loadModel } from "../io/model_files.ts";
 import { CORPUS_FILES, defaultTokenizer, writeEmbeddedCorpus } from "../data/corpus.ts";
+import { PREFERENCE_FILES, writePreferenceSet } from "../data/preferences.ts";
 import { DataStream, type DataStreamOptions } from "../data/stream.ts";
 import type { Packing } from "../data/pretrain.ts";
 import {
@@ -39,13 +40,24 @@ import { peakFlopsFor } from "./peak.ts";
 import type { LoraConfig } from "../model/lora.ts";
 import { LORA_RUN_DEFAULTS, type LoraRun, loraStartingPoint } from "./lora.ts";
 
-/** What a run trains on: plain text, or conversations with the assistant-only mask. */
-export type TrainKind = "pretrain" | "sft";
+/**
+ * What a run trains on: plain text, conversations with the assistant-only
+ * mask, or preference pairs (DPO against a frozen copy of the starting model).
+ */
+export type TrainKind = "pretrain" | "sft" | "dpo";
 
 /** Defaults per kind. MiniMind: AdamW 0.9/0.999, eps 1e-8, cosine to 0.1 x lr, clip 1.0. */
 export const TRAIN_DEFAULTS = {
   pretrain: { lr: 5e-4, out: "out/pretrain", steps: 600, batchSize: 16, seqLen: 128 },
   sft: { lr: 2e-4, out: "out/sft", steps: 300, batchSize: 16, seqLen: 128 },
+  /**
+   * batchSize counts pairs (2 rows each). MiniMind's DPO rate, 4e-8, is for
+   * its 100M-token preference set on a large model; the embedded set and the
+   * tiny model need a larger one to move in a few minutes (docs/guide.md).
+   */
+  dpo: { lr: 5e-5, out: "out/dpo", steps: 100, batchSize: 8, seqLen: 80 },
+  /** DPO's β (MiniMind's default until 2026-03; its current script uses 0.15). */
+  beta: 0.1,
   minLrRatio: 0.1,
   warmupSteps: 0,
   weightDecay: 0.01,
@@ -125,6 +137,8 @@ export interface TrainOptions {
    * must match the saved run). Output: a PEFT adapter directory (default out/lora).
    */
   lora?: Partial<LoraConfig>;
+  /** DPO: β, the strength of the pull toward the reference (default 0.1). */
+  beta?: number;
 }
 
 /**
@@ -244,6 +258,7 @@ async function startingPoint(
 }> {
   const { kind } = opts;
   if (opts.lora) {
+    if (kind === "dpo") throw new UsageError("DPO with LoRA adapters is not supported yet");
     if (opts.init === null) {
       throw new UsageError(
         "lora adapts a trained model: --init DIR names it (--init none has no weights to adapt)",
@@ -264,6 +279,12 @@ async function startingPoint(
   const d = TRAIN_DEFAULTS[kind];
   let initDir = opts.init === null ? undefined : opts.init;
   if (kind === "sft" && opts.init === undefined && !opts.resume) initDir = "out/pretrain";
+  if (kind === "dpo" && opts.init === undefined && !opts.resume) initDir = "out/sft";
+  if (kind === "dpo" && opts.init === null) {
+    throw new UsageError(
+      "dpo starts from a trained checkpoint, which is also its frozen reference; --init none is not possible",
+    );
+  }
   if (opts.resume) {
     // After a crash mid-save the checkpoint may survive as `<out>.old-*`.
     const source = await resolveCheckpointDir(out).catch(() => out);
@@ -295,6 +316,7 @@ async function startingPoint(
         step: state.step,
         tokens: state.tokens,
         elapsed_s: state.elapsed_s,
+        ...(kind === "dpo" ? { reference: await loadReference(state, ckpt.config) } : {}),
       },
     };
   }
@@ -303,6 +325,8 @@ async function startingPoint(
       throw new UserError(
         kind === "sft" && initDir === "out/pretrain"
           ? "sft starts from out/pretrain, which does not exist yet: run `deno task pretrain` first, or pass --init DIR (a checkpoint), --init FILE.pth (a PyTorch state dict) or --init none (random weights)"
+          : kind === "dpo" && initDir === "out/sft"
+          ? "dpo starts from out/sft, which does not exist yet: run `deno task pretrain` and `deno task sft` first, or pass --init DIR (a checkpoint)"
           : `--init ${initDir}: no such checkpoint directory (or PyTorch .pth file)`,
       );
     }
@@ -321,7 +345,14 @@ async function startingPoint(
     return {
       model: ckpt.config,
       tokenizer,
-      start: { params: ckpt.params, step: 0, tokens: 0, elapsed_s: 0 },
+      start: {
+        params: ckpt.params,
+        step: 0,
+        tokens: 0,
+        elapsed_s: 0,
+        // DPO's frozen reference is the starting model itself.
+        ...(kind === "dpo" ? { reference: ckpt.params } : {}),
+      },
     };
   }
   const tokenizer = opts.tokenizer ? await TextTokenizer.load(opts.tokenizer) : defaultTokenizer();
@@ -338,6 +369,47 @@ async function startingPoint(
       elapsed_s: 0,
     },
   };
+}
+
+/** The sha256 of a checkpoint's weights file: what a DPO run records of its reference. */
+async function weightsSha256(dir: string): Promise<string> {
+  const bytes = await Deno.readFile(join(dir, "model.safetensors"));
+  const digest = await crypto.subtle.digest("SHA-256", bytes);
+  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * A resumed DPO run's reference: the checkpoint it started from, which must
+ * still hold the same weights (their sha256 is in the run's state).
+ */
+async function loadReference(
+  state: TrainerState,
+  config: ModelConfig,
+): Promise<Map<string, Float32Array>> {
+  const ref = state.run.reference;
+  if (!ref) {
+    throw new UserError("--resume: the DPO run's state does not name its reference checkpoint");
+  }
+  const sha = await weightsSha256(ref.path).catch((e) => {
+    throw new UserError(
+      `--resume: the DPO reference ${ref.path} cannot be read (${(e as Error).message}); ` +
+        "a DPO run needs the checkpoint it started from",
+    );
+  });
+  if (sha !== ref.sha256) {
+    throw new UserError(
+      `--resume: the DPO reference ${ref.path} has changed since the run started ` +
+        `(model.safetensors sha256 ${sha.slice(0, 12)}... vs ${ref.sha256.slice(0, 12)}...); ` +
+        "the run cannot continue against another reference",
+    );
+  }
+  const ckpt = await loadCheckpoint(ref.path);
+  for (const field of MODEL_CONFIG_FIELDS) {
+    if (ckpt.config[field] !== config[field]) {
+      throw new UserError(`--resume: the DPO reference ${ref.path} is another model (${field})`);
+    }
+  }
+  return ckpt.params;
 }
 
 /**
@@ -357,6 +429,9 @@ export async function prepareRun(
 ): Promise<PreparedRun> {
   const worldSize = io.worldSize ?? 1;
   const { kind } = opts;
+  if (kind === "dpo" && worldSize > 1) {
+    throw new UserError("dpo runs in one process; data-parallel DPO over MPI is not supported yet");
+  }
   const print = io.print;
   if (opts.steps !== undefined && opts.epochs !== undefined) {
     throw new UsageError("give --steps or --epochs, not both");
@@ -454,9 +529,24 @@ export async function prepareRun(
         `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
       );
     });
-    data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
-    if (evalData.length === 0) evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
-    print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
+    if (kind === "dpo") {
+      const pairs = await writePreferenceSet(corpusDir).catch((e) => {
+        throw new UserError(
+          `cannot write the embedded preference set to ${corpusDir}: ${(e as Error).message}`,
+        );
+      });
+      data = [pairs.dpo];
+      if (evalData.length === 0) evalData = [pairs.dpoEval];
+      print(
+        `data: the embedded preference pairs, written to ${corpusDir}/ (${PREFERENCE_FILES.dpo})`,
+      );
+    } else {
+      data = [files[kind === "pretrain" ? "pretrain" : "sft"]];
+      if (evalData.length === 0) {
+        evalData = [files[kind === "pretrain" ? "pretrainEval" : "sftEval"]];
+      }
+      print(`data: the embedded corpus, written to ${corpusDir}/ (${CORPUS_FILES[kind]})`);
+    }
   }
   if (kind === "pretrain" && packing === "pad") {
     print(
@@ -522,7 +612,17 @@ export async function prepareRun(
     ...(kind === "pretrain" && packing !== "pack" ? { packing } : {}),
     ...(kind === "sft" && augmentationActive(sftAugment) ? { sftAugment } : {}),
     ...(lora ? { lora } : {}),
+    ...(kind === "dpo"
+      ? {
+        beta: pick("beta", TRAIN_DEFAULTS.beta),
+        reference: saved?.reference ?? {
+          path: opts.init ?? "out/sft",
+          sha256: await weightsSha256(opts.init ?? "out/sft"),
+        },
+      }
+      : {}),
   };
+  if (kind === "dpo" && !(run.beta! > 0)) throw new UsageError("--beta must be above 0");
   if (run.beta1 >= 1 || run.beta2 >= 1) throw new UsageError("--beta1 and --beta2 must be below 1");
   if (run.minLrRatio > 1) throw new UsageError("--min-lr-ratio must be between 0 and 1");
   if (saved && steps < state!.step) {
