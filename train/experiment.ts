@@ -1,20 +1,26 @@
 /**
  * `trainer experiment`: why LLMs are trained in two stages, measured.
  *
- * Three arms on the embedded corpus, each training stage with the same budget
+ * Four arms on the embedded corpus, each training stage with the same budget
  * (steps, batch, sequence length):
  *
  * - A: pretrain only (next-token prediction on the prose);
  * - B: SFT only, from random weights (`sft --init none`);
  * - C: pretrain, then SFT: A's checkpoint fine-tuned with B's SFT budget, so
- *   C = A + one SFT stage and A's pretraining is not paid for twice.
+ *   C = A + one SFT stage and A's pretraining is not paid for twice;
+ * - D: as C, but pretrained on prose that states each fact once (one
+ *   document per entity and language, one phrasing, one order) instead of
+ *   the paraphrased prose, for the same number of steps: what knowledge
+ *   augmentation (Allen-Zhu & Li, Physics of Language Models, Part 3.1,
+ *   arXiv:2309.14316) does for answering questions.
  *
  * Every arm then answers the held-out questions of the corpus (facts stated
  * in the pretraining prose and never asked in the SFT data), greedily, from
  * the chat template with the generation prompt. Per arm: the share of replies
  * in the assistant format (`replyFormat`) and the share that state the fact
  * (`statesFact`). The table, three sample replies per arm and the settings go
- * to the terminal and to a Markdown report.
+ * to the terminal and to a Markdown report, and on request to a JSON file
+ * (`experimentJson`).
  *
  * The evaluation functions are pure (text in, verdict out) and exported for
  * tests.
@@ -27,13 +33,19 @@ import { loadCheckpoint } from "../io/checkpoint.ts";
 import { InferenceModel } from "../model/inference.ts";
 import { generate } from "../model/generate.ts";
 import { GREEDY } from "../model/sampling.ts";
-import { embeddedCorpus, type HeldOutFact } from "../data/corpus.ts";
+import {
+  DEFAULT_CORPUS_SEED,
+  embeddedCorpus,
+  type HeldOutFact,
+  writeEmbeddedCorpus,
+} from "../data/corpus.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import { prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
 import { runPrepared } from "./run.ts";
 import { formatDuration } from "./progress.ts";
 import { readMetrics } from "./metrics.ts";
+import { parameterCount } from "../model/config.ts";
 
 // ---------------------------------------------------------------------------
 // Evaluation: pure functions on reply text.
@@ -163,7 +175,7 @@ export function statesFact(
 
 /** One arm's replies, judged. */
 export interface ArmResult {
-  /** `A`, `B` or `C`. */
+  /** `A`, `B`, `C` or `D`. */
   arm: string;
   /** What the arm is, in words. */
   label: string;
@@ -217,6 +229,102 @@ export function summarizeArm(result: ArmResult): ArmSummary {
     factShare: share(result.replies.filter((r) => r.correct).length),
     bothShare: share(result.replies.filter((r) => r.format === "ok" && r.correct).length),
     verdicts,
+  };
+}
+
+/**
+ * The share a uniform guess of the right kind would get right: the mean over
+ * the questions of `1 / choices` (the distinct values of the attribute asked).
+ */
+export function chanceShare(facts: readonly HeldOutFact[]): number {
+  if (facts.length === 0) return 0;
+  return facts.reduce((sum, f) => sum + 1 / f.choices, 0) / facts.length;
+}
+
+/** The settings of a run, as the JSON file records them. */
+export interface ExperimentSettings {
+  /** `preset NAME` or `model-config FILE`, and the model's shape. */
+  model: { preset?: string; modelConfig?: string; parameters: number };
+  stepsPretrain: number;
+  stepsSft: number;
+  batchSize: number;
+  seqLen: number;
+  seed: number;
+  corpusSeed: number;
+  lrScratch: number;
+  lrFinetune: number;
+  maxNewTokens: number;
+  /** Questions asked, of `heldOutTotal`. */
+  questions: number;
+  heldOutTotal: number;
+}
+
+/** What `--json` writes: per-arm shares (0 to 1), the augmentation contrast and the settings. */
+export interface ExperimentJson {
+  command: string;
+  date: string;
+  adapter: string;
+  seconds: number;
+  /** 1-minute load average at the start and end (Linux), or null. */
+  load: { start: number | null; end: number | null };
+  settings: ExperimentSettings;
+  /** A uniform guess of the right kind (`chanceShare`). */
+  chance: number;
+  arms: Record<string, {
+    label: string;
+    format: number;
+    fact: number;
+    both: number;
+    questions: number;
+    verdicts: Partial<Record<FormatVerdict, number>>;
+    trainSeconds: number;
+  }>;
+  /** C's and D's fact shares: paraphrased prose vs each fact stated once; difference in points. */
+  augmentation: { paraphrased: number; once: number; differencePoints: number } | null;
+}
+
+/** The JSON record of a run (`trainer experiment --json FILE`). */
+export function experimentJson(r: {
+  command: string;
+  date: Date;
+  adapter: string;
+  seconds: number;
+  loadAtStart?: number;
+  loadAtEnd?: number;
+  settings: ExperimentSettings;
+  facts: readonly HeldOutFact[];
+  arms: readonly ArmResult[];
+}): ExperimentJson {
+  const arms: ExperimentJson["arms"] = {};
+  for (const a of r.arms) {
+    const s = summarizeArm(a);
+    arms[a.arm] = {
+      label: a.label,
+      format: s.formatShare,
+      fact: s.factShare,
+      both: s.bothShare,
+      questions: s.questions,
+      verdicts: s.verdicts,
+      trainSeconds: Math.round(a.trainSeconds * 10) / 10,
+    };
+  }
+  const c = arms["C"], d = arms["D"];
+  return {
+    command: r.command,
+    date: r.date.toISOString().replace(/\.\d+Z$/, "Z"),
+    adapter: r.adapter,
+    seconds: Math.round(r.seconds * 10) / 10,
+    load: { start: r.loadAtStart ?? null, end: r.loadAtEnd ?? null },
+    settings: r.settings,
+    chance: chanceShare(r.facts),
+    arms,
+    augmentation: c && d
+      ? {
+        paraphrased: c.fact,
+        once: d.fact,
+        differencePoints: Math.round(1000 * (c.fact - d.fact)) / 10,
+      }
+      : null,
   };
 }
 
@@ -297,9 +405,9 @@ export interface ExperimentOptions {
   preset?: string;
   /** ... from a model config file (as `pretrain --model-config`). */
   modelConfig?: string;
-  /** Pretraining steps of A (and so of C). */
+  /** Pretraining steps of A and of D's pretraining (and so of C and D). */
   stepsPretrain?: number;
-  /** SFT steps of B and of C. */
+  /** SFT steps of B, C and D. */
   stepsSft?: number;
   batchSize?: number;
   seqLen?: number;
@@ -307,10 +415,14 @@ export interface ExperimentOptions {
   questions?: number;
   maxNewTokens?: number;
   seed?: number;
+  /** Skip arm D and its pretraining (the augmentation comparison). */
+  noAugmentation?: boolean;
   /** Directory of the checkpoints and the corpus. */
   out?: string;
   /** Where the Markdown report goes (default `<out>/experiment.md`). */
   report?: string;
+  /** Where the JSON record goes (`experimentJson`); none when absent. */
+  json?: string;
   /** The command line, as the report shows it (default: `trainer experiment`). */
   command?: string;
 }
@@ -330,6 +442,8 @@ export interface ExperimentResult {
   /** The Markdown report as written. */
   report: string;
   reportPath: string;
+  /** The JSON record (also written to `json` when asked). */
+  json: ExperimentJson;
   /** Wall time of the whole experiment (training, generation, report). */
   seconds: number;
 }
@@ -407,6 +521,16 @@ async function askAll(
   }
 }
 
+/** One training stage of the experiment. */
+interface Stage {
+  /** The arm it ends (and is asked), or undefined for D's pretraining. */
+  arm?: string;
+  /** Name in the progress output. */
+  name: string;
+  label: string;
+  options: TrainOptions;
+}
+
 /** Runs the experiment with injectable output; resolves to the results. */
 export async function runExperiment(
   opts: ExperimentOptions,
@@ -456,6 +580,16 @@ export async function runExperiment(
     const shape: Pick<TrainOptions, "preset" | "modelConfig"> = modelConfig !== undefined
       ? { modelConfig }
       : { preset };
+    // Every stage names its data: the embedded corpus, written once here.
+    const corpusDir = join(out, "data");
+    const { files } = await writeEmbeddedCorpus(corpusDir).catch((e) => {
+      throw new UserError(
+        `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
+      );
+    });
+    const pretrainData = { data: [files.pretrain], evalData: [files.pretrainEval] };
+    const onceData = { data: [files.pretrainOnce], evalData: [files.pretrainEval] };
+    const sftData = { data: [files.sft], evalData: [files.sftEval] };
     const common = (steps: number, out: string, lr: number) => ({
       steps,
       batchSize,
@@ -468,6 +602,8 @@ export async function runExperiment(
       A: join(out, "A-pretrain"),
       B: join(out, "B-sft-only"),
       C: join(out, "C-pretrain-sft"),
+      onceA: join(out, "D-pretrain-once"),
+      D: join(out, "D-pretrain-once-sft"),
     };
     // Learning rates: the commands' defaults for what each stage is. A and B
     // both start from random weights, so both train at the from-scratch
@@ -476,37 +612,81 @@ export async function runExperiment(
     // everything (language and format) to learn from its budget.
     const lrScratch = TRAIN_DEFAULTS.pretrain.lr;
     const lrFinetune = TRAIN_DEFAULTS.sft.lr;
-    const stages: { arm: string; label: string; options: TrainOptions }[] = [
+    const stages: Stage[] = [
       {
         arm: "A",
+        name: "arm A",
         label: "pretrain only",
-        options: { kind: "pretrain", ...shape, ...common(stepsPretrain, dirs.A, lrScratch) },
+        options: {
+          kind: "pretrain",
+          ...shape,
+          ...pretrainData,
+          ...common(stepsPretrain, dirs.A, lrScratch),
+        },
       },
       {
         arm: "B",
+        name: "arm B",
         label: "SFT only, random init",
-        options: { kind: "sft", ...shape, ...common(stepsSft, dirs.B, lrScratch), init: null },
+        options: {
+          kind: "sft",
+          ...shape,
+          ...sftData,
+          ...common(stepsSft, dirs.B, lrScratch),
+          init: null,
+        },
       },
       {
         arm: "C",
+        name: "arm C",
         label: "pretrain + SFT",
         // The shape comes from A's checkpoint.
-        options: { kind: "sft", ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
+        options: { kind: "sft", ...sftData, ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
       },
     ];
+    if (!opts.noAugmentation) {
+      stages.push(
+        {
+          name: "arm D, pretraining",
+          label: "pretrain on facts stated once",
+          options: {
+            kind: "pretrain",
+            ...shape,
+            ...onceData,
+            ...common(stepsPretrain, dirs.onceA, lrScratch),
+          },
+        },
+        {
+          arm: "D",
+          name: "arm D",
+          label: "pretrain (each fact stated once) + SFT",
+          options: {
+            kind: "sft",
+            ...sftData,
+            ...common(stepsSft, dirs.D, lrFinetune),
+            init: dirs.onceA,
+          },
+        },
+      );
+    }
 
     const trainSeconds: Record<string, number> = {};
     const losses: Record<string, StageLosses | undefined> = {};
+    let parameters = 0;
     for (const stage of stages) {
-      print(`\n== arm ${stage.arm}: ${stage.label} (${stage.options.kind}) ==`);
+      const data = stage.options.data!.map((f) => f.split("/").pop()).join(", ");
+      print(`\n== ${stage.name}: ${stage.label} (${stage.options.kind} on ${data}) ==`);
       const t0 = performance.now();
-      const armIo = { gpu, print: (line: string) => print(`  [${stage.arm}] ${line}`) };
-      const { status } = await runPrepared(await prepareRun(stage.options, armIo), armIo);
+      const tag = stage.arm ?? "D0";
+      const armIo = { gpu, print: (line: string) => print(`  [${tag}] ${line}`) };
+      const prepared = await prepareRun(stage.options, armIo);
+      parameters = parameterCount(prepared.run.model).total;
+      const { status } = await runPrepared(prepared, armIo);
       if (status !== 0) {
-        throw new UserError(`arm ${stage.arm} stopped before its last step (exit ${status})`);
+        throw new UserError(`${stage.name} stopped before its last step (exit ${status})`);
       }
-      trainSeconds[stage.arm] = (performance.now() - t0) / 1000;
-      losses[stage.arm] = await stageLosses(join(stage.options.out!, "metrics.jsonl"));
+      trainSeconds[tag] = (performance.now() - t0) / 1000;
+      losses[tag] = await stageLosses(join(stage.options.out!, "metrics.jsonl"));
     }
 
     print(
@@ -514,7 +694,8 @@ export async function runExperiment(
     );
     const arms: ArmResult[] = [];
     for (const stage of stages) {
-      const dir = dirs[stage.arm as keyof typeof dirs];
+      if (stage.arm === undefined) continue;
+      const dir = stage.options.out!;
       const t0 = performance.now();
       const { replies, specialTokens } = await askAll(gpu, dir, facts, maxNewTokens);
       arms.push({
@@ -539,8 +720,12 @@ export async function runExperiment(
 
     const summaries = arms.map(summarizeArm);
     const table = formatTable(summaries);
+    const chance = chanceShare(facts);
     const samples = sampleIndices(facts);
     print("\n" + table + "\n");
+    print(`a uniform guess of the right kind would state the fact in ${percent(chance)}`);
+    const augmentation = augmentationLine(summaries);
+    if (augmentation) print(augmentation);
     for (const i of samples) {
       print(`Q (${facts[i].language}): ${facts[i].question}   [answer: ${facts[i].answer}]`);
       for (const a of arms) {
@@ -551,12 +736,39 @@ export async function runExperiment(
 
     const seconds = (performance.now() - started) / 1000;
     const loadAtEnd = await loadAverage();
+    const command = opts.command ?? "trainer experiment";
+    const settings: ExperimentSettings = {
+      model: { ...(modelConfig !== undefined ? { modelConfig } : { preset }), parameters },
+      stepsPretrain,
+      stepsSft,
+      batchSize,
+      seqLen,
+      seed,
+      corpusSeed: DEFAULT_CORPUS_SEED,
+      lrScratch,
+      lrFinetune,
+      maxNewTokens,
+      questions: facts.length,
+      heldOutTotal: allFacts.length,
+    };
+    const json = experimentJson({
+      command,
+      date,
+      adapter: adapterName,
+      seconds,
+      loadAtStart,
+      loadAtEnd,
+      settings,
+      facts,
+      arms,
+    });
     const report = renderReport({
-      command: opts.command ?? "trainer experiment",
+      command,
       date,
       seconds,
       adapterName,
       shape: modelConfig !== undefined ? `--model-config ${modelConfig}` : `--preset ${preset}`,
+      parameters,
       stepsPretrain,
       stepsSft,
       batchSize,
@@ -571,17 +783,131 @@ export async function runExperiment(
       arms,
       summaries,
       table,
+      chance,
+      augmentation,
       samples,
+      onceSeconds: trainSeconds["D0"],
       loadAtStart,
       loadAtEnd,
     });
     await Deno.mkdir(dirname(reportPath), { recursive: true });
     await Deno.writeTextFile(reportPath, report);
-    print(`\nexperiment done in ${formatDuration(seconds)}; report: ${reportPath}`);
-    return { summaries, arms, report, reportPath, seconds };
+    if (opts.json !== undefined) {
+      await Deno.mkdir(dirname(opts.json), { recursive: true });
+      await Deno.writeTextFile(opts.json, JSON.stringify(json, null, 2) + "\n");
+    }
+    print(
+      `\nexperiment done in ${formatDuration(seconds)}; report: ${reportPath}${
+        opts.json !== undefined ? `; JSON: ${opts.json}` : ""
+      }`,
+    );
+    return { summaries, arms, report, reportPath, json, seconds };
   } finally {
     if (!io.gpu) gpu.destroy();
   }
+}
+
+/** What `askCheckpoints` asks. */
+export interface AskOptions {
+  /** Checkpoint directories, each asked every question. */
+  dirs: string[];
+  /** Ask only the first N held-out questions (default all). */
+  questions?: number;
+  maxNewTokens?: number;
+  /** Where the JSON record goes; none when absent. */
+  json?: string;
+}
+
+/**
+ * Asks trained checkpoints the held-out questions, with no training: the
+ * scoring of the experiment applied to any model (e.g. `out/sft` after the
+ * default `deno task pretrain` and `deno task sft`). Prints the table; the
+ * JSON record, when asked, has one entry per directory under `arms`.
+ */
+export async function askCheckpoints(
+  opts: AskOptions,
+  io: ExperimentIo = {},
+): Promise<{ summaries: ArmSummary[]; arms: ArmResult[] }> {
+  const print = io.print ?? ((line: string) => console.log(line));
+  if (opts.dirs.length === 0) throw new UsageError("--ask needs a checkpoint directory");
+  const maxNewTokens = opts.maxNewTokens ?? EXPERIMENT_DEFAULTS.maxNewTokens;
+  const allFacts = embeddedCorpus().heldOut;
+  const questions = opts.questions ?? allFacts.length;
+  if (!Number.isInteger(questions) || questions < 1 || questions > allFacts.length) {
+    throw new UsageError(
+      `--questions must be a whole number from 1 to ${allFacts.length}, got ${questions}`,
+    );
+  }
+  const facts = allFacts.slice(0, questions);
+  const started = performance.now();
+  const gpu = io.gpu ?? await Gpu.request();
+  try {
+    const arms: ArmResult[] = [];
+    for (const dir of opts.dirs) {
+      const t0 = performance.now();
+      const { replies, specialTokens } = await askAll(gpu, dir, facts, maxNewTokens);
+      arms.push({
+        arm: dir,
+        label: "asked only",
+        dir,
+        trainSeconds: 0,
+        replies: replies.map((reply, i) => ({
+          fact: facts[i],
+          reply,
+          format: replyFormat(reply, specialTokens),
+          correct: statesFact(reply, facts[i].answer, specialTokens),
+        })),
+      });
+      print(
+        `[${dir}] ${facts.length} replies in ${formatDuration((performance.now() - t0) / 1000)}`,
+      );
+    }
+    const summaries = arms.map(summarizeArm);
+    print("\n" + formatTable(summaries) + "\n");
+    print(
+      `a uniform guess of the right kind would state the fact in ${percent(chanceShare(facts))}`,
+    );
+    if (opts.json !== undefined) {
+      const adapter = gpu.adapterSummary;
+      const json = {
+        command: `trainer experiment --ask ${opts.dirs.join(" --ask ")}`,
+        date: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
+        adapter: adapter.name,
+        seconds: Math.round((performance.now() - started) / 100) / 10,
+        maxNewTokens,
+        questions: facts.length,
+        heldOutTotal: allFacts.length,
+        chance: chanceShare(facts),
+        arms: Object.fromEntries(
+          summaries.map((s) => [s.arm, {
+            format: s.formatShare,
+            fact: s.factShare,
+            both: s.bothShare,
+            questions: s.questions,
+            verdicts: s.verdicts,
+          }]),
+        ),
+      };
+      await Deno.mkdir(dirname(opts.json), { recursive: true });
+      await Deno.writeTextFile(opts.json, JSON.stringify(json, null, 2) + "\n");
+    }
+    return { summaries, arms };
+  } finally {
+    if (!io.gpu) gpu.destroy();
+  }
+}
+
+/** The augmentation contrast in one sentence (C against D), or undefined without D. */
+export function augmentationLine(summaries: readonly ArmSummary[]): string | undefined {
+  const c = summaries.find((s) => s.arm === "C");
+  const d = summaries.find((s) => s.arm === "D");
+  if (!c || !d) return undefined;
+  const diff = Math.round(100 * (c.factShare - d.factShare));
+  return `knowledge augmentation: pretrained on paraphrased prose (C) the model states the fact in ${
+    percent(c.factShare)
+  } of held-out questions, on prose that states each fact once (D) in ${percent(d.factShare)}: ${
+    diff >= 0 ? "+" : ""
+  }${diff} points`;
 }
 
 interface ReportInput {
@@ -590,6 +916,7 @@ interface ReportInput {
   seconds: number;
   adapterName: string;
   shape: string;
+  parameters: number;
   stepsPretrain: number;
   stepsSft: number;
   batchSize: number;
@@ -604,10 +931,21 @@ interface ReportInput {
   arms: ArmResult[];
   summaries: ArmSummary[];
   table: string;
+  chance: number;
+  augmentation?: string;
   samples: number[];
+  /** Seconds of D's pretraining, when it ran. */
+  onceSeconds?: number;
   loadAtStart?: number;
   loadAtEnd?: number;
 }
+
+const STAGE_OF: Record<string, string> = {
+  A: "pretrain",
+  B: "SFT from random weights",
+  C: "SFT from A",
+  D: "SFT from D's pretraining",
+};
 
 function renderReport(r: ReportInput): string {
   const lines: string[] = [];
@@ -616,6 +954,13 @@ function renderReport(r: ReportInput): string {
       r.loadAtEnd?.toFixed(2) ?? "?"
     } at the end (other processes on the same CPU slow the run down).`
     : "";
+  const hasD = r.arms.some((a) => a.arm === "D");
+  const times = r.arms.map((a) =>
+    `${
+      a.arm === "A" ? "training A" : a.arm === "C" ? "C's SFT" : a.arm === "D" ? "D's SFT" : a.arm
+    } ${formatDuration(a.trainSeconds)}`
+  );
+  if (r.onceSeconds !== undefined) times.push(`D's pretraining ${formatDuration(r.onceSeconds)}`);
   lines.push(
     "# Pretraining vs SFT: the experiment",
     "",
@@ -624,11 +969,22 @@ function renderReport(r: ReportInput): string {
     "",
     "## Setup",
     "",
-    "Three arms, each training stage with the same budget, on the embedded corpus:",
+    `${
+      hasD ? "Four" : "Three"
+    } arms, each training stage with the same budget, on the embedded corpus:`,
     "",
     "- **A**: pretrain only (next-token prediction on the prose).",
     "- **B**: SFT only, from random weights (`trainer sft --init none`).",
     "- **C**: pretrain, then SFT: A's checkpoint fine-tuned with the same SFT budget as B.",
+    ...(hasD
+      ? [
+        "- **D**: as C, but pretrained (same steps) on prose that states each fact once: one",
+        "  document per entity and language, every fact in one fixed phrasing and order",
+        "  (`pretrain_once.jsonl`). A's prose states every fact in every document, each time in a",
+        "  phrasing drawn from five or six and in a shuffled order: the knowledge augmentation",
+        "  of Allen-Zhu & Li, *Physics of Language Models, Part 3.1* (arXiv:2309.14316).",
+      ]
+      : []),
     "",
     `Each arm is then asked ${r.questions} held-out questions${
       r.questions < r.heldOutTotal ? ` (the first ${r.questions} of ${r.heldOutTotal})` : ""
@@ -653,23 +1009,28 @@ function renderReport(r: ReportInput): string {
     "",
     r.table,
     "",
+    `Chance: a uniform guess among the values the asked attribute takes in the world (4 rivers,`,
+    `10 months, ...) would state the fact in ${percent(r.chance)} of these questions.`,
+    ...(r.augmentation
+      ? ["", `Knowledge augmentation: ${r.augmentation.replace(/^knowledge augmentation: /, "")}.`]
+      : []),
+    "",
     "Training (cross-entropy per target token; SFT counts assistant tokens only):",
     "",
     "| arm | last stage | steps | train loss | held-out loss | time |",
     "|---|---|---:|---|---:|---:|",
-    ...r.arms.map((a, i) => {
+    ...r.arms.map((a) => {
       const l = a.losses;
-      const stage = i === 0 ? "pretrain" : i === 1 ? "SFT from random weights" : "SFT from A";
-      const steps = i === 0 ? r.stepsPretrain : r.stepsSft;
+      const steps = a.arm === "A" ? r.stepsPretrain : r.stepsSft;
       const train = l ? `${l.first.toFixed(2)} (step ${l.firstStep}) -> ${l.last.toFixed(2)}` : "-";
       const held = l?.eval !== undefined ? l.eval.toFixed(2) : "-";
-      return `| ${a.arm} | ${stage} | ${steps} | ${train} | ${held} | ${
+      return `| ${a.arm} | ${STAGE_OF[a.arm] ?? a.arm} | ${steps} | ${train} | ${held} | ${
         formatDuration(a.trainSeconds)
       } |`;
     }),
     "",
-    "A's held-out loss is on fresh prose (`pretrain_eval.jsonl`), B's and C's on conversations",
-    "never trained on (`sft_eval.jsonl`): compare B with C, not with A.",
+    "A's held-out loss is on fresh prose (`pretrain_eval.jsonl`), B's, C's and D's on",
+    "conversations never trained on (`sft_eval.jsonl`): compare B, C and D, not with A.",
     "",
     "## Sample replies",
     "",
@@ -701,15 +1062,17 @@ function renderReport(r: ReportInput): string {
     "",
     `- date: ${r.date.toISOString().replace(/\.\d+Z$/, "Z")}`,
     `- adapter: ${r.adapterName}`,
-    `- run time: ${formatDuration(r.seconds)} in all (training A ${
-      formatDuration(r.arms[0].trainSeconds)
-    }, B ${formatDuration(r.arms[1].trainSeconds)}, C's SFT ${
-      formatDuration(r.arms[2].trainSeconds)
+    `- run time: ${formatDuration(r.seconds)} in all (${
+      times.join(", ")
     }; the rest is generation).${load}`,
-    `- model: ${r.shape}; seed ${r.seed}`,
+    `- model: ${r.shape} (${(r.parameters / 1e6).toFixed(2)}M parameters); seed ${r.seed}`,
     `- budget per stage: pretraining ${r.stepsPretrain} steps, SFT ${r.stepsSft} steps; batch ${r.batchSize} x ${r.seqLen} tokens`,
-    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning, MiniMind's lower SFT rate)`,
-    `- checkpoints: ${r.out}/A-pretrain, ${r.out}/B-sft-only, ${r.out}/C-pretrain-sft (each with metrics.jsonl and loss.svg)`,
+    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): pretraining and B's SFT ${r.lrScratch} (from random weights), C's${
+      hasD ? " and D's" : ""
+    } SFT ${r.lrFinetune} (fine-tuning, MiniMind's lower SFT rate)`,
+    `- checkpoints: ${r.arms.map((a) => a.dir).join(", ")}${
+      hasD ? `, ${r.out}/D-pretrain-once` : ""
+    } (each with metrics.jsonl and loss.svg); the corpus in ${r.out}/data`,
     "",
   );
   return lines.join("\n");
