@@ -43,6 +43,8 @@ import {
   generateWorld,
   INTROS,
   type Language,
+  pronoun,
+  PRONOUN_STATEMENTS,
   QUESTIONS,
   STATEMENTS,
   SYSTEM_PROMPTS,
@@ -264,16 +266,38 @@ function entityDocument(world: World, e: Entity, lang: Language, rng: Rng): stri
 
 /**
  * The entity's one "stated once" document in `lang`: the first intro, then
- * every fact in its first phrasing (entity before value), in the fixed order
- * of `ATTRIBUTES`.
+ * every fact once in the fixed order of `ATTRIBUTES`. `style` "names": each
+ * fact in its first phrasing, which names the entity; "pronouns": the entity
+ * referred to by a pronoun after the intro (`PRONOUN_STATEMENTS`), as in
+ * Allen-Zhu & Li's bioS single.
  */
-export function onceDocument(world: World, e: Entity, lang: Language): string {
+export function onceDocument(
+  world: World,
+  e: Entity,
+  lang: Language,
+  style: "names" | "pronouns" = ONCE_STYLE,
+): string {
   const intro = fill(INTROS[e.kind][lang][0], e.name, e.name, lang, world.valley);
+  const p = pronoun(e);
   const facts = ATTRIBUTES[e.kind].map((a) =>
-    fill(STATEMENTS[a][lang][0], e.name, e.values[a]!, lang, world.valley)
+    style === "names"
+      ? fill(STATEMENTS[a][lang][0], e.name, e.values[a]!, lang, world.valley)
+      : fill(
+        PRONOUN_STATEMENTS[a][lang].replaceAll("{Pp}", p.enPossessive).replaceAll(
+          "{P}",
+          lang === "en" ? p.en : p.zh,
+        ),
+        e.name,
+        e.values[a]!,
+        lang,
+        world.valley,
+      )
   );
   return join([intro, ...facts], lang);
 }
+
+/** How `pretrainOnce` refers to the entity after its intro (`onceDocument`). */
+export const ONCE_STYLE: "names" | "pronouns" = "names";
 
 /**
  * `count` conversations drawn from the allowed question forms: 60% one

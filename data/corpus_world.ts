@@ -573,6 +573,39 @@ export const STATEMENTS: Readonly<Record<Attribute, Record<Language, readonly st
   },
 };
 
+/**
+ * Each fact once, after the entity has been named: the entity is referred to
+ * by a pronoun (`{P}`: "It" for towns and animals, "He" or "She" for people;
+ * `{Pp}`: "Its", "His", "Her"), as in Allen-Zhu & Li's "bioS single"
+ * biographies. Used by the "stated once" prose only.
+ */
+export const PRONOUN_STATEMENTS: Readonly<Record<Attribute, Record<Language, string>>> = {
+  river: { en: "{P} lies on the river {V}.", zh: "{P}坐落在{V}河边。" },
+  festival: { en: "{Pp} festival takes place in {V}.", zh: "{P}的节日在{V}举行。" },
+  craft: { en: "{P} is famous for {V}.", zh: "{P}以{V}闻名。" },
+  hometown: { en: "{P} comes from {V}.", zh: "{P}来自{V}。" },
+  profession: { en: "{P} works as {a V}.", zh: "{P}是一名{V}。" },
+  colour: { en: "{Pp} favourite colour is {V}.", zh: "{P}最喜欢的颜色是{V}。" },
+  pet: { en: "{P} has a pet {V}.", zh: "{P}养了一只{V}。" },
+  fur: { en: "{P} has {V} fur.", zh: "{P}长着{V}的毛。" },
+  habitat: { en: "{P} lives in the {V}.", zh: "{P}生活在{V}里。" },
+  food: { en: "{P} eats {V}.", zh: "{P}吃{V}。" },
+};
+
+/**
+ * The pronoun of an entity: "it" (它) for towns and animals; for a person
+ * "he" (他) or "she" (她), fixed by the name's letters (no random draw, so the
+ * world does not change).
+ */
+export function pronoun(e: Entity): { en: string; enPossessive: string; zh: string } {
+  if (e.kind !== "person") return { en: "It", enPossessive: "Its", zh: "它" };
+  let sum = 0;
+  for (const ch of e.name.en) sum += ch.charCodeAt(0);
+  return sum % 2 === 0
+    ? { en: "He", enPossessive: "His", zh: "他" }
+    : { en: "She", enPossessive: "Her", zh: "她" };
+}
+
 /** Questions about a fact; the held-out questions are made from the first of each list. */
 export const QUESTIONS: Readonly<Record<Attribute, Record<Language, readonly string[]>>> = {
   river: {
