@@ -297,7 +297,7 @@ export function onceDocument(
 }
 
 /** How `pretrainOnce` refers to the entity after its intro (`onceDocument`). */
-export const ONCE_STYLE: "names" | "pronouns" = "names";
+export const ONCE_STYLE: "names" | "pronouns" = "pronouns";
 
 /**
  * `count` conversations drawn from the allowed question forms: 60% one

@@ -392,7 +392,7 @@ export const EXPERIMENT_DEFAULTS = {
   reportName: "experiment.md",
   preset: "tiny",
   stepsPretrain: 500,
-  stepsSft: 250,
+  stepsSft: 200,
   batchSize: TRAIN_DEFAULTS.pretrain.batchSize,
   seqLen: TRAIN_DEFAULTS.pretrain.seqLen,
   maxNewTokens: 48,
