@@ -391,8 +391,9 @@ export const EXPERIMENT_DEFAULTS = {
   /** Report file name inside `--out` when `--report` is not given. */
   reportName: "experiment.md",
   preset: "tiny",
-  stepsPretrain: 500,
-  stepsSft: 200,
+  // The default commands' budgets: arm C is `deno task pretrain` then `deno task sft`.
+  stepsPretrain: TRAIN_DEFAULTS.pretrain.steps,
+  stepsSft: TRAIN_DEFAULTS.sft.steps,
   batchSize: TRAIN_DEFAULTS.pretrain.batchSize,
   seqLen: TRAIN_DEFAULTS.pretrain.seqLen,
   maxNewTokens: 48,
