@@ -1010,8 +1010,8 @@ function renderReport(r: ReportInput): string {
     "",
     r.table,
     "",
-    `Chance: a uniform guess among the values the asked attribute takes in the world (4 rivers,`,
-    `10 months, ...) would state the fact in ${percent(r.chance)} of these questions.`,
+    `Chance: a uniform guess among the distinct values that the asked attribute takes in the world's`,
+    `facts would state the fact in ${percent(r.chance)} of these questions.`,
     ...(r.augmentation
       ? ["", `Knowledge augmentation: ${r.augmentation.replace(/^knowledge augmentation: /, "")}.`]
       : []),
