@@ -136,11 +136,17 @@ export interface ExperimentResult {
   seconds: number;
 }
 
-/** The 1-minute load average, where the system shows it (Linux), else undefined. */
-async function loadAverage(): Promise<number | undefined> {
+/**
+ * The 1-minute load average (`Deno.loadavg`, which needs `--allow-sys=loadavg`;
+ * `deno task experiment` grants it), else undefined.
+ */
+function loadAverage(): number | undefined {
   try {
-    const text = await Deno.readTextFile("/proc/loadavg");
-    const first = Number(text.split(" ")[0]);
+    // Query first: never prompt for the permission in a terminal.
+    if (Deno.permissions.querySync({ name: "sys", kind: "loadavg" }).state !== "granted") {
+      return undefined;
+    }
+    const first = Deno.loadavg()[0];
     return Number.isFinite(first) ? first : undefined;
   } catch {
     return undefined;
@@ -258,7 +264,7 @@ export async function runExperiment(
 
   const started = performance.now();
   const date = new Date();
-  const loadAtStart = await loadAverage();
+  const loadAtStart = loadAverage();
   const gpu = io.gpu ?? await Gpu.request();
   try {
     const adapter = gpu.adapterSummary;
@@ -423,7 +429,7 @@ export async function runExperiment(
     }
 
     const seconds = (performance.now() - started) / 1000;
-    const loadAtEnd = await loadAverage();
+    const loadAtEnd = loadAverage();
     const command = opts.command ?? "trainer experiment";
     const settings: ExperimentSettings = {
       model: { ...(modelConfig !== undefined ? { modelConfig } : { preset }), parameters },
