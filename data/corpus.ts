@@ -3,8 +3,15 @@
  * downloaded. A small invented valley (towns, people, animals; see
  * `corpus_world.ts`) described in English and Chinese:
  *
- * - pretrain: short encyclopedic documents. Every fact is written many times in
- *   varied phrasings, so a tiny model can learn it in minutes.
+ * - pretrain: short encyclopedic documents, one entity each. Every document
+ *   states all of its entity's facts, each in a paraphrase drawn at random
+ *   (five or six per attribute and language) and in a random order, so every
+ *   fact is written many times in varied phrasings: the "knowledge
+ *   augmentation" that Allen-Zhu & Li (Physics of Language Models, Part 3.1,
+ *   arXiv:2309.14316) found makes stored facts extractable by questions.
+ * - pretrainOnce: the same facts stated once each: one document per entity
+ *   and language, one fixed phrasing, one fixed order. The experiment trains
+ *   on it with the same budget to show what augmentation buys.
  * - sft: question/answer conversations (some with a system prompt, some
  *   multi-turn) about a subset of the facts.
  * - heldOut: questions about facts that the pretraining prose states but no
@@ -29,12 +36,15 @@ import type { ChatMessage } from "./tokenizer.ts";
 import {
   ANSWERS,
   type Attribute,
+  ATTRIBUTES,
   type Entity,
   type Fact,
   fill,
   generateWorld,
   INTROS,
   type Language,
+  pronoun,
+  PRONOUN_STATEMENTS,
   QUESTIONS,
   STATEMENTS,
   SYSTEM_PROMPTS,
@@ -63,6 +73,11 @@ export interface HeldOutFact {
   entity: string;
   /** The attribute asked about (`hometown`, `river`, ...). */
   attribute: string;
+  /**
+   * How many distinct values the attribute takes in the world: a guess of the
+   * right kind, uniform over them, is right `1 / choices` of the time.
+   */
+  choices: number;
 }
 
 /** The five parts of the embedded corpus. */
@@ -71,6 +86,8 @@ export interface EmbeddedCorpus {
   pretrain: { text: string }[];
   /** Fresh documents (other phrasings and orders) for pretraining eval loss. */
   pretrainEval: { text: string }[];
+  /** The same facts stated once: one document per entity and language, one phrasing, one order. */
+  pretrainOnce: { text: string }[];
   /** SFT conversations about a subset of the facts. */
   sft: SftRecord[];
   /** Eval conversations with (fact, language, question) combinations `sft` never uses. */
@@ -82,15 +99,13 @@ export interface EmbeddedCorpus {
 /** Sizes of the corpus parts. */
 export const CORPUS_SIZE = {
   /** Documents per entity and language in `pretrain`. */
-  docsPerEntity: 50,
-  /** Travel-guide documents (several towns each) per language in `pretrain`. */
-  guideDocs: 250,
+  docsPerEntity: 80,
   /** Size of `pretrainEval` relative to `pretrain`. */
   evalFraction: 0.05,
   sft: 3000,
   sftEval: 200,
   /** Fraction of each attribute's facts held out of SFT. */
-  heldOutFraction: 0.15,
+  heldOutFraction: 0.25,
   /** Fraction of (fact, language, question) combinations kept for `sftEval` only. */
   sftEvalFraction: 0.1,
 } as const;
@@ -119,20 +134,16 @@ export function embeddedCorpus(seed = DEFAULT_CORPUS_SEED): EmbeddedCorpus {
   const split = splitFacts(world, new Rng(seed + 1));
   const entities = [...world.towns, ...world.people, ...world.creatures];
 
-  const pretrain = writeDocuments(
-    world,
-    entities,
-    CORPUS_SIZE.docsPerEntity,
-    CORPUS_SIZE.guideDocs,
-    new Rng(seed + 2),
-  );
+  const pretrain = writeDocuments(world, entities, CORPUS_SIZE.docsPerEntity, new Rng(seed + 2));
   // Fresh documents from another random stream: other phrasings and orders.
   const pretrainEval = writeDocuments(
     world,
     entities,
     Math.ceil(CORPUS_SIZE.docsPerEntity * CORPUS_SIZE.evalFraction),
-    Math.ceil(CORPUS_SIZE.guideDocs * CORPUS_SIZE.evalFraction),
     new Rng(seed + 3),
+  );
+  const pretrainOnce = entities.flatMap((e) =>
+    (["en", "zh"] as const).map((lang) => onceDocument(world, e, lang))
   );
   const sft = writeConversations(world, split.sftTrain, CORPUS_SIZE.sft, new Rng(seed + 5));
   const sftEval = writeConversations(world, split.sftEval, CORPUS_SIZE.sftEval, new Rng(seed + 6));
@@ -146,12 +157,16 @@ export function embeddedCorpus(seed = DEFAULT_CORPUS_SEED): EmbeddedCorpus {
         language: lang,
         entity: f.entity.name[lang],
         attribute: f.attribute,
+        choices: new Set(
+          world.facts.filter((g) => g.attribute === f.attribute).map((g) => g.value.en),
+        ).size,
       });
     }
   }
   return {
     pretrain: pretrain.map((text) => ({ text })),
     pretrainEval: pretrainEval.map((text) => ({ text })),
+    pretrainOnce: pretrainOnce.map((text) => ({ text })),
     sft,
     sftEval,
     heldOut,
@@ -228,25 +243,15 @@ function join(sentences: string[], lang: Language): string {
 }
 
 /**
- * `perEntity` documents per entity and language (an intro, every fact in a
- * random phrasing and order, and a relation to other entities), plus `guides`
- * travel-guide documents per language that each visit a few towns.
+ * `perEntity` documents per entity and language, shuffled: each an intro and
+ * every fact of the entity in a random phrasing and order.
  */
-function writeDocuments(
-  world: World,
-  entities: Entity[],
-  perEntity: number,
-  guides: number,
-  rng: Rng,
-): string[] {
+function writeDocuments(world: World, entities: Entity[], perEntity: number, rng: Rng): string[] {
   const docs: string[] = [];
   for (let round = 0; round < perEntity; round++) {
     for (const e of entities) {
       for (const lang of ["en", "zh"] as const) docs.push(entityDocument(world, e, lang, rng));
     }
-  }
-  for (let i = 0; i < guides; i++) {
-    for (const lang of ["en", "zh"] as const) docs.push(guideDocument(world, lang, rng));
   }
   rng.shuffle(docs);
   return docs;
@@ -254,58 +259,45 @@ function writeDocuments(
 
 function entityDocument(world: World, e: Entity, lang: Language, rng: Rng): string {
   const intro = fill(pick(rng, INTROS[e.kind][lang]), e.name, e.name, lang, world.valley);
-  const facts = Object.keys(e.values) as Attribute[];
+  const facts = [...ATTRIBUTES[e.kind]];
   rng.shuffle(facts);
-  const body = facts.map((a) => statement(rng, world, e, a, lang));
-  const extra = relation(world, e, lang, rng);
-  if (extra) body.splice(rng.nextInt(body.length + 1), 0, extra);
-  return join([intro, ...body], lang);
+  return join([intro, ...facts.map((a) => statement(rng, world, e, a, lang))], lang);
 }
 
-/** A sentence that ties an entity to another: a town's people or its river's other town. */
-function relation(world: World, e: Entity, lang: Language, rng: Rng): string | undefined {
-  const en = lang === "en";
-  if (e.kind === "town") {
-    if (rng.nextInt(2) === 0) {
-      const locals = world.people.filter((p) => p.values.hometown === e.name);
-      if (locals.length >= 2) {
-        const [a, b] = [locals[0].name[lang], locals[1].name[lang]];
-        return en ? `${a} and ${b} both come from ${e.name.en}.` : `${a}和${b}都来自${e.name.zh}。`;
-      }
-    }
-    const river = e.values.river!;
-    const other = world.towns.find((t) => t !== e && t.values.river === river);
-    if (other) {
-      return en
-        ? `Further along the ${river.en}, the river also passes ${other.name.en}.`
-        : `${river.zh}河往下游还流经${other.name.zh}。`;
-    }
-  }
-  if (e.kind === "person") {
-    const town = world.towns.find((t) => t.name === e.values.hometown)!;
-    return en
-      ? `${town.name.en}, the home of ${e.name.en}, is famous for ${town.values.craft!.en}.`
-      : `${e.name.zh}的家乡${town.name.zh}以${town.values.craft!.zh}闻名。`;
-  }
-  return undefined;
+/**
+ * The entity's one "stated once" document in `lang`: the first intro, then
+ * every fact once in the fixed order of `ATTRIBUTES`. `style` "names": each
+ * fact in its first phrasing, which names the entity; "pronouns": the entity
+ * referred to by a pronoun after the intro (`PRONOUN_STATEMENTS`), as in
+ * Allen-Zhu & Li's bioS single.
+ */
+export function onceDocument(
+  world: World,
+  e: Entity,
+  lang: Language,
+  style: "names" | "pronouns" = ONCE_STYLE,
+): string {
+  const intro = fill(INTROS[e.kind][lang][0], e.name, e.name, lang, world.valley);
+  const p = pronoun(e);
+  const facts = ATTRIBUTES[e.kind].map((a) =>
+    style === "names"
+      ? fill(STATEMENTS[a][lang][0], e.name, e.values[a]!, lang, world.valley)
+      : fill(
+        PRONOUN_STATEMENTS[a][lang].replaceAll("{Pp}", p.enPossessive).replaceAll(
+          "{P}",
+          lang === "en" ? p.en : p.zh,
+        ),
+        e.name,
+        e.values[a]!,
+        lang,
+        world.valley,
+      )
+  );
+  return join([intro, ...facts], lang);
 }
 
-function guideDocument(world: World, lang: Language, rng: Rng): string {
-  const towns = [...world.towns];
-  rng.shuffle(towns);
-  const head = lang === "en"
-    ? `A short guide to the valley of ${world.valley.en}.`
-    : `${world.valley.zh}山谷简明指南。`;
-  const out = [head];
-  for (const t of towns.slice(0, 3)) {
-    const attrs: Attribute[] = ["river", "festival", "craft"];
-    rng.shuffle(attrs);
-    out.push(statement(rng, world, t, attrs[0], lang), statement(rng, world, t, attrs[1], lang));
-  }
-  const c = pick(rng, world.creatures);
-  out.push(statement(rng, world, c, pick(rng, ["fur", "habitat", "food"] as const), lang));
-  return join(out, lang);
-}
+/** How `pretrainOnce` refers to the entity after its intro (`onceDocument`). */
+export const ONCE_STYLE: "names" | "pronouns" = "pronouns";
 
 /**
  * `count` conversations drawn from the allowed question forms: 60% one
@@ -371,6 +363,7 @@ function writeConversations(world: World, asked: Asked[], count: number, rng: Rn
 export const CORPUS_FILES = {
   pretrain: "pretrain.jsonl",
   pretrainEval: "pretrain_eval.jsonl",
+  pretrainOnce: "pretrain_once.jsonl",
   sft: "sft.jsonl",
   sftEval: "sft_eval.jsonl",
   heldOut: "heldout.jsonl",

@@ -283,7 +283,7 @@ export interface World {
 }
 
 /** How many of each thing the world has. */
-export const WORLD_SIZE = { towns: 10, rivers: 5, people: 28, creatures: 8 } as const;
+export const WORLD_SIZE = { towns: 8, rivers: 4, people: 14, creatures: 6 } as const;
 
 /**
  * Builds the world from `rng`: names are 2-3 syllables, distinct, and no name
@@ -393,31 +393,48 @@ export function fill(
 }
 
 /**
- * Statements of a fact, by attribute and language. `{E}` is the entity, `{V}`
- * the value. The animals are named with "the" in English ("the dorabi").
+ * Statements of a fact, by attribute and language: the paraphrases that the
+ * pretraining prose draws from. `{E}` is the entity, `{V}` the value. The
+ * animals are named with "the" in English ("the dorabi"). The first template
+ * of every list names the entity before the value: it is the one phrasing of
+ * the "stated once" prose (`onceDocument` in corpus.ts), and a fact stated
+ * value-first only could not be recalled from the name (the reversal curse).
  */
 export const STATEMENTS: Readonly<Record<Attribute, Record<Language, readonly string[]>>> = {
   river: {
     en: [
-      "The river {V} flows through {E}.",
       "{E} lies on the river {V}.",
+      "The river {V} flows through {E}.",
       "{E} was built on the banks of the {V}.",
       "The town of {E} stands beside the river {V}.",
+      "In {E} you can walk along the river {V}.",
+      "{E} gets its water from the river {V}.",
     ],
-    zh: ["{V}河从{E}流过。", "{E}坐落在{V}河边。", "{E}建在{V}河的岸边。", "{E}镇位于{V}河旁。"],
+    zh: [
+      "{E}坐落在{V}河边。",
+      "{V}河从{E}流过。",
+      "{E}建在{V}河的岸边。",
+      "{E}镇位于{V}河旁。",
+      "在{E}可以沿着{V}河散步。",
+      "{E}的水来自{V}河。",
+    ],
   },
   festival: {
     en: [
-      "Every year in {V}, {E} holds its festival.",
       "The festival of {E} takes place in {V}.",
+      "Every year in {V}, {E} holds its festival.",
       "The people of {E} celebrate their festival in {V}.",
       "In {V} the streets of {E} fill with music for the festival.",
+      "{E} holds its great festival in {V}.",
+      "If you visit {E} in {V}, you will see its festival.",
     ],
     zh: [
-      "每年{V}，{E}都会举行节日。",
       "{E}的节日在{V}举行。",
+      "每年{V}，{E}都会举行节日。",
       "{E}的人们在{V}庆祝他们的节日。",
       "到了{V}，{E}的街上满是节日的音乐。",
+      "{E}在{V}举行盛大的节日。",
+      "如果你在{V}去{E}，就能看到那里的节日。",
     ],
   },
   craft: {
@@ -426,22 +443,35 @@ export const STATEMENTS: Readonly<Record<Attribute, Record<Language, readonly st
       "The most famous craft of {E} is {V}.",
       "Travellers come to {E} to see its {V}.",
       "For many years the people of {E} have been known for {V}.",
+      "The craft that {E} is best known for is {V}.",
+      "Ask anyone about {E} and they will mention its {V}.",
     ],
     zh: [
       "{E}以{V}闻名。",
       "{E}最有名的手艺是{V}。",
       "旅人们来到{E}，是为了看那里的{V}。",
       "多年来，{E}的人们一直以{V}著称。",
+      "说起{E}，人们就会想到{V}。",
+      "{E}的{V}远近闻名。",
     ],
   },
   hometown: {
     en: [
-      "{E} was born in {V}.",
       "{E} comes from {V}.",
+      "{E} was born in {V}.",
       "{E}'s home town is {V}.",
       "{E} grew up in {V}.",
+      "The home town of {E} is {V}.",
+      "{E} spent a childhood in {V}.",
     ],
-    zh: ["{E}出生在{V}。", "{E}来自{V}。", "{E}的家乡是{V}。", "{E}在{V}长大。"],
+    zh: [
+      "{E}来自{V}。",
+      "{E}出生在{V}。",
+      "{E}的家乡是{V}。",
+      "{E}在{V}长大。",
+      "{E}的老家在{V}。",
+      "{E}的童年是在{V}度过的。",
+    ],
   },
   profession: {
     en: [
@@ -449,42 +479,132 @@ export const STATEMENTS: Readonly<Record<Attribute, Record<Language, readonly st
       "{E} is {a V}.",
       "By trade, {E} is {a V}.",
       "{E} earns a living as {a V}.",
+      "{E} has worked as {a V} for many years.",
+      "The job of {E} is to be {a V}.",
     ],
-    zh: ["{E}是一名{V}。", "{E}的职业是{V}。", "{E}靠做{V}谋生。", "{E}是一位{V}。"],
+    zh: [
+      "{E}是一名{V}。",
+      "{E}的职业是{V}。",
+      "{E}靠做{V}谋生。",
+      "{E}是一位{V}。",
+      "{E}做{V}已经很多年了。",
+      "{E}的工作是当{V}。",
+    ],
   },
   colour: {
     en: [
       "{E}'s favourite colour is {V}.",
       "{E} likes {V} more than any other colour.",
       "Of all colours, {E} loves {V} the most.",
+      "{E} often wears {V} because it is the favourite colour.",
+      "The colour that {E} likes best is {V}.",
     ],
-    zh: ["{E}最喜欢的颜色是{V}。", "{E}最喜欢{V}。", "在所有颜色里，{E}最爱{V}。"],
+    zh: [
+      "{E}最喜欢的颜色是{V}。",
+      "{E}最喜欢{V}。",
+      "在所有颜色里，{E}最爱{V}。",
+      "{E}常穿{V}的衣服，因为那是最喜欢的颜色。",
+      "{E}喜欢的颜色是{V}。",
+    ],
   },
   pet: {
-    en: ["{E} has a pet {V}.", "{E} keeps {a V} at home.", "{E} lives with {a V} as a pet."],
-    zh: ["{E}养了一只{V}。", "{E}的宠物是一只{V}。", "{E}家里有一只{V}。"],
+    en: [
+      "{E} has a pet {V}.",
+      "{E} keeps {a V} at home.",
+      "{E} lives with {a V} as a pet.",
+      "The pet of {E} is {a V}.",
+      "Every morning {E} feeds a pet {V}.",
+    ],
+    zh: [
+      "{E}养了一只{V}。",
+      "{E}的宠物是一只{V}。",
+      "{E}家里有一只{V}。",
+      "{E}和一只{V}住在一起。",
+      "每天早上{E}都会喂自己的{V}。",
+    ],
   },
   fur: {
     en: [
       "The {E} has {V} fur.",
       "The fur of the {E} is {V}.",
       "You can tell the {E} by its {V} fur.",
+      "The {E} is covered in {V} fur.",
+      "The coat of the {E} is {V}.",
     ],
-    zh: ["{E}长着{V}的毛。", "{E}的毛是{V}的。", "看到{V}的毛，就知道是{E}。"],
+    zh: [
+      "{E}长着{V}的毛。",
+      "{E}的毛是{V}的。",
+      "看到{V}的毛，就知道是{E}。",
+      "{E}全身都是{V}的毛。",
+      "{E}身上的毛是{V}。",
+    ],
   },
   habitat: {
     en: [
       "The {E} lives in the {V}.",
       "The {E} makes its home in the {V}.",
       "You find the {E} in the {V}.",
+      "The home of the {E} is the {V}.",
+      "The {E} is seldom seen outside the {V}.",
     ],
-    zh: ["{E}生活在{V}里。", "{E}把家安在{V}中。", "在{V}里可以找到{E}。"],
+    zh: [
+      "{E}生活在{V}里。",
+      "{E}把家安在{V}中。",
+      "在{V}里可以找到{E}。",
+      "{E}的家在{V}。",
+      "{E}很少离开{V}。",
+    ],
   },
   food: {
-    en: ["The {E} eats {V}.", "The {E} feeds on {V}.", "The favourite food of the {E} is {V}."],
-    zh: ["{E}吃{V}。", "{E}以{V}为食。", "{E}最爱吃的是{V}。"],
+    en: [
+      "The {E} eats {V}.",
+      "The {E} feeds on {V}.",
+      "The favourite food of the {E} is {V}.",
+      "The {E} spends the day looking for {V}.",
+      "What the {E} likes to eat most is {V}.",
+    ],
+    zh: [
+      "{E}吃{V}。",
+      "{E}以{V}为食。",
+      "{E}最爱吃的是{V}。",
+      "{E}整天都在找{V}吃。",
+      "{E}最喜欢的食物是{V}。",
+    ],
   },
 };
+
+/**
+ * Each fact once, after the entity has been named: the entity is referred to
+ * by a pronoun (`{P}`: "It" for towns and animals, "He" or "She" for people;
+ * `{Pp}`: "Its", "His", "Her"), as in Allen-Zhu & Li's "bioS single"
+ * biographies. Used by the "stated once" prose only.
+ */
+export const PRONOUN_STATEMENTS: Readonly<Record<Attribute, Record<Language, string>>> = {
+  river: { en: "{P} lies on the river {V}.", zh: "{P}坐落在{V}河边。" },
+  festival: { en: "{Pp} festival takes place in {V}.", zh: "{P}的节日在{V}举行。" },
+  craft: { en: "{P} is famous for {V}.", zh: "{P}以{V}闻名。" },
+  hometown: { en: "{P} comes from {V}.", zh: "{P}来自{V}。" },
+  profession: { en: "{P} works as {a V}.", zh: "{P}是一名{V}。" },
+  colour: { en: "{Pp} favourite colour is {V}.", zh: "{P}最喜欢的颜色是{V}。" },
+  pet: { en: "{P} has a pet {V}.", zh: "{P}养了一只{V}。" },
+  fur: { en: "{P} has {V} fur.", zh: "{P}长着{V}的毛。" },
+  habitat: { en: "{P} lives in the {V}.", zh: "{P}生活在{V}里。" },
+  food: { en: "{P} eats {V}.", zh: "{P}吃{V}。" },
+};
+
+/**
+ * The pronoun of an entity: "it" (它) for towns and animals; for a person
+ * "he" (他) or "she" (她), fixed by the name's letters (no random draw, so the
+ * world does not change).
+ */
+export function pronoun(e: Entity): { en: string; enPossessive: string; zh: string } {
+  if (e.kind !== "person") return { en: "It", enPossessive: "Its", zh: "它" };
+  let sum = 0;
+  for (const ch of e.name.en) sum += ch.charCodeAt(0);
+  return sum % 2 === 0
+    ? { en: "He", enPossessive: "His", zh: "他" }
+    : { en: "She", enPossessive: "Her", zh: "她" };
+}
 
 /** Questions about a fact; the held-out questions are made from the first of each list. */
 export const QUESTIONS: Readonly<Record<Attribute, Record<Language, readonly string[]>>> = {
@@ -530,11 +650,14 @@ export const QUESTIONS: Readonly<Record<Attribute, Record<Language, readonly str
   },
 };
 
-/** Answers: a sentence that holds the value. */
+/**
+ * Answers: a sentence that holds the value, the entity named first (as the
+ * question named it) so the answer recalls the value from the name.
+ */
 export const ANSWERS: Readonly<Record<Attribute, Record<Language, readonly string[]>>> = {
   river: {
-    en: ["The river {V} flows through {E}.", "{E} lies on the river {V}."],
-    zh: ["{V}河流经{E}。", "{E}坐落在{V}河边。"],
+    en: ["{E} lies on the river {V}.", "{E} is on the river {V}."],
+    zh: ["{E}坐落在{V}河边。", "{E}在{V}河边。"],
   },
   festival: {
     en: ["The festival of {E} is in {V}.", "{E} holds its festival in {V}."],
@@ -565,8 +688,8 @@ export const ANSWERS: Readonly<Record<Attribute, Record<Language, readonly strin
     zh: ["{E}长着{V}的毛。", "{E}的毛是{V}的。"],
   },
   habitat: {
-    en: ["The {E} lives in the {V}.", "You can find the {E} in the {V}."],
-    zh: ["{E}生活在{V}里。", "在{V}里可以找到{E}。"],
+    en: ["The {E} lives in the {V}.", "The {E} is found in the {V}."],
+    zh: ["{E}生活在{V}里。", "{E}住在{V}里。"],
   },
   food: {
     en: ["The {E} eats {V}.", "The {E} likes to eat {V}."],

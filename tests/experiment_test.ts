@@ -5,6 +5,7 @@
  */
 import {
   assert,
+  assertAlmostEquals,
   assertEquals,
   assertMatch,
   assertRejects,
@@ -14,7 +15,11 @@ import { Gpu } from "../kernels/runtime.ts";
 import { runExperimentCommand } from "../cli/experiment.ts";
 import {
   type ArmResult,
+  augmentationLine,
+  chanceShare,
   countSentences,
+  experimentJson,
+  type ExperimentSettings,
   formatTable,
   normalizeForMatch,
   replyBody,
@@ -146,11 +151,55 @@ Deno.test("statesFact counts only the text before the first special token", () =
 });
 
 const facts: HeldOutFact[] = [
-  { question: "Q1?", answer: "Sipa", language: "en", entity: "Netava", attribute: "river" },
-  { question: "Q2?", answer: "Tova", language: "en", entity: "Medemo", attribute: "river" },
-  { question: "问题？", answer: "西帕", language: "zh", entity: "内塔瓦", attribute: "river" },
-  { question: "Q4?", answer: "May", language: "en", entity: "Kikibo", attribute: "festival" },
+  {
+    question: "Q1?",
+    answer: "Sipa",
+    language: "en",
+    entity: "Netava",
+    attribute: "river",
+    choices: 4,
+  },
+  {
+    question: "Q2?",
+    answer: "Tova",
+    language: "en",
+    entity: "Medemo",
+    attribute: "river",
+    choices: 4,
+  },
+  {
+    question: "问题？",
+    answer: "西帕",
+    language: "zh",
+    entity: "内塔瓦",
+    attribute: "river",
+    choices: 4,
+  },
+  {
+    question: "Q4?",
+    answer: "May",
+    language: "en",
+    entity: "Kikibo",
+    attribute: "festival",
+    choices: 10,
+  },
 ];
+
+/** An arm judged by the rules from hand-made replies, one per fact of `facts`. */
+function judged(arm: string, label: string, replies: string[]): ArmResult {
+  return {
+    arm,
+    label,
+    dir: `out/${arm}`,
+    trainSeconds: 12.34,
+    replies: replies.map((reply, i) => ({
+      fact: facts[i],
+      reply,
+      format: replyFormat(reply),
+      correct: statesFact(reply, facts[i].answer),
+    })),
+  };
+}
 
 Deno.test("sampleIndices mixes languages, in corpus order", () => {
   assertEquals(sampleIndices(facts), [0, 1, 2]);
@@ -191,7 +240,98 @@ Deno.test("summarizeArm and formatTable: shares and verdict counts", () => {
   );
 });
 
-Deno.test("trainer experiment: a shortened run trains three arms and writes the report", async () => {
+Deno.test("chanceShare: the mean of 1 / choices over the questions", () => {
+  assertEquals(chanceShare([]), 0);
+  assertEquals(chanceShare(facts.slice(0, 3)), 0.25);
+  assertAlmostEquals(chanceShare(facts), (3 * 0.25 + 0.1) / 4, 1e-12);
+});
+
+Deno.test("experimentJson: per-arm shares, chance, the augmentation contrast and the settings", () => {
+  const settings: ExperimentSettings = {
+    model: { preset: "tiny", parameters: 123 },
+    stepsPretrain: 10,
+    stepsSft: 5,
+    batchSize: 4,
+    seqLen: 32,
+    seed: 1,
+    corpusSeed: 1234,
+    lrScratch: 5e-4,
+    lrFinetune: 2e-4,
+    maxNewTokens: 8,
+    questions: 4,
+    heldOutTotal: 56,
+  };
+  const c = judged("C", "pretrain + SFT", [
+    "Netava lies on the river Sipa.<|im_end|>", // ok, correct
+    "Medemo lies on the river Tova.<|im_end|>", // ok, correct
+    "内塔瓦坐落在西帕河边。<|im_end|>", // ok, correct
+    "It is in June.<|im_end|>", // ok, wrong
+  ]);
+  const d = judged("D", "once", [
+    "Netava lies on the river Tova.<|im_end|>", // ok, wrong
+    "Medemo lies on the river Tova.<|im_end|>", // ok, correct
+    "西帕", // no-end, correct
+    "It is in June.<|im_end|>", // ok, wrong
+  ]);
+  const json = experimentJson({
+    command: "trainer experiment --json x.json",
+    date: new Date("2026-12-03T07:00:00.123Z"),
+    adapter: "llvmpipe",
+    seconds: 61.26,
+    loadAtStart: 2.5,
+    settings,
+    facts,
+    arms: [c, d],
+  });
+  assertEquals(json.arms["C"], {
+    label: "pretrain + SFT",
+    format: 1,
+    fact: 0.75,
+    both: 0.75,
+    questions: 4,
+    verdicts: { ok: 4 },
+    trainSeconds: 12.3,
+  });
+  assertEquals(json.arms["D"].format, 0.75);
+  assertEquals(json.arms["D"].fact, 0.5);
+  assertEquals(json.arms["D"].both, 0.25);
+  assertEquals(json.augmentation, { paraphrased: 0.75, once: 0.5, differencePoints: 25 });
+  assertEquals(json.date, "2026-12-03T07:00:00Z");
+  assertEquals(json.load, { start: 2.5, end: null });
+  assertEquals(json.seconds, 61.3);
+  assertEquals(json.settings, settings);
+  assertAlmostEquals(json.chance, chanceShare(facts), 1e-12);
+  // Without arm D there is no contrast.
+  assertEquals(
+    experimentJson({
+      ...{ command: "", date: new Date(), adapter: "", seconds: 0 },
+      settings,
+      facts,
+      arms: [c],
+    }).augmentation,
+    null,
+  );
+  // Round-trips through JSON text (no undefined, no NaN).
+  assertEquals(JSON.parse(JSON.stringify(json)), json);
+});
+
+Deno.test("augmentationLine: C against D in points, only when both ran", () => {
+  const c = summarizeArm(
+    judged("C", "c", ["Sipa.<|im_end|>", "Tova.<|im_end|>", "西帕。<|im_end|>", "May.<|im_end|>"]),
+  );
+  const d = summarizeArm(
+    judged("D", "d", ["Sipa.<|im_end|>", "x<|im_end|>", "x<|im_end|>", "x<|im_end|>"]),
+  );
+  assertStringIncludes(augmentationLine([c, d])!, "(C) the model states the fact in 100%");
+  assertStringIncludes(augmentationLine([c, d])!, "(D) in 25%: +75 points");
+  assertStringIncludes(
+    augmentationLine([d, c].map((s) => ({ ...s, arm: s.arm === "C" ? "D" : "C" })))!,
+    "-75 points",
+  );
+  assertEquals(augmentationLine([c]), undefined);
+});
+
+Deno.test("trainer experiment: a shortened run trains four arms and writes the report and JSON", async () => {
   const root = await Deno.makeTempDir({ prefix: "trainer-experiment-test-" });
   const gpu = await Gpu.request();
   try {
@@ -214,14 +354,17 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
       "max-new-tokens": "6",
       out: `${root}/out`,
       report,
+      json: `${root}/results/experiment.json`,
     };
-    const result = await runExperimentCommand({ values, positionals: [] }, {
+    const ran = await runExperimentCommand({ values, positionals: [] }, {
       gpu,
       print: (l) => lines.push(l),
     });
+    assert(ran !== undefined, "a training run returns its results");
+    const result = ran;
     const printed = lines.join("\n");
 
-    assertEquals(result.arms.map((a) => a.arm), ["A", "B", "C"]);
+    assertEquals(result.arms.map((a) => a.arm), ["A", "B", "C", "D"]);
     for (const arm of result.arms) {
       assertEquals(arm.replies.length, 4);
       await Deno.stat(`${arm.dir}/model.safetensors`);
@@ -235,6 +378,27 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
     assertStringIncludes(printed, "[C] 3 steps, batch 4 x 32");
     assertStringIncludes(printed, "lr 0.0002");
     assertStringIncludes(printed, "[B] 3 steps, batch 4 x 32");
+    // D pretrained on the once-stated prose, then fine-tuned from that checkpoint.
+    const onceMetrics = await Deno.readTextFile(`${root}/out/D-pretrain-once/metrics.jsonl`);
+    assert(onceMetrics.length > 0);
+    assertStringIncludes(printed, "pretrain_once.jsonl");
+    assertStringIncludes(printed, "[D] 3 steps, batch 4 x 32");
+
+    // The JSON record: what the run measured, as written.
+    const json = JSON.parse(await Deno.readTextFile(`${root}/results/experiment.json`));
+    assertEquals(json, JSON.parse(JSON.stringify(result.json)));
+    assertEquals(Object.keys(json.arms), ["A", "B", "C", "D"]);
+    for (const s of result.summaries) {
+      assertEquals(json.arms[s.arm].format, s.formatShare);
+      assertEquals(json.arms[s.arm].fact, s.factShare);
+      assertEquals(json.arms[s.arm].both, s.bothShare);
+      assertEquals(json.arms[s.arm].questions, 4);
+    }
+    assertEquals(json.settings.stepsPretrain, 3);
+    assertEquals(json.settings.questions, 4);
+    assertEquals(json.settings.model.modelConfig, modelConfig);
+    assertEquals(json.augmentation.paraphrased, json.arms.C.fact);
+    assertEquals(json.augmentation.once, json.arms.D.fact);
 
     // The table, printed and in the report, with every arm.
     for (const row of ["| A | pretrain only | 4 |", "| B | SFT only, random init | 4 |"]) {
@@ -242,6 +406,8 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
       assertStringIncludes(result.report, row);
     }
     assertStringIncludes(result.report, "| C | pretrain + SFT | 4 |");
+    assertStringIncludes(result.report, "| D | pretrain (each fact stated once) + SFT | 4 |");
+    assertStringIncludes(result.report, "Knowledge augmentation: ");
     // The training table: each arm's last stage with its logged losses.
     assertMatch(result.report, /\| A \| pretrain \| 3 \| \d+\.\d\d \(step \d+\) -> \d+\.\d\d \|/);
     assertMatch(result.report, /\| B \| SFT from random weights \| 3 \| \d/);
@@ -252,13 +418,35 @@ Deno.test("trainer experiment: a shortened run trains three arms and writes the 
     // Samples: three questions, each answered by every arm; the run's facts.
     const samples = written.split("## Sample replies")[1].split("## Run")[0];
     assertEquals(samples.match(/\*\*Q \(/g)?.length, 3);
-    assertEquals(samples.match(/^- \*\*[ABC]\*\*, /gm)?.length, 9);
+    assertEquals(samples.match(/^- \*\*[ABCD]\*\*, /gm)?.length, 12);
     assertStringIncludes(samples, "**Q (zh):");
     assertStringIncludes(written, "trainer experiment --model-config");
     assertStringIncludes(written, "--steps-pretrain 3 --steps-sft 3");
     assertStringIncludes(written, `- adapter: ${gpu.adapterSummary.name}`);
     assertStringIncludes(written, "- run time: ");
     assertStringIncludes(written, "- date: 20");
+
+    // --ask: the same checkpoint asked again, with no training, gives the same replies.
+    const asked: string[] = [];
+    const askJson = `${root}/results/ask.json`;
+    await runExperimentCommand({
+      values: {
+        ask: [result.arms[2].dir],
+        questions: "4",
+        "max-new-tokens": "6",
+        json: askJson,
+      },
+      positionals: [],
+    }, { gpu, print: (l) => asked.push(l) });
+    const c = result.summaries[2];
+    const again = JSON.parse(await Deno.readTextFile(askJson)).arms[result.arms[2].dir];
+    assertEquals([again.format, again.fact, again.both, again.questions], [
+      c.formatShare,
+      c.factShare,
+      c.bothShare,
+      4,
+    ]);
+    assertStringIncludes(asked.join("\n"), `| ${result.arms[2].dir} | asked only | 4 |`);
   } finally {
     gpu.destroy();
     await Deno.remove(root, { recursive: true });
@@ -278,6 +466,11 @@ Deno.test("trainer experiment: bad options are usage errors before any training"
   await assertRejects(
     () => runExperimentCommand({ values: { "steps-sft": "0" }, positionals: [] }),
     UsageError,
+  );
+  await assertRejects(
+    () => runExperimentCommand({ values: { ask: ["out/sft"], "steps-sft": "3" }, positionals: [] }),
+    UsageError,
+    "--ask trains nothing",
   );
   await assertRejects(
     () => runExperimentCommand({ values: {}, positionals: ["extra"] }),

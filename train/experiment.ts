@@ -1,23 +1,29 @@
 /**
  * `trainer experiment`: why LLMs are trained in two stages, measured.
  *
- * Three arms on the embedded corpus, each training stage with the same budget
+ * Four arms on the embedded corpus, each training stage with the same budget
  * (steps, batch, sequence length):
  *
  * - A: pretrain only (next-token prediction on the prose);
  * - B: SFT only, from random weights (`sft --init none`);
  * - C: pretrain, then SFT: A's checkpoint fine-tuned with B's SFT budget, so
- *   C = A + one SFT stage and A's pretraining is not paid for twice.
+ *   C = A + one SFT stage and A's pretraining is not paid for twice;
+ * - D: as C, but pretrained on prose that states each fact once (one
+ *   document per entity and language, one phrasing, one order) instead of
+ *   the paraphrased prose, for the same number of steps: what knowledge
+ *   augmentation (Allen-Zhu & Li, Physics of Language Models, Part 3.1,
+ *   arXiv:2309.14316) does for answering questions.
  *
  * Every arm then answers the held-out questions of the corpus (facts stated
  * in the pretraining prose and never asked in the SFT data), greedily, from
  * the chat template with the generation prompt. Per arm: the share of replies
  * in the assistant format (`replyFormat`) and the share that state the fact
  * (`statesFact`). The table, three sample replies per arm and the settings go
- * to the terminal and to a Markdown report.
+ * to the terminal and to a Markdown report, and on request to a JSON file
+ * (`experimentJson`).
  *
- * The evaluation functions are pure (text in, verdict out) and exported for
- * tests.
+ * The evaluation functions are pure (text in, verdict out), live in
+ * `experiment_score.ts` and are re-exported here.
  *
  * @module
  */
@@ -27,251 +33,40 @@ import { loadCheckpoint } from "../io/checkpoint.ts";
 import { InferenceModel } from "../model/inference.ts";
 import { generate } from "../model/generate.ts";
 import { GREEDY } from "../model/sampling.ts";
-import { embeddedCorpus, type HeldOutFact } from "../data/corpus.ts";
+import {
+  DEFAULT_CORPUS_SEED,
+  embeddedCorpus,
+  type HeldOutFact,
+  writeEmbeddedCorpus,
+} from "../data/corpus.ts";
+import {
+  type ArmResult,
+  type ArmSummary,
+  augmentationLine,
+  chanceShare,
+  CHATML_SPECIAL_TOKENS,
+  type ExperimentJson,
+  experimentJson,
+  type ExperimentSettings,
+  formatTable,
+  MAX_ANSWER_SENTENCES,
+  percent,
+  replyFormat,
+  sampleIndices,
+  showReply,
+  type StageLosses,
+  statesFact,
+  summarizeArm,
+} from "./experiment_score.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import { prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
 import { runPrepared } from "./run.ts";
 import { formatDuration } from "./progress.ts";
 import { readMetrics } from "./metrics.ts";
+import { parameterCount } from "../model/config.ts";
 
-// ---------------------------------------------------------------------------
-// Evaluation: pure functions on reply text.
-// ---------------------------------------------------------------------------
-
-/** The ChatML special tokens: a reply that contains one began a new turn or document. */
-export const CHATML_SPECIAL_TOKENS: readonly string[] = [
-  "<|im_start|>",
-  "<|im_end|>",
-  "<|endoftext|>",
-];
-
-/** The token that closes an assistant turn in ChatML. */
-export const END_OF_TURN = "<|im_end|>";
-
-/**
- * The most sentences an answer may have. The SFT data's replies are one
- * sentence each and the pretraining documents run to three or more, so a
- * reply of three or more sentences is prose continuing a document, not an
- * answer. Two leaves room for an answer plus one remark.
- */
-export const MAX_ANSWER_SENTENCES = 2;
-
-/** Why a reply is, or is not, in the assistant format. */
-export type FormatVerdict =
-  /** An answer: the turn closed with `<|im_end|>`, nothing else wrong. */
-  | "ok"
-  /** No `<|im_end|>` within the token budget (or the reply stopped at another special token first). */
-  | "no-end"
-  /** Nothing said before `<|im_end|>`: no letter or digit, only spaces, newlines or punctuation. */
-  | "empty"
-  /** A special token inside the reply: a new turn (`<|im_start|>`) or document began. */
-  | "new-turn"
-  /** The reply opens with a role name on its own line (`user`, `assistant`, `system`): the template spoken as text. */
-  | "role-header"
-  /** The reply is a question: the user's side of the conversation, continued. */
-  | "question"
-  /** More than `MAX_ANSWER_SENTENCES` sentences: a document continued. */
-  | "document";
-
-/** Sentences of `text`: runs ending in `.`, `!`, `?` (ASCII or full-width `。！？`), or the text's end. */
-export function countSentences(text: string): number {
-  const parts = text.split(/(?<=[.!?。！？])/u).map((s) => s.trim());
-  // A closing mark alone (e.g. the second "." of "..") is no sentence of its own.
-  return parts.filter((s) => /[\p{L}\p{N}]/u.test(s)).length;
-}
-
-/**
- * Whether a generated reply is in the assistant format, and if not, why.
- *
- * `reply` is the decoded text of the generated tokens with special tokens
- * kept (`decode(ids, { skipSpecialTokens: false })`), including the stop
- * token when one ended generation. The rules, in order:
- *
- * 1. it ends with `<|im_end|>` (the model closed its turn within the budget),
- *    else `no-end`;
- * 2. the text before that (the body) contains no special token, else
- *    `new-turn` (an `<|im_start|>` inside means a new turn was opened);
- * 3. the body has a letter or digit, else `empty` (blank lines and a lone
- *    `。` say nothing);
- * 4. its first line is not a bare role name, else `role-header`;
- * 5. its last sentence does not end in `?` / `？`, else `question`;
- * 6. it has at most `MAX_ANSWER_SENTENCES` sentences, else `document`.
- *
- * `specialTokens` is the tokenizer's set (default: ChatML's).
- */
-export function replyFormat(
-  reply: string,
-  specialTokens: readonly string[] = CHATML_SPECIAL_TOKENS,
-): FormatVerdict {
-  if (!reply.endsWith(END_OF_TURN)) return "no-end";
-  const body = reply.slice(0, reply.length - END_OF_TURN.length);
-  if (specialTokens.some((t) => body.includes(t))) return "new-turn";
-  const text = body.trim();
-  if (!/[\p{L}\p{N}]/u.test(text)) return "empty";
-  const firstLine = text.split("\n", 1)[0].trim().toLowerCase();
-  if (["user", "assistant", "system"].includes(firstLine)) return "role-header";
-  if (/[?？]$/u.test(text)) return "question";
-  if (countSentences(text) > MAX_ANSWER_SENTENCES) return "document";
-  return "ok";
-}
-
-/**
- * The reply's text before its first special token: what the model said in
- * this turn (a new turn or document that it began is not part of its answer).
- */
-export function replyBody(
-  reply: string,
-  specialTokens: readonly string[] = CHATML_SPECIAL_TOKENS,
-): string {
-  let end = reply.length;
-  for (const t of specialTokens) {
-    const at = reply.indexOf(t);
-    if (at >= 0 && at < end) end = at;
-  }
-  return reply.slice(0, end);
-}
-
-/**
- * Text for matching: Unicode NFKC (full-width forms to their plain ones),
- * lower case, every run of punctuation, symbols and whitespace to one space.
- */
-export function normalizeForMatch(text: string): string {
-  return text.normalize("NFKC").toLowerCase().replace(/[\p{P}\p{S}\s]+/gu, " ").trim();
-}
-
-const HAN = /\p{Script=Han}/u;
-
-/**
- * Whether `reply` states `answer`: the answer appears in the reply's body
- * (`replyBody`), both normalised with `normalizeForMatch`. An answer with
- * Chinese characters matches as a substring with all spaces removed (Chinese
- * has no word boundaries); any other answer must match whole words, so
- * "red" is not found in "reduced" nor "Sipa" in "Sipanu".
- */
-export function statesFact(
-  reply: string,
-  answer: string,
-  specialTokens: readonly string[] = CHATML_SPECIAL_TOKENS,
-): boolean {
-  const body = normalizeForMatch(replyBody(reply, specialTokens));
-  const want = normalizeForMatch(answer);
-  if (want === "") throw new RangeError("statesFact: the answer is empty after normalisation");
-  if (HAN.test(want)) return body.replace(/ /g, "").includes(want.replace(/ /g, ""));
-  return ` ${body} `.includes(` ${want} `);
-}
-
-/** One arm's replies, judged. */
-export interface ArmResult {
-  /** `A`, `B` or `C`. */
-  arm: string;
-  /** What the arm is, in words. */
-  label: string;
-  /** The checkpoint directory the replies came from. */
-  dir: string;
-  /** Per held-out question, in order: the reply (special tokens kept) and its verdicts. */
-  replies: { fact: HeldOutFact; reply: string; format: FormatVerdict; correct: boolean }[];
-  /** Seconds spent training this arm's last stage. */
-  trainSeconds: number;
-  /** Losses of the arm's last stage, from its metrics.jsonl (undefined when none was logged). */
-  losses?: StageLosses;
-}
-
-/** A training stage's losses as logged. */
-export interface StageLosses {
-  /** Step and loss of the first logged training step. */
-  firstStep: number;
-  first: number;
-  /** The last logged training loss (the stage's last step). */
-  last: number;
-  /** The last held-out loss (pretrain eval prose for A, eval conversations for B and C). */
-  eval?: number;
-}
-
-/** Per-arm shares of the table. */
-export interface ArmSummary {
-  arm: string;
-  label: string;
-  questions: number;
-  /** Share of replies whose format verdict is `ok`. */
-  formatShare: number;
-  /** Share of replies that state the fact. */
-  factShare: number;
-  /** Share that are both: a correct answer in the assistant format. */
-  bothShare: number;
-  /** Count of each format verdict. */
-  verdicts: Partial<Record<FormatVerdict, number>>;
-}
-
-/** Shares of one arm's judged replies. */
-export function summarizeArm(result: ArmResult): ArmSummary {
-  const n = result.replies.length;
-  const share = (k: number) => (n === 0 ? 0 : k / n);
-  const verdicts: Partial<Record<FormatVerdict, number>> = {};
-  for (const r of result.replies) verdicts[r.format] = (verdicts[r.format] ?? 0) + 1;
-  return {
-    arm: result.arm,
-    label: result.label,
-    questions: n,
-    formatShare: share(result.replies.filter((r) => r.format === "ok").length),
-    factShare: share(result.replies.filter((r) => r.correct).length),
-    bothShare: share(result.replies.filter((r) => r.format === "ok" && r.correct).length),
-    verdicts,
-  };
-}
-
-function percent(x: number): string {
-  return `${(100 * x).toFixed(0)}%`;
-}
-
-const VERDICT_ORDER: FormatVerdict[] = [
-  "ok",
-  "no-end",
-  "empty",
-  "new-turn",
-  "role-header",
-  "question",
-  "document",
-];
-
-/** The results table as Markdown (also readable as plain text). */
-export function formatTable(summaries: ArmSummary[]): string {
-  const rows = [
-    "| arm | training | questions | assistant format | states the fact | both | format verdicts |",
-    "|---|---|---:|---:|---:|---:|---|",
-  ];
-  for (const s of summaries) {
-    const verdicts = VERDICT_ORDER.filter((v) => s.verdicts[v]).map((v) => `${v} ${s.verdicts[v]}`)
-      .join(", ");
-    rows.push(
-      `| ${s.arm} | ${s.label} | ${s.questions} | ${percent(s.formatShare)} | ${
-        percent(s.factShare)
-      } | ${percent(s.bothShare)} | ${verdicts} |`,
-    );
-  }
-  return rows.join("\n");
-}
-
-/**
- * The sample questions: the first held-out question in each language, then
- * the next ones in corpus order, `n` in all.
- */
-export function sampleIndices(facts: readonly HeldOutFact[], n = 3): number[] {
-  const picked: number[] = [];
-  for (const lang of ["en", "zh"]) {
-    const i = facts.findIndex((f) => f.language === lang);
-    if (i >= 0 && picked.length < n) picked.push(i);
-  }
-  for (let i = 0; i < facts.length && picked.length < n; i++) {
-    if (!picked.includes(i)) picked.push(i);
-  }
-  return picked.sort((a, b) => a - b);
-}
-
-/** A reply shown on one line: newlines as `\n`, special tokens as they are. */
-function showReply(reply: string): string {
-  return JSON.stringify(reply).slice(1, -1);
-}
+export * from "./experiment_score.ts";
 
 // ---------------------------------------------------------------------------
 // The command.
@@ -283,8 +78,9 @@ export const EXPERIMENT_DEFAULTS = {
   /** Report file name inside `--out` when `--report` is not given. */
   reportName: "experiment.md",
   preset: "tiny",
-  stepsPretrain: 500,
-  stepsSft: 250,
+  // The default commands' budgets: arm C is `deno task pretrain` then `deno task sft`.
+  stepsPretrain: TRAIN_DEFAULTS.pretrain.steps,
+  stepsSft: TRAIN_DEFAULTS.sft.steps,
   batchSize: TRAIN_DEFAULTS.pretrain.batchSize,
   seqLen: TRAIN_DEFAULTS.pretrain.seqLen,
   maxNewTokens: 48,
@@ -297,9 +93,9 @@ export interface ExperimentOptions {
   preset?: string;
   /** ... from a model config file (as `pretrain --model-config`). */
   modelConfig?: string;
-  /** Pretraining steps of A (and so of C). */
+  /** Pretraining steps of A and of D's pretraining (and so of C and D). */
   stepsPretrain?: number;
-  /** SFT steps of B and of C. */
+  /** SFT steps of B, C and D. */
   stepsSft?: number;
   batchSize?: number;
   seqLen?: number;
@@ -307,10 +103,14 @@ export interface ExperimentOptions {
   questions?: number;
   maxNewTokens?: number;
   seed?: number;
+  /** Skip arm D and its pretraining (the augmentation comparison). */
+  noAugmentation?: boolean;
   /** Directory of the checkpoints and the corpus. */
   out?: string;
   /** Where the Markdown report goes (default `<out>/experiment.md`). */
   report?: string;
+  /** Where the JSON record goes (`experimentJson`); none when absent. */
+  json?: string;
   /** The command line, as the report shows it (default: `trainer experiment`). */
   command?: string;
 }
@@ -330,15 +130,23 @@ export interface ExperimentResult {
   /** The Markdown report as written. */
   report: string;
   reportPath: string;
+  /** The JSON record (also written to `json` when asked). */
+  json: ExperimentJson;
   /** Wall time of the whole experiment (training, generation, report). */
   seconds: number;
 }
 
-/** The 1-minute load average, where the system shows it (Linux), else undefined. */
-async function loadAverage(): Promise<number | undefined> {
+/**
+ * The 1-minute load average (`Deno.loadavg`, which needs `--allow-sys=loadavg`;
+ * `deno task experiment` grants it), else undefined.
+ */
+function loadAverage(): number | undefined {
   try {
-    const text = await Deno.readTextFile("/proc/loadavg");
-    const first = Number(text.split(" ")[0]);
+    // Query first: never prompt for the permission in a terminal.
+    if (Deno.permissions.querySync({ name: "sys", kind: "loadavg" }).state !== "granted") {
+      return undefined;
+    }
+    const first = Deno.loadavg()[0];
     return Number.isFinite(first) ? first : undefined;
   } catch {
     return undefined;
@@ -407,6 +215,16 @@ async function askAll(
   }
 }
 
+/** One training stage of the experiment. */
+interface Stage {
+  /** The arm it ends (and is asked), or undefined for D's pretraining. */
+  arm?: string;
+  /** Name in the progress output. */
+  name: string;
+  label: string;
+  options: TrainOptions;
+}
+
 /** Runs the experiment with injectable output; resolves to the results. */
 export async function runExperiment(
   opts: ExperimentOptions,
@@ -446,7 +264,7 @@ export async function runExperiment(
 
   const started = performance.now();
   const date = new Date();
-  const loadAtStart = await loadAverage();
+  const loadAtStart = loadAverage();
   const gpu = io.gpu ?? await Gpu.request();
   try {
     const adapter = gpu.adapterSummary;
@@ -456,6 +274,16 @@ export async function runExperiment(
     const shape: Pick<TrainOptions, "preset" | "modelConfig"> = modelConfig !== undefined
       ? { modelConfig }
       : { preset };
+    // Every stage names its data: the embedded corpus, written once here.
+    const corpusDir = join(out, "data");
+    const { files } = await writeEmbeddedCorpus(corpusDir).catch((e) => {
+      throw new UserError(
+        `cannot write the embedded corpus to ${corpusDir}: ${(e as Error).message}`,
+      );
+    });
+    const pretrainData = { data: [files.pretrain], evalData: [files.pretrainEval] };
+    const onceData = { data: [files.pretrainOnce], evalData: [files.pretrainEval] };
+    const sftData = { data: [files.sft], evalData: [files.sftEval] };
     const common = (steps: number, out: string, lr: number) => ({
       steps,
       batchSize,
@@ -468,6 +296,8 @@ export async function runExperiment(
       A: join(out, "A-pretrain"),
       B: join(out, "B-sft-only"),
       C: join(out, "C-pretrain-sft"),
+      onceA: join(out, "D-pretrain-once"),
+      D: join(out, "D-pretrain-once-sft"),
     };
     // Learning rates: the commands' defaults for what each stage is. A and B
     // both start from random weights, so both train at the from-scratch
@@ -476,37 +306,81 @@ export async function runExperiment(
     // everything (language and format) to learn from its budget.
     const lrScratch = TRAIN_DEFAULTS.pretrain.lr;
     const lrFinetune = TRAIN_DEFAULTS.sft.lr;
-    const stages: { arm: string; label: string; options: TrainOptions }[] = [
+    const stages: Stage[] = [
       {
         arm: "A",
+        name: "arm A",
         label: "pretrain only",
-        options: { kind: "pretrain", ...shape, ...common(stepsPretrain, dirs.A, lrScratch) },
+        options: {
+          kind: "pretrain",
+          ...shape,
+          ...pretrainData,
+          ...common(stepsPretrain, dirs.A, lrScratch),
+        },
       },
       {
         arm: "B",
+        name: "arm B",
         label: "SFT only, random init",
-        options: { kind: "sft", ...shape, ...common(stepsSft, dirs.B, lrScratch), init: null },
+        options: {
+          kind: "sft",
+          ...shape,
+          ...sftData,
+          ...common(stepsSft, dirs.B, lrScratch),
+          init: null,
+        },
       },
       {
         arm: "C",
+        name: "arm C",
         label: "pretrain + SFT",
         // The shape comes from A's checkpoint.
-        options: { kind: "sft", ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
+        options: { kind: "sft", ...sftData, ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
       },
     ];
+    if (!opts.noAugmentation) {
+      stages.push(
+        {
+          name: "arm D, pretraining",
+          label: "pretrain on facts stated once",
+          options: {
+            kind: "pretrain",
+            ...shape,
+            ...onceData,
+            ...common(stepsPretrain, dirs.onceA, lrScratch),
+          },
+        },
+        {
+          arm: "D",
+          name: "arm D",
+          label: "pretrain (each fact stated once) + SFT",
+          options: {
+            kind: "sft",
+            ...sftData,
+            ...common(stepsSft, dirs.D, lrFinetune),
+            init: dirs.onceA,
+          },
+        },
+      );
+    }
 
     const trainSeconds: Record<string, number> = {};
     const losses: Record<string, StageLosses | undefined> = {};
+    let parameters = 0;
     for (const stage of stages) {
-      print(`\n== arm ${stage.arm}: ${stage.label} (${stage.options.kind}) ==`);
+      const data = stage.options.data!.map((f) => f.split("/").pop()).join(", ");
+      print(`\n== ${stage.name}: ${stage.label} (${stage.options.kind} on ${data}) ==`);
       const t0 = performance.now();
-      const armIo = { gpu, print: (line: string) => print(`  [${stage.arm}] ${line}`) };
-      const { status } = await runPrepared(await prepareRun(stage.options, armIo), armIo);
+      const tag = stage.arm ?? "D0";
+      const armIo = { gpu, print: (line: string) => print(`  [${tag}] ${line}`) };
+      const prepared = await prepareRun(stage.options, armIo);
+      parameters = parameterCount(prepared.run.model).total;
+      const { status } = await runPrepared(prepared, armIo);
       if (status !== 0) {
-        throw new UserError(`arm ${stage.arm} stopped before its last step (exit ${status})`);
+        throw new UserError(`${stage.name} stopped before its last step (exit ${status})`);
       }
-      trainSeconds[stage.arm] = (performance.now() - t0) / 1000;
-      losses[stage.arm] = await stageLosses(join(stage.options.out!, "metrics.jsonl"));
+      trainSeconds[tag] = (performance.now() - t0) / 1000;
+      losses[tag] = await stageLosses(join(stage.options.out!, "metrics.jsonl"));
     }
 
     print(
@@ -514,7 +388,8 @@ export async function runExperiment(
     );
     const arms: ArmResult[] = [];
     for (const stage of stages) {
-      const dir = dirs[stage.arm as keyof typeof dirs];
+      if (stage.arm === undefined) continue;
+      const dir = stage.options.out!;
       const t0 = performance.now();
       const { replies, specialTokens } = await askAll(gpu, dir, facts, maxNewTokens);
       arms.push({
@@ -539,8 +414,12 @@ export async function runExperiment(
 
     const summaries = arms.map(summarizeArm);
     const table = formatTable(summaries);
+    const chance = chanceShare(facts);
     const samples = sampleIndices(facts);
     print("\n" + table + "\n");
+    print(`a uniform guess of the right kind would state the fact in ${percent(chance)}`);
+    const augmentation = augmentationLine(summaries);
+    if (augmentation) print(augmentation);
     for (const i of samples) {
       print(`Q (${facts[i].language}): ${facts[i].question}   [answer: ${facts[i].answer}]`);
       for (const a of arms) {
@@ -550,13 +429,40 @@ export async function runExperiment(
     }
 
     const seconds = (performance.now() - started) / 1000;
-    const loadAtEnd = await loadAverage();
+    const loadAtEnd = loadAverage();
+    const command = opts.command ?? "trainer experiment";
+    const settings: ExperimentSettings = {
+      model: { ...(modelConfig !== undefined ? { modelConfig } : { preset }), parameters },
+      stepsPretrain,
+      stepsSft,
+      batchSize,
+      seqLen,
+      seed,
+      corpusSeed: DEFAULT_CORPUS_SEED,
+      lrScratch,
+      lrFinetune,
+      maxNewTokens,
+      questions: facts.length,
+      heldOutTotal: allFacts.length,
+    };
+    const json = experimentJson({
+      command,
+      date,
+      adapter: adapterName,
+      seconds,
+      loadAtStart,
+      loadAtEnd,
+      settings,
+      facts,
+      arms,
+    });
     const report = renderReport({
-      command: opts.command ?? "trainer experiment",
+      command,
       date,
       seconds,
       adapterName,
       shape: modelConfig !== undefined ? `--model-config ${modelConfig}` : `--preset ${preset}`,
+      parameters,
       stepsPretrain,
       stepsSft,
       batchSize,
@@ -571,14 +477,115 @@ export async function runExperiment(
       arms,
       summaries,
       table,
+      chance,
+      augmentation,
       samples,
+      onceSeconds: trainSeconds["D0"],
       loadAtStart,
       loadAtEnd,
     });
     await Deno.mkdir(dirname(reportPath), { recursive: true });
     await Deno.writeTextFile(reportPath, report);
-    print(`\nexperiment done in ${formatDuration(seconds)}; report: ${reportPath}`);
-    return { summaries, arms, report, reportPath, seconds };
+    if (opts.json !== undefined) {
+      await Deno.mkdir(dirname(opts.json), { recursive: true });
+      await Deno.writeTextFile(opts.json, JSON.stringify(json, null, 2) + "\n");
+    }
+    print(
+      `\nexperiment done in ${formatDuration(seconds)}; report: ${reportPath}${
+        opts.json !== undefined ? `; JSON: ${opts.json}` : ""
+      }`,
+    );
+    return { summaries, arms, report, reportPath, json, seconds };
+  } finally {
+    if (!io.gpu) gpu.destroy();
+  }
+}
+
+/** What `askCheckpoints` asks. */
+export interface AskOptions {
+  /** Checkpoint directories, each asked every question. */
+  dirs: string[];
+  /** Ask only the first N held-out questions (default all). */
+  questions?: number;
+  maxNewTokens?: number;
+  /** Where the JSON record goes; none when absent. */
+  json?: string;
+}
+
+/**
+ * Asks trained checkpoints the held-out questions, with no training: the
+ * scoring of the experiment applied to any model (e.g. `out/sft` after the
+ * default `deno task pretrain` and `deno task sft`). Prints the table; the
+ * JSON record, when asked, has one entry per directory under `arms`.
+ */
+export async function askCheckpoints(
+  opts: AskOptions,
+  io: ExperimentIo = {},
+): Promise<{ summaries: ArmSummary[]; arms: ArmResult[] }> {
+  const print = io.print ?? ((line: string) => console.log(line));
+  if (opts.dirs.length === 0) throw new UsageError("--ask needs a checkpoint directory");
+  const maxNewTokens = opts.maxNewTokens ?? EXPERIMENT_DEFAULTS.maxNewTokens;
+  const allFacts = embeddedCorpus().heldOut;
+  const questions = opts.questions ?? allFacts.length;
+  if (!Number.isInteger(questions) || questions < 1 || questions > allFacts.length) {
+    throw new UsageError(
+      `--questions must be a whole number from 1 to ${allFacts.length}, got ${questions}`,
+    );
+  }
+  const facts = allFacts.slice(0, questions);
+  const started = performance.now();
+  const gpu = io.gpu ?? await Gpu.request();
+  try {
+    const arms: ArmResult[] = [];
+    for (const dir of opts.dirs) {
+      const t0 = performance.now();
+      const { replies, specialTokens } = await askAll(gpu, dir, facts, maxNewTokens);
+      arms.push({
+        arm: dir,
+        label: "asked only",
+        dir,
+        trainSeconds: 0,
+        replies: replies.map((reply, i) => ({
+          fact: facts[i],
+          reply,
+          format: replyFormat(reply, specialTokens),
+          correct: statesFact(reply, facts[i].answer, specialTokens),
+        })),
+      });
+      print(
+        `[${dir}] ${facts.length} replies in ${formatDuration((performance.now() - t0) / 1000)}`,
+      );
+    }
+    const summaries = arms.map(summarizeArm);
+    print("\n" + formatTable(summaries) + "\n");
+    print(
+      `a uniform guess of the right kind would state the fact in ${percent(chanceShare(facts))}`,
+    );
+    if (opts.json !== undefined) {
+      const adapter = gpu.adapterSummary;
+      const json = {
+        command: `trainer experiment --ask ${opts.dirs.join(" --ask ")}`,
+        date: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
+        adapter: adapter.name,
+        seconds: Math.round((performance.now() - started) / 100) / 10,
+        maxNewTokens,
+        questions: facts.length,
+        heldOutTotal: allFacts.length,
+        chance: chanceShare(facts),
+        arms: Object.fromEntries(
+          summaries.map((s) => [s.arm, {
+            format: s.formatShare,
+            fact: s.factShare,
+            both: s.bothShare,
+            questions: s.questions,
+            verdicts: s.verdicts,
+          }]),
+        ),
+      };
+      await Deno.mkdir(dirname(opts.json), { recursive: true });
+      await Deno.writeTextFile(opts.json, JSON.stringify(json, null, 2) + "\n");
+    }
+    return { summaries, arms };
   } finally {
     if (!io.gpu) gpu.destroy();
   }
@@ -590,6 +597,7 @@ interface ReportInput {
   seconds: number;
   adapterName: string;
   shape: string;
+  parameters: number;
   stepsPretrain: number;
   stepsSft: number;
   batchSize: number;
@@ -604,10 +612,21 @@ interface ReportInput {
   arms: ArmResult[];
   summaries: ArmSummary[];
   table: string;
+  chance: number;
+  augmentation?: string;
   samples: number[];
+  /** Seconds of D's pretraining, when it ran. */
+  onceSeconds?: number;
   loadAtStart?: number;
   loadAtEnd?: number;
 }
+
+const STAGE_OF: Record<string, string> = {
+  A: "pretrain",
+  B: "SFT from random weights",
+  C: "SFT from A",
+  D: "SFT from D's pretraining",
+};
 
 function renderReport(r: ReportInput): string {
   const lines: string[] = [];
@@ -616,6 +635,13 @@ function renderReport(r: ReportInput): string {
       r.loadAtEnd?.toFixed(2) ?? "?"
     } at the end (other processes on the same CPU slow the run down).`
     : "";
+  const hasD = r.arms.some((a) => a.arm === "D");
+  const times = r.arms.map((a) =>
+    `${
+      a.arm === "A" ? "training A" : a.arm === "C" ? "C's SFT" : a.arm === "D" ? "D's SFT" : a.arm
+    } ${formatDuration(a.trainSeconds)}`
+  );
+  if (r.onceSeconds !== undefined) times.push(`D's pretraining ${formatDuration(r.onceSeconds)}`);
   lines.push(
     "# Pretraining vs SFT: the experiment",
     "",
@@ -624,11 +650,22 @@ function renderReport(r: ReportInput): string {
     "",
     "## Setup",
     "",
-    "Three arms, each training stage with the same budget, on the embedded corpus:",
+    `${
+      hasD ? "Four" : "Three"
+    } arms, each training stage with the same budget, on the embedded corpus:`,
     "",
     "- **A**: pretrain only (next-token prediction on the prose).",
     "- **B**: SFT only, from random weights (`trainer sft --init none`).",
     "- **C**: pretrain, then SFT: A's checkpoint fine-tuned with the same SFT budget as B.",
+    ...(hasD
+      ? [
+        "- **D**: as C, but pretrained (same steps) on prose that states each fact once: one",
+        "  document per entity and language, every fact in one fixed phrasing and order",
+        "  (`pretrain_once.jsonl`). A's prose states every fact in every document, each time in a",
+        "  phrasing drawn from five or six and in a shuffled order: the knowledge augmentation",
+        "  of Allen-Zhu & Li, *Physics of Language Models, Part 3.1* (arXiv:2309.14316).",
+      ]
+      : []),
     "",
     `Each arm is then asked ${r.questions} held-out questions${
       r.questions < r.heldOutTotal ? ` (the first ${r.questions} of ${r.heldOutTotal})` : ""
@@ -653,23 +690,28 @@ function renderReport(r: ReportInput): string {
     "",
     r.table,
     "",
+    `Chance: a uniform guess among the distinct values that the asked attribute takes in the world's`,
+    `facts would state the fact in ${percent(r.chance)} of these questions.`,
+    ...(r.augmentation
+      ? ["", `Knowledge augmentation: ${r.augmentation.replace(/^knowledge augmentation: /, "")}.`]
+      : []),
+    "",
     "Training (cross-entropy per target token; SFT counts assistant tokens only):",
     "",
     "| arm | last stage | steps | train loss | held-out loss | time |",
     "|---|---|---:|---|---:|---:|",
-    ...r.arms.map((a, i) => {
+    ...r.arms.map((a) => {
       const l = a.losses;
-      const stage = i === 0 ? "pretrain" : i === 1 ? "SFT from random weights" : "SFT from A";
-      const steps = i === 0 ? r.stepsPretrain : r.stepsSft;
+      const steps = a.arm === "A" ? r.stepsPretrain : r.stepsSft;
       const train = l ? `${l.first.toFixed(2)} (step ${l.firstStep}) -> ${l.last.toFixed(2)}` : "-";
       const held = l?.eval !== undefined ? l.eval.toFixed(2) : "-";
-      return `| ${a.arm} | ${stage} | ${steps} | ${train} | ${held} | ${
+      return `| ${a.arm} | ${STAGE_OF[a.arm] ?? a.arm} | ${steps} | ${train} | ${held} | ${
         formatDuration(a.trainSeconds)
       } |`;
     }),
     "",
-    "A's held-out loss is on fresh prose (`pretrain_eval.jsonl`), B's and C's on conversations",
-    "never trained on (`sft_eval.jsonl`): compare B with C, not with A.",
+    "A's held-out loss is on fresh prose (`pretrain_eval.jsonl`), B's, C's and D's on",
+    "conversations never trained on (`sft_eval.jsonl`): compare B, C and D, not with A.",
     "",
     "## Sample replies",
     "",
@@ -701,15 +743,17 @@ function renderReport(r: ReportInput): string {
     "",
     `- date: ${r.date.toISOString().replace(/\.\d+Z$/, "Z")}`,
     `- adapter: ${r.adapterName}`,
-    `- run time: ${formatDuration(r.seconds)} in all (training A ${
-      formatDuration(r.arms[0].trainSeconds)
-    }, B ${formatDuration(r.arms[1].trainSeconds)}, C's SFT ${
-      formatDuration(r.arms[2].trainSeconds)
+    `- run time: ${formatDuration(r.seconds)} in all (${
+      times.join(", ")
     }; the rest is generation).${load}`,
-    `- model: ${r.shape}; seed ${r.seed}`,
+    `- model: ${r.shape} (${(r.parameters / 1e6).toFixed(2)}M parameters); seed ${r.seed}`,
     `- budget per stage: pretraining ${r.stepsPretrain} steps, SFT ${r.stepsSft} steps; batch ${r.batchSize} x ${r.seqLen} tokens`,
-    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): A's pretraining and B's SFT ${r.lrScratch} (both start from random weights), C's SFT ${r.lrFinetune} (fine-tuning at a lower rate; ours: MiniMind's full SFT uses 1e-5)`,
-    `- checkpoints: ${r.out}/A-pretrain, ${r.out}/B-sft-only, ${r.out}/C-pretrain-sft (each with metrics.jsonl and loss.svg)`,
+    `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): pretraining and B's SFT ${r.lrScratch} (from random weights), C's${
+      hasD ? " and D's" : ""
+    } SFT ${r.lrFinetune} (fine-tuning at a lower rate; MiniMind's full SFT uses 1e-5)`,
+    `- checkpoints: ${r.arms.map((a) => a.dir).join(", ")}${
+      hasD ? `, ${r.out}/D-pretrain-once` : ""
+    } (each with metrics.jsonl and loss.svg); the corpus in ${r.out}/data`,
     "",
   );
   return lines.join("\n");

@@ -48,8 +48,8 @@ export type TrainKind = "pretrain" | "sft" | "dpo";
 
 /** Defaults per kind. MiniMind: AdamW 0.9/0.999, eps 1e-8, cosine to 0.1 x lr, clip 1.0. */
 export const TRAIN_DEFAULTS = {
-  pretrain: { lr: 5e-4, out: "out/pretrain", steps: 600, batchSize: 16, seqLen: 128 },
-  sft: { lr: 2e-4, out: "out/sft", steps: 300, batchSize: 16, seqLen: 128 },
+  pretrain: { lr: 5e-4, out: "out/pretrain", steps: 500, batchSize: 16, seqLen: 128 },
+  sft: { lr: 2e-4, out: "out/sft", steps: 200, batchSize: 16, seqLen: 128 },
   /**
    * batchSize counts pairs (2 rows each). MiniMind's DPO rate, 4e-8, is for
    * its 100M-token preference set on a large model; the embedded set and the
