@@ -415,11 +415,11 @@ Deno.test({
     assertEquals(train.length, 6);
     assertClose([train[0].loss], [Math.LN2], { atol: 1e-6, rtol: 0 }, "step 1: policy = reference");
     assertEquals(train[0].reward_margin, 0);
-    const last = train.at(-1)!;
-    assert(last.reward_margin! > 0, `margin grows: ${last.reward_margin}`);
-    assert(last.loss < Math.LN2, `loss falls: ${last.loss}`);
+    // One step's 2 pairs are noisy; the held-out set (128 pairs) shows the trend.
     const evals = records.filter((r) => r.split === "eval");
     assertEquals(evals.map((r) => r.step), [6]);
+    assert(evals[0].reward_margin! > 0, `held-out margin grows: ${evals[0].reward_margin}`);
+    assert(evals[0].loss < Math.LN2, `held-out loss falls below ln 2: ${evals[0].loss}`);
     assert(evals[0].reward_accuracy !== undefined && evals[0].perplexity === undefined);
     const text = lines.join("\n");
     assertStringIncludes(text, "dpo: beta 0.1, frozen reference");
