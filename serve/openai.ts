@@ -545,13 +545,21 @@ export function textCompletionChunk(
 }
 
 /** One entry of `GET /v1/models`. */
-export function modelObject(id: string, created: number): Json {
-  return { id, object: "model", created, owned_by: "trainer" };
+export function modelObject(id: string, created: number, contextLength?: number): Json {
+  // context_length (as vLLM's max_model_len, under the name other servers use):
+  // prompt + reply positions, so a client can size max_tokens and its history.
+  return {
+    id,
+    object: "model",
+    created,
+    owned_by: "trainer",
+    ...(contextLength ? { context_length: contextLength } : {}),
+  };
 }
 
 /** `GET /v1/models`. */
-export function modelList(id: string, created: number): Json {
-  return { object: "list", data: [modelObject(id, created)] };
+export function modelList(id: string, created: number, contextLength?: number): Json {
+  return { object: "list", data: [modelObject(id, created, contextLength)] };
 }
 
 /** One Server-Sent Event carrying `data` as JSON (or the literal `[DONE]`). */

@@ -75,6 +75,7 @@ const $ = (id) => document.getElementById(id);
 const messages = $("messages"), input = $("input"), temperature = $("temperature");
 const history = [];
 let model = null;
+let contextLength = 0; // prompt + reply positions, from /v1/models (0: unknown)
 let controller = null;
 // Bumped by Reset, so a reply cut by it does not land in the new conversation.
 let epoch = 0;
@@ -100,7 +101,9 @@ async function loadModel() {
   try {
     const res = await fetch("/v1/models", { headers: headers() });
     if (!res.ok) { status(await errorMessage(res)); return; }
-    model = (await res.json()).data[0].id;
+    const entry = (await res.json()).data[0];
+    model = entry.id;
+    contextLength = entry.context_length || 0;
     $("model").textContent = "\\u00b7 " + model;
     status("ready");
   } catch (e) { status("cannot reach the server: " + e.message); }
@@ -155,14 +158,29 @@ async function send() {
   status("generating");
   let reply = "";
   try {
-    const res = await fetch("/v1/chat/completions", {
-      method: "POST",
-      headers: headers(),
-      signal: controller.signal,
-      body: JSON.stringify({
-        model, messages: history, stream: true, temperature: Number(temperature.value),
-      }),
-    });
+    // A reply may take a quarter of the context; when the conversation outgrows
+    // the rest, the oldest turns are left out of the prompt (they stay on screen).
+    let res;
+    let first = 0;
+    while (true) {
+      res = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: headers(),
+        signal: controller.signal,
+        body: JSON.stringify({
+          model, messages: history.slice(first), stream: true,
+          temperature: Number(temperature.value),
+          ...(contextLength ? { max_tokens: Math.max(1, Math.floor(contextLength / 4)) } : {}),
+        }),
+      });
+      if (res.status === 413 && first + 2 < history.length) {
+        await res.body?.cancel();
+        first += 2; // one user turn and its reply
+        status("generating (oldest turns left out to fit the context)");
+        continue;
+      }
+      break;
+    }
     if (!res.ok) throw new Error(await errorMessage(res));
     let finished = false;
     for await (const data of events(res.body)) {

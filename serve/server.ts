@@ -416,13 +416,13 @@ export function createHandler(opts: ServerOptions): Handler {
     if (path === "/v1" || path.startsWith("/v1/")) await authorize(req);
     if (path === "/v1/models") {
       allow("GET");
-      return json(modelList(modelName, created));
+      return json(modelList(modelName, created, opts.engine.capacity));
     }
     if (path.startsWith("/v1/models/")) {
       allow("GET");
       const id = decodeURIComponent(path.slice("/v1/models/".length));
       checkModel(id);
-      return json(modelObject(modelName, created));
+      return json(modelObject(modelName, created, opts.engine.capacity));
     }
     if (path === "/v1/chat/completions") {
       allow("POST");
