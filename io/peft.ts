@@ -36,6 +36,7 @@ import { tensorNames } from "../model/params.ts";
 import { readSafetensors, type TensorToWrite, writeSafetensors } from "./safetensors.ts";
 import { jsonBytes, replaceDirectory, stateJson } from "./checkpoint.ts";
 import { UserError } from "../util/errors.ts";
+import { exists } from "../util/fs.ts";
 
 /** File names of an adapter directory. */
 export const ADAPTER_FILES = {
@@ -162,15 +163,6 @@ async function readJsonObject(path: string, hint: string): Promise<Record<string
     throw new UserError(`${path}: not a JSON object`);
   }
   return data as Record<string, unknown>;
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Options of `loadAdapter`. */

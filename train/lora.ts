@@ -27,6 +27,7 @@ import { TextTokenizer } from "../data/tokenizer.ts";
 import { formatBytes } from "../kernels/runtime.ts";
 import { UserError } from "../util/errors.ts";
 import type { RunStart, TrainerState } from "./loop.ts";
+import { exists } from "../util/fs.ts";
 
 /** A LoRA run's settings, saved in `trainer_state.json` with the rest of the run. */
 export interface LoraRun {
@@ -50,15 +51,6 @@ export function completeLoraConfig(asked: Partial<LoraConfig>): LoraConfig {
   };
   validateLoraConfig(c, "LoRA settings");
   return c;
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Where a LoRA run starts: the base weights, and the adapter (fresh, or the saved one on resume). */

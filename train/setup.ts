@@ -39,6 +39,7 @@ import type { RunConfig, RunStart, TrainerState } from "./loop.ts";
 import { peakFlopsFor } from "./peak.ts";
 import type { LoraConfig } from "../model/lora.ts";
 import { LORA_RUN_DEFAULTS, type LoraRun, loraStartingPoint } from "./lora.ts";
+import { exists } from "../util/fs.ts";
 
 /**
  * What a run trains on: plain text, conversations with the assistant-only
@@ -192,15 +193,6 @@ export interface PreparedRun {
   peakFlops?: number;
   /** Whether this continues a saved run. */
   resumed: boolean;
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /**
