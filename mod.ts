@@ -69,6 +69,7 @@ export {
 } from "./model/train_model.ts";
 /** Low-rank adapters (LoRA): settings, layout with PEFT names, init, merge. */
 export {
+  type FusedProjection,
   initLora,
   LORA_DEFAULTS,
   LORA_TARGETS,
@@ -77,6 +78,7 @@ export {
   loraLayout,
   loraParameterCount,
   loraScale,
+  type LoraSite,
   type LoraTarget,
   mergeLora,
   PEFT_MODULES,
@@ -132,7 +134,12 @@ export {
  * Any model a command loads: a checkpoint directory, or a PyTorch `.pth`
  * state dict (MiniMind's), its shape read from the tensors or given.
  */
-export { type LoadedModel, loadModel, type LoadModelOptions } from "./io/model_files.ts";
+export {
+  type LoadedModel,
+  loadModel,
+  type LoadModelOptions,
+  type TokenizerFiles as ModelTokenizerFiles,
+} from "./io/model_files.ts";
 /** A model shape asked for by preset name or config file. */
 export { type RequestedShape, requestedShape } from "./io/model_config.ts";
 /** PyTorch `.pth` state dicts, read without running their pickles. */
@@ -178,7 +185,9 @@ export {
   type SampleOrigin,
 } from "./data/stream.ts";
 /** The two kinds of training data. */
-export { type DataKind } from "./data/sources.ts";
+/** A LoRA run's settings as a checkpoint records them. */
+export { type LoraRun } from "./train/lora.ts";
+export { type DataKind, type RecordWhere } from "./data/sources.ts";
 /** The manifest of pre-tokenized shards (`trainer tokenize`). */
 export { type ShardManifest } from "./data/shards.ts";
 /** SFT rendering (MiniMind's tool and reasoning records included) and the assistant-only loss mask. */
@@ -279,6 +288,7 @@ export {
   chatPromptIds,
   fitConversation,
   type GenerationModel,
+  type GenerationModelOptions,
   loadGenerationModel,
   resolveMaxNewTokens,
   resolveSampling,
@@ -286,7 +296,10 @@ export {
   textPromptIds,
   TokenStreamer,
 } from "./infer/session.ts";
-export { type EngineOptions, ServeEngine } from "./serve/engine.ts";
+export { type EngineOptions, type Job, type RunResult, ServeEngine } from "./serve/engine.ts";
+export { type FinishReason, type GenerationParams } from "./serve/openai.ts";
+export { type Release, SlotQueue } from "./serve/queue.ts";
+export { type EnvReader } from "./dist/mpi.ts";
 export {
   createHandler,
   type Handler,
