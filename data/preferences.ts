@@ -39,7 +39,9 @@ import { DEFAULT_CORPUS_SEED } from "./corpus.ts";
 
 /** One DPO record, MiniMind's format: the same prompt answered well and badly. */
 export interface PreferenceRecord {
+  /** The conversation ending in the preferred answer. */
   chosen: ChatMessage[];
+  /** The same conversation ending in the worse answer. */
   rejected: ChatMessage[];
 }
 

@@ -494,7 +494,9 @@ function parseTurns(
 
 /** A preference pair: the same prompt answered well (`chosen`) and badly (`rejected`). */
 export interface DpoRecord {
+  /** The conversation ending in the preferred answer. */
   chosen: SftMessage[];
+  /** The same conversation ending in the worse answer. */
   rejected: SftMessage[];
 }
 

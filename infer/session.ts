@@ -27,7 +27,9 @@ export const DEFAULT_CHAT_CONTEXT = 2048;
 
 /** A checkpoint and its tokenizer, ready to generate. */
 export interface GenerationModel {
+  /** The loaded checkpoint: config, parameters and generation settings. */
   ckpt: LoadedModel;
+  /** The tokenizer: the checkpoint's, or the one given instead. */
   tokenizer: TextTokenizer;
   /** The directory (or state dict file) it was loaded from. */
   dir: string;
@@ -216,6 +218,10 @@ export class TokenStreamer {
   #stop: Set<number>;
   #write: (text: string) => Promise<void> | void;
 
+  /**
+   * Decodes with `tokenizer` and hands each piece of text to `write`; ids in
+   * `stop` are not written; `opts.skipSpecialTokens` leaves out special tokens.
+   */
   constructor(
     tokenizer: TextTokenizer,
     stop: Iterable<number>,

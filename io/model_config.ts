@@ -18,6 +18,7 @@ import { parse as parseJsonc, type ParseError } from "jsonc-parser";
 
 /** A requested shape and where it came from. */
 export interface RequestedShape {
+  /** The model shape asked for. */
   config: ModelConfig;
   /** Whether the request names the vocabulary (a preset's does not count: it follows the data). */
   setsVocab: boolean;

@@ -43,7 +43,9 @@ import { UserError } from "../util/errors.ts";
 
 /** The tokenizer files' contents, as a checkpoint holds them. */
 export interface TokenizerFiles {
+  /** `tokenizer.json`'s text. */
   tokenizerJson: string;
+  /** `tokenizer_config.json`'s text. */
   tokenizerConfigJson: string;
 }
 

@@ -13,13 +13,15 @@
 export interface DpoReferenceResult {
   /** Mean over counted pairs of -log σ(β((π_c - ρ_c) - (π_r - ρ_r))). */
   loss: number;
-  /** Means over counted pairs of β (π - ρ) for the chosen and the rejected answers. */
+  /** Mean over counted pairs of β (π - ρ) for the chosen answers. */
   chosenReward: number;
+  /** Mean over counted pairs of β (π - ρ) for the rejected answers. */
   rejectedReward: number;
   /** Share of counted pairs whose chosen reward exceeds the rejected one. */
   accuracy: number;
-  /** Per-sequence masked log-probabilities `[S]` of the policy and the reference. */
+  /** Per-sequence masked log-probabilities `[S]` of the policy. */
   policyLogp: Float64Array;
+  /** Per-sequence masked log-probabilities `[S]` of the reference. */
   referenceLogp: Float64Array;
   /** Pairs that count (both sequences have a masked-in target). */
   pairs: number;

@@ -14,6 +14,7 @@ import { Rng } from "../util/random.ts";
 export interface GenerateOptions {
   /** Most tokens to generate. */
   maxNewTokens: number;
+  /** How each token is chosen: temperature, top-k, top-p, repetition penalty. */
   sampling: SamplingOptions;
   /** The random draws (unused at temperature 0). */
   rng?: Rng;
@@ -38,8 +39,9 @@ export interface GenerateResult {
    * and generated tokens fill the cache.
    */
   finish: "stop" | "length" | "capacity";
-  /** Prompt tokens and the prefill's wall time. */
+  /** Number of prompt tokens prefilled. */
   promptTokens: number;
+  /** Wall time of the prefill in milliseconds, until its logits are read. */
   prefillMs: number;
   /** Wall time of the decode steps (every token after the first). */
   decodeMs: number;

@@ -36,6 +36,7 @@ export interface TensorSlot {
   offset: number;
   /** Number of floats. */
   size: number;
+  /** Row-major shape, as in the checkpoint (linear weights `[out, in]`). */
   shape: number[];
   /** Whether AdamW decays it. */
   decay: boolean;
@@ -43,21 +44,29 @@ export interface TensorSlot {
 
 /** A range of floats `[offset, offset + size)`. */
 export interface FloatRange {
+  /** First float of the range. */
   offset: number;
+  /** Number of floats in the range. */
   size: number;
 }
 
 /** The fused weights of one layer, as ranges of the flat buffer. */
 export interface LayerSlots {
+  /** RMSNorm weight before attention `[H]`. */
   inputNorm: FloatRange;
   /** `[Wq; Wk; Wv]`: `[nH*hd + 2 nKV*hd, H]`. */
   qkv: FloatRange;
+  /** Output projection `[H, nH*hd]`. */
   o: FloatRange;
+  /** Per-head RMSNorm weight of the queries `[hd]` (QK-norm models only). */
   qNorm?: FloatRange;
+  /** Per-head RMSNorm weight of the keys `[hd]` (QK-norm models only). */
   kNorm?: FloatRange;
+  /** RMSNorm weight before the MLP `[H]`. */
   postNorm: FloatRange;
   /** `[Wgate; Wup]`: `[2 I, H]`. */
   gateUp: FloatRange;
+  /** MLP down projection `[H, I]`. */
   down: FloatRange;
 }
 
@@ -71,8 +80,11 @@ export interface ParamLayout {
   runs: (FloatRange & { decay: boolean })[];
   /** By role: the embedding (= head when tied), per-layer fused weights, final norm, head. */
   embed: FloatRange;
+  /** Per-layer fused weights and norms, in layer order. */
   layers: LayerSlots[];
+  /** Final RMSNorm weight `[H]`. */
   norm: FloatRange;
+  /** The output head `[V, H]`: the same range as `embed` when the head is tied. */
   head: FloatRange;
 }
 

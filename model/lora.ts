@@ -134,7 +134,9 @@ export type FusedProjection = "qkv" | "o" | "gateUp" | "down";
 
 /** One adapted projection of one layer: its tensors and where its delta goes. */
 export interface LoraSite {
+  /** Decoder layer index (0-based). */
   layer: number;
+  /** The adapted projection, e.g. `q`. */
   target: LoraTarget;
   /** The fused projection whose output holds this target's columns. */
   proj: FusedProjection;
@@ -142,18 +144,21 @@ export interface LoraSite {
   inDim: number;
   /** Output features (B's rows): the width of its column slice. */
   outDim: number;
-  /** First column of the slice in the fused output, and that output's row length. */
+  /** First column of the slice in the fused output. */
   colOffset: number;
+  /** Row length of the fused output (its leading dimension). */
   ld: number;
   /** The base weight's Hugging Face name. */
   baseName: string;
-  /** A `[r, in]` and B `[out, r]` in the adapter's flat buffer. */
+  /** A `[r, in]` in the adapter's flat buffer. */
   a: TensorSlot;
+  /** B `[out, r]` in the adapter's flat buffer. */
   b: TensorSlot;
 }
 
 /** Every adapter tensor of a model in one flat buffer (the optimizer's view), and its sites. */
 export interface LoraLayout {
+  /** The adapter's rank, scaling, dropout and targets. */
   config: LoraConfig;
   /** Floats in the buffer (gaps included). */
   floats: number;
@@ -161,6 +166,7 @@ export interface LoraLayout {
   tensors: TensorSlot[];
   /** One range, decayed (A and B are matrices). */
   runs: (FloatRange & { decay: boolean })[];
+  /** Every adapted projection, per layer per target. */
   sites: LoraSite[];
 }
 

@@ -64,19 +64,25 @@ function spec(name: string, shape: number[], init: ParamInit): ParamSpec {
 export interface LayerTensors<T> {
   /** RMSNorm weight before attention `[H]`. */
   inputNorm: T;
-  /** Projections: q `[nH*hd, H]`, k and v `[nKV*hd, H]`, o `[H, nH*hd]`. */
+  /** Query projection `[nH*hd, H]`. */
   q: T;
+  /** Key projection `[nKV*hd, H]`. */
   k: T;
+  /** Value projection `[nKV*hd, H]`. */
   v: T;
+  /** Output projection `[H, nH*hd]`. */
   o: T;
-  /** Per-head RMSNorm weights `[hd]` (QK-norm models only). */
+  /** Per-head RMSNorm weight of the queries `[hd]` (QK-norm models only). */
   qNorm?: T;
+  /** Per-head RMSNorm weight of the keys `[hd]` (QK-norm models only). */
   kNorm?: T;
   /** RMSNorm weight before the MLP `[H]`. */
   postNorm: T;
-  /** MLP: gate and up `[I, H]`, down `[H, I]`. */
+  /** MLP gate projection `[I, H]`. */
   gate: T;
+  /** MLP up projection `[I, H]`. */
   up: T;
+  /** MLP down projection `[H, I]`. */
   down: T;
 }
 
@@ -84,6 +90,7 @@ export interface LayerTensors<T> {
 export interface ModelTensors<T> {
   /** Token embedding `[V, H]`. */
   embed: T;
+  /** The decoder layers' tensors, in layer order. */
   layers: LayerTensors<T>[];
   /** Final RMSNorm weight `[H]`. */
   norm: T;

@@ -61,7 +61,9 @@ export interface OptimizedParameters {
 
 /** AdamW's moments by tensor name (what `optimizer.safetensors` holds). */
 export interface AdamWState {
+  /** First moments (running means of the gradients), shaped like each tensor. */
   m: Map<string, Float32Array>;
+  /** Second moments (running means of the squared gradients), shaped like each tensor. */
   v: Map<string, Float32Array>;
 }
 

@@ -42,12 +42,17 @@ export interface EngineOptions {
 
 /** A request ready to run: prompt ids and settings resolved against the defaults. */
 export interface Job {
+  /** The prompt's token ids. */
   prompt: number[];
   /** Chat replies also end at `<|im_end|>`. */
   chat: boolean;
+  /** Most tokens to generate: the request's or the default, capped by the cache's room. */
   maxTokens: number;
+  /** The request's sampling fields over the defaults. */
   sampling: SamplingOptions;
+  /** uint32 seed of the sampling draws (the request's, else random). */
   seed: number;
+  /** Stop strings: the reply ends before the first one that appears. */
   stop: string[];
 }
 
@@ -55,7 +60,9 @@ export interface Job {
 export interface RunResult {
   /** The reply (without a stop string or what followed it). */
   text: string;
+  /** `stop`: a stop id or string ended it (or it was cancelled); `length`: the token budget or a full cache. */
   finish: FinishReason;
+  /** Tokens in the prompt. */
   promptTokens: number;
   /** Tokens generated, a stop id included (they were computed and count as the reply's). */
   completionTokens: number;

@@ -57,6 +57,7 @@ export const MAX_BODY_BYTES = 4 * 1024 * 1024;
 
 /** Settings of the request handler. */
 export interface ServerOptions {
+  /** The served model: plans and runs each request. */
   engine: ServeEngine;
   /** The id `GET /v1/models` lists and requests must name. */
   modelName: string;

@@ -37,6 +37,7 @@ export class DataParallel {
    */
   lastReduce = { ms: 0, totalMs: 0, bytes: 0 };
 
+  /** Data parallelism over the ranks of `comm`. */
   constructor(comm: Communicator) {
     this.comm = comm;
   }

@@ -37,24 +37,43 @@ import { saveAdapter } from "../io/peft.ts";
 
 /** Every setting of a run; saved in `trainer_state.json` so a resume can check it. */
 export interface RunConfig {
+  /** Which training this is: pretraining, supervised fine-tuning or preference optimization. */
   kind: "pretrain" | "sft" | "dpo";
+  /** The model's shape (Hugging Face config fields). */
   model: ModelConfig;
+  /** Optimizer steps the run trains for in all (a resume continues up to it). */
   steps: number;
+  /** Rows per micro-batch on each rank (DPO: preference pairs, 2 rows each). */
   batchSize: number;
+  /** Tokens per row. */
   seqLen: number;
+  /** Micro-batches accumulated into each optimizer step (at least 1). */
   accum: number;
+  /** Peak learning rate, reached after the warmup. */
   lr: number;
+  /** The cosine schedule's final rate as a share of `lr` (0 to 1; 1: constant). */
   minLrRatio: number;
+  /** Steps of linear warmup from 0 to `lr` (0: none). */
   warmupSteps: number;
+  /** AdamW's decoupled weight decay. */
   weightDecay: number;
+  /** AdamW's first-moment decay rate (below 1). */
   beta1: number;
+  /** AdamW's second-moment decay rate (below 1). */
   beta2: number;
+  /** AdamW's epsilon, added to the root of the second moment. */
   adamEps: number;
+  /** Clip the gradients' global L2 norm to this (0: no clipping). */
   gradClip: number;
+  /** Random seed: data order, initial weights, LoRA adapter (default 42). */
   seed: number;
+  /** Log the training loss every this many steps (and at the last). */
   logEvery: number;
+  /** Evaluate on `evalData` every this many steps (and at the last). */
   evalEvery: number;
+  /** Save a checkpoint every this many steps (and at the last, or on interrupt). */
   saveEvery: number;
+  /** Output directory: checkpoint (or adapter), `metrics.jsonl`, `loss.svg`. */
   out: string;
   /** Held-out data evaluated during the run (kept so a resume evaluates the same). */
   evalData: string[];
@@ -77,12 +96,15 @@ export interface RunConfig {
 
 /** What `trainer_state.json` holds. */
 export interface TrainerState {
+  /** Format version of the file (1). */
   version: 1;
   /** Optimizer steps completed. */
   step: number;
   /** Tokens consumed (inputs of all micro-batches). */
   tokens: number;
+  /** The run's settings, checked on resume. */
   run: RunConfig;
+  /** Where the training stream continues. */
   data: DataPosition;
   /** Training seconds so far (for ETA and tokens/s across a resume). */
   elapsed_s: number;
@@ -90,6 +112,7 @@ export interface TrainerState {
 
 /** Where a run starts from. */
 export interface RunStart {
+  /** The model's parameters by name (the base's, for a LoRA run). */
   params: Map<string, Float32Array>;
   /** A LoRA run's adapter on resume (absent: a fresh adapter from the seed). */
   adapter?: Map<string, Float32Array>;
@@ -97,7 +120,9 @@ export interface RunStart {
   optimizer?: AdamWState;
   /** Steps already done (0 for a fresh run). */
   step: number;
+  /** Tokens consumed before this start (0 for a fresh run). */
   tokens: number;
+  /** Training seconds before this start (0 for a fresh run). */
   elapsed_s: number;
   /** DPO: the frozen reference model's parameters. */
   reference?: Map<string, Float32Array>;
@@ -105,11 +130,15 @@ export interface RunStart {
 
 /** What the loop needs besides the run config. */
 export interface TrainContext {
+  /** The device the run trains on. */
   gpu: Gpu;
+  /** Encodes the data and is saved into the checkpoints. */
   tokenizer: TextTokenizer;
+  /** The training stream, positioned where the run continues. */
   train: DataStream;
   /** Opens a fresh pass over the held-out data, or undefined when there is none. */
   openEval?: () => Promise<DataStream>;
+  /** Where the run starts: weights, optimizer state, counters. */
   start: RunStart;
   /** FP32 peak of the adapter in FLOP/s, when known (for MFU). */
   peakFlops?: number;
@@ -129,14 +158,21 @@ export interface TrainContext {
 
 /** How a run ended. */
 export interface TrainResult {
+  /** Optimizer steps completed at the end (including those before a resume). */
   steps: number;
   /** Losses of the logged steps, in order. */
   losses: { step: number; loss: number }[];
+  /** Loss of the first logged step (absent when none was logged). */
   firstLoss?: number;
+  /** Loss of the last logged step (absent when none was logged). */
   lastLoss?: number;
+  /** Held-out loss of the last evaluation (absent when none ran). */
   evalLoss?: number;
+  /** Whether the run stopped early on Ctrl-C (or `interruptAtStep`). */
   interrupted: boolean;
+  /** Training seconds in all, including those before a resume. */
   elapsed_s: number;
+  /** Tokens per second of this session's training (excluding time before a resume). */
   tokensPerSecond: number;
   /** DPO: the figures of the first and last logged steps and of the last evaluation. */
   dpo?: { first?: DpoStats; last?: DpoStats; eval?: DpoStats };

@@ -15,6 +15,7 @@ import type { DataParallel } from "./distributed.ts";
 
 /** How the user is told and asked. */
 export interface RunIo {
+  /** The device the run trains on. */
   gpu: Gpu;
   /** Lines for the user (progress, summaries). */
   print: (line: string) => void;

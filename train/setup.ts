@@ -79,6 +79,7 @@ export const TRAIN_DEFAULTS = {
  * default, or on `resume` the value the run was saved with.
  */
 export interface TrainOptions {
+  /** Which training: `pretrain`, `sft` or `dpo`. */
   kind: TrainKind;
   /** Checkpoint directory (default per kind: out/pretrain, out/sft). */
   out?: string;
@@ -99,7 +100,9 @@ export interface TrainOptions {
   data?: string[];
   /** Held-out data evaluated during the run. */
   evalData?: string[];
+  /** Samples held for shuffling (default 1000; 0 keeps file order). */
   shuffleBuffer?: number;
+  /** Count and skip data lines that are not valid records instead of failing. */
   skipBadLines?: boolean;
   /** JSONL: tokenizer worker threads reading ahead (default 1; 0 = on the main thread). */
   dataWorkers?: number;
@@ -115,20 +118,35 @@ export interface TrainOptions {
   steps?: number;
   /** ... passes over the data (the data is counted once first). */
   epochs?: number;
+  /** Rows per micro-batch on each rank (default per kind; DPO: pairs). */
   batchSize?: number;
+  /** Tokens per row (default per kind). */
   seqLen?: number;
+  /** Micro-batches accumulated per optimizer step (default 1). */
   accum?: number;
+  /** Peak learning rate (default per kind). */
   lr?: number;
+  /** Final learning rate as a share of `lr` (default 0.1). */
   minLrRatio?: number;
+  /** Steps of linear warmup (default 0). */
   warmupSteps?: number;
+  /** AdamW's decoupled weight decay (default 0.01). */
   weightDecay?: number;
+  /** AdamW's first-moment decay rate (default 0.9). */
   beta1?: number;
+  /** AdamW's second-moment decay rate (default 0.999). */
   beta2?: number;
+  /** AdamW's epsilon (default 1e-8). */
   adamEps?: number;
+  /** Gradient global-norm clipping threshold (default 1; 0 = off). */
   gradClip?: number;
+  /** Random seed (default 42). */
   seed?: number;
+  /** Log every this many steps (default 10). */
   logEvery?: number;
+  /** Evaluate every this many steps (default: a quarter of the steps). */
   evalEvery?: number;
+  /** Save a checkpoint every this many steps (default: a quarter of the steps). */
   saveEvery?: number;
   /** The adapter's FP32 peak in TFLOP/s, for MFU (default: known GPUs are recognised). */
   peakTflops?: number;
@@ -182,8 +200,11 @@ async function dataShaping(
 
 /** A run ready for `trainLoop`. */
 export interface PreparedRun {
+  /** The run's settings, resolved from the options, the saved run and the defaults. */
   run: RunConfig;
+  /** Where the run starts: weights, optimizer state and counters. */
   start: RunStart;
+  /** The tokenizer the data is encoded with and the checkpoints carry. */
   tokenizer: TextTokenizer;
   /** The training stream, positioned where the run continues. */
   train: DataStream;
