@@ -178,7 +178,7 @@ const server = serve({
 const base = `http://127.0.0.1:${server.addr.port}`;
 const client = new OpenAI({ apiKey: KEY, baseURL: `${base}/v1`, maxRetries: 0 });
 
-const PROMPT = "What is Medemo famous for?";
+const PROMPT = "What is Tenaro famous for?";
 const STOP_IDS = new Set([tokenizer.eosId, tokenizer.tokenToId("<|im_end|>")!]);
 const SPECIAL = new Set([tokenizer.bosId, tokenizer.eosId, tokenizer.padId, ...STOP_IDS]);
 
