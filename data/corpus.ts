@@ -43,11 +43,12 @@ import {
   generateWorld,
   INTROS,
   type Language,
+  pick,
   pronoun,
   PRONOUN_STATEMENTS,
   QUESTIONS,
   STATEMENTS,
-  SYSTEM_PROMPTS,
+  systemPrompt,
   type World,
 } from "./corpus_world.ts";
 import defaultTokenizerJson from "./default_tokenizer/tokenizer.json" with { type: "json" };
@@ -217,10 +218,6 @@ function splitFacts(
   return { heldOut, sftEval: asked.slice(0, nEval), sftTrain: asked.slice(nEval) };
 }
 
-function pick<T>(rng: Rng, list: readonly T[]): T {
-  return list[rng.nextInt(list.length)];
-}
-
 function statement(
   rng: Rng,
   world: World,
@@ -343,13 +340,7 @@ function writeConversations(world: World, asked: Asked[], count: number, rng: Rn
     if (kind >= 0.6 && kind < 0.8) {
       conversations.push({
         role: "system",
-        content: fill(
-          pick(rng, SYSTEM_PROMPTS[lang]),
-          world.valley,
-          world.valley,
-          lang,
-          world.valley,
-        ),
+        content: systemPrompt(rng, lang, world.valley),
       });
     }
     const turns = kind >= 0.8 ? 2 + rng.nextInt(2) : 1;

@@ -738,3 +738,13 @@ export const SYSTEM_PROMPTS: Readonly<Record<Language, readonly string[]>> = {
     "你是{W}山谷的友好向导。",
   ],
 };
+
+/** One element of `list`, drawn with `rng`. */
+export function pick<T>(rng: Rng, list: readonly T[]): T {
+  return list[rng.nextInt(list.length)];
+}
+
+/** A system prompt of the world in `lang`, drawn with `rng`, naming the valley. */
+export function systemPrompt(rng: Rng, lang: Language, valley: Bilingual): string {
+  return fill(pick(rng, SYSTEM_PROMPTS[lang]), valley, valley, lang, valley);
+}

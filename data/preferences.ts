@@ -29,9 +29,10 @@ import {
   fill,
   generateWorld,
   type Language,
+  pick,
   QUESTIONS,
   STATEMENTS,
-  SYSTEM_PROMPTS,
+  systemPrompt,
   type World,
 } from "./corpus_world.ts";
 import type { ChatMessage } from "./tokenizer.ts";
@@ -95,10 +96,6 @@ export function embeddedPreferences(seed = DEFAULT_CORPUS_SEED): PreferenceSet {
   };
 }
 
-function pick<T>(rng: Rng, list: readonly T[]): T {
-  return list[rng.nextInt(list.length)];
-}
-
 /** Pairs about `facts`, each fact drawn at random with a random language and phrasing. */
 function writePairs(world: World, facts: Fact[], count: number, rng: Rng): PreferenceRecord[] {
   // Every value an attribute takes in this world: the wrong answers come from here.
@@ -119,13 +116,7 @@ function writePairs(world: World, facts: Fact[], count: number, rng: Rng): Prefe
     if (rng.nextFloat() < PREFERENCE_SIZE.systemFraction) {
       prompt.push({
         role: "system",
-        content: fill(
-          pick(rng, SYSTEM_PROMPTS[lang]),
-          world.valley,
-          world.valley,
-          lang,
-          world.valley,
-        ),
+        content: systemPrompt(rng, lang, world.valley),
       });
     }
     prompt.push({ role: "user", content: say(pick(rng, QUESTIONS[attribute][lang])) });

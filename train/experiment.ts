@@ -225,6 +225,16 @@ interface Stage {
   options: TrainOptions;
 }
 
+/** The first `count` held-out questions (default: all), checked. */
+function heldOutQuestions(count: number | undefined): HeldOutFact[] {
+  const all = embeddedCorpus().heldOut;
+  const n = count ?? all.length;
+  if (!Number.isInteger(n) || n < 1 || n > all.length) {
+    throw new UsageError(`--questions must be a whole number from 1 to ${all.length}, got ${n}`);
+  }
+  return all.slice(0, n);
+}
+
 /** Runs the experiment with injectable output; resolves to the results. */
 export async function runExperiment(
   opts: ExperimentOptions,
@@ -253,14 +263,7 @@ export async function runExperiment(
   const modelConfig = opts.modelConfig;
   const preset = opts.preset ?? d.preset;
 
-  const allFacts = embeddedCorpus().heldOut;
-  const questions = opts.questions ?? allFacts.length;
-  if (!Number.isInteger(questions) || questions < 1 || questions > allFacts.length) {
-    throw new UsageError(
-      `--questions must be a whole number from 1 to ${allFacts.length}, got ${questions}`,
-    );
-  }
-  const facts = allFacts.slice(0, questions);
+  const facts = heldOutQuestions(opts.questions);
 
   const started = performance.now();
   const date = new Date();
@@ -443,7 +446,7 @@ export async function runExperiment(
       lrFinetune,
       maxNewTokens,
       questions: facts.length,
-      heldOutTotal: allFacts.length,
+      heldOutTotal: embeddedCorpus().heldOut.length,
     };
     const json = experimentJson({
       command,
@@ -472,7 +475,7 @@ export async function runExperiment(
       lrFinetune,
       maxNewTokens,
       questions: facts.length,
-      heldOutTotal: allFacts.length,
+      heldOutTotal: embeddedCorpus().heldOut.length,
       out,
       arms,
       summaries,
@@ -525,14 +528,7 @@ export async function askCheckpoints(
   const print = io.print ?? ((line: string) => console.log(line));
   if (opts.dirs.length === 0) throw new UsageError("--ask needs a checkpoint directory");
   const maxNewTokens = opts.maxNewTokens ?? EXPERIMENT_DEFAULTS.maxNewTokens;
-  const allFacts = embeddedCorpus().heldOut;
-  const questions = opts.questions ?? allFacts.length;
-  if (!Number.isInteger(questions) || questions < 1 || questions > allFacts.length) {
-    throw new UsageError(
-      `--questions must be a whole number from 1 to ${allFacts.length}, got ${questions}`,
-    );
-  }
-  const facts = allFacts.slice(0, questions);
+  const facts = heldOutQuestions(opts.questions);
   const started = performance.now();
   const gpu = io.gpu ?? await Gpu.request();
   try {
@@ -570,7 +566,7 @@ export async function askCheckpoints(
         seconds: Math.round((performance.now() - started) / 100) / 10,
         maxNewTokens,
         questions: facts.length,
-        heldOutTotal: allFacts.length,
+        heldOutTotal: embeddedCorpus().heldOut.length,
         chance: chanceShare(facts),
         arms: Object.fromEntries(
           summaries.map((s) => [s.arm, {
