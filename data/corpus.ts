@@ -13,11 +13,11 @@
  *   and language, one fixed phrasing, one fixed order. The experiment trains
  *   on it with the same budget to show what augmentation buys.
  * - sft: question/answer conversations (some with a system prompt, some
- *   multi-turn) about a subset of the facts.
- * - heldOut: questions about facts that the pretraining prose states but no
- *   conversation ever asks about, for the experiment "does a model answer
- *   questions it was never fine-tuned on": pretrain-only vs SFT-only vs
- *   pretrain + SFT.
+ *   multi-turn) about three quarters of the towns, people and animals.
+ * - heldOut: questions about the other quarter: facts that the pretraining
+ *   prose states and that no conversation asks about (nor anything else about
+ *   those entities), for the experiment "does a model answer questions it was
+ *   never fine-tuned on": pretrain-only vs SFT-only vs pretrain + SFT.
  * - pretrainEval / sftEval: fresh documents and conversations for eval loss;
  *   the eval conversations use (fact, language, question) combinations that
  *   the training conversations never use.
@@ -62,7 +62,7 @@ export interface SftRecord {
   conversations: ChatMessage[];
 }
 
-/** A question whose fact is in the pretraining prose but never asked in the SFT data. */
+/** A question whose fact is in the pretraining prose; the SFT data asks nothing about its entity. */
 export interface HeldOutFact {
   /** The question as a user would ask it, in `language`. */
   question: string;
@@ -93,7 +93,7 @@ export interface EmbeddedCorpus {
   sft: SftRecord[];
   /** Eval conversations with (fact, language, question) combinations `sft` never uses. */
   sftEval: SftRecord[];
-  /** Questions (English and Chinese) on facts the prose states and `sft` never asks. */
+  /** Questions (English and Chinese) on the facts of the entities `sft` never asks about. */
   heldOut: HeldOutFact[];
 }
 
@@ -105,7 +105,7 @@ export const CORPUS_SIZE = {
   evalFraction: 0.05,
   sft: 3000,
   sftEval: 200,
-  /** Fraction of each attribute's facts held out of SFT. */
+  /** Fraction of the towns, people and animals whose facts SFT never asks about. */
   heldOutFraction: 0.25,
   /** Fraction of (fact, language, question) combinations kept for `sftEval` only. */
   sftEvalFraction: 0.1,
@@ -182,28 +182,34 @@ interface Asked {
 }
 
 /**
- * Splits the facts: `heldOutFraction` of each attribute's facts are never
- * asked; the (fact, language, template) combinations of the others are divided
- * between SFT training and SFT eval.
+ * Splits the facts by entity: `heldOutFraction` of the towns, of the people
+ * and of the animals are held out, and no conversation asks about any of
+ * their facts; the (fact, language, template) combinations of the other
+ * entities' facts are divided between SFT training and SFT eval.
+ *
+ * Whole entities, not single facts: when some of an entity's facts are asked
+ * in SFT and others held out, a small model learns to answer a question about
+ * that entity with the fact it was fine-tuned on, whatever the question asks
+ * (measured: replies naming the town's craft when asked its festival). A
+ * held-out entity has no such shortcut; only what pretraining stored answers.
  */
 function splitFacts(
   world: World,
   rng: Rng,
 ): { heldOut: Fact[]; sftTrain: Asked[]; sftEval: Asked[] } {
-  const byAttribute = new Map<Attribute, Fact[]>();
-  for (const f of world.facts) {
-    const list = byAttribute.get(f.attribute) ?? [];
-    list.push(f);
-    byAttribute.set(f.attribute, list);
-  }
   const heldOut: Fact[] = [];
   const asked: Asked[] = [];
-  for (const facts of byAttribute.values()) {
-    const shuffled = [...facts];
+  for (const group of [world.towns, world.people, world.creatures]) {
+    const shuffled = [...group];
     rng.shuffle(shuffled);
-    const n = Math.max(1, Math.round(facts.length * CORPUS_SIZE.heldOutFraction));
-    heldOut.push(...shuffled.slice(0, n));
-    for (const fact of shuffled.slice(n)) {
+    const n = Math.max(1, Math.round(group.length * CORPUS_SIZE.heldOutFraction));
+    const out = new Set(shuffled.slice(0, n));
+    for (const fact of world.facts) {
+      if (!group.includes(fact.entity)) continue;
+      if (out.has(fact.entity)) {
+        heldOut.push(fact);
+        continue;
+      }
       for (const lang of ["en", "zh"] as const) {
         QUESTIONS[fact.attribute][lang].forEach((_, template) =>
           asked.push({ fact, lang, template })
