@@ -251,8 +251,11 @@ export { dpoLossReference, type DpoReferenceResult } from "./model/dpo_reference
 export { cosineWithWarmup, type Schedule } from "./optim/schedule.ts";
 /** A training run: typed options, setup, the loop. */
 export {
+  defaultLr,
+  isTinyShape,
   type PreparedRun,
   prepareRun,
+  TINY_LR,
   TRAIN_DEFAULTS,
   type TrainKind,
   type TrainOptions,

@@ -6,7 +6,7 @@
  * @module
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { prepareRun, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
+import { prepareRun, TINY_LR, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
 import { runPrepared } from "../train/run.ts";
 import { DataParallel } from "../train/distributed.ts";
 import { detectLaunch, openCommunicator } from "../dist/comm.ts";
@@ -153,10 +153,10 @@ export function trainOptions(kind: Kind): Record<string, OptionSpec> {
       type: "string",
       valueName: "LR",
       help: kind === "pretrain"
-        ? `peak learning rate (default ${d.lr}, MiniMind's pretrain rate)`
+        ? `peak learning rate (default ${d.lr}, MiniMind's pretrain rate; ${TINY_LR.pretrain} for a model of the tiny preset's shape)`
         : kind === "dpo"
         ? `peak learning rate (default ${d.lr}, for the embedded pairs; MiniMind uses 4e-8 on its large set)`
-        : `peak learning rate (default ${d.lr}, for short runs on small models; MiniMind's full SFT uses 1e-5)`,
+        : `peak learning rate (default ${d.lr}, for short runs on small models, ${TINY_LR.sft} for the tiny preset's shape; MiniMind's full SFT uses 1e-5)`,
     },
     "min-lr-ratio": {
       type: "string",

@@ -1,4 +1,7 @@
-/** Tests of `model/config.ts`: presets, parameter counts, validation messages. */
+/**
+ * Tests of `model/config.ts`: presets, parameter counts, validation messages;
+ * and the default learning rate per model shape (`train/setup.ts`).
+ */
 import {
   headDim,
   type ModelConfig,
@@ -9,7 +12,8 @@ import {
 } from "../model/config.ts";
 import { parameterSpecs, totalParameters } from "../model/params.ts";
 import { UserError } from "../util/errors.ts";
-import { assert, assertStringIncludes, assertThrows } from "./assert.ts";
+import { assert, assertEquals, assertStringIncludes, assertThrows } from "./assert.ts";
+import { defaultLr, isTinyShape, TINY_LR, TRAIN_DEFAULTS } from "../train/setup.ts";
 
 /** `f` throws a `UserError` whose message contains every one of `parts`. */
 function assertUserError(f: () => unknown, parts: string[]): void {
@@ -71,4 +75,17 @@ Deno.test("validateConfig: each message names the field and the source", () => {
     assertUserError(() => validateConfig(bad(patch), "cfg.json"), ["cfg.json: ", ...parts]);
   }
   validateConfig(base); // the preset itself is valid
+});
+
+Deno.test("defaultLr: the tiny shape's own rates, MiniMind's for every other model", () => {
+  assertEquals(defaultLr("pretrain", PRESETS.tiny), TINY_LR.pretrain);
+  assertEquals(defaultLr("sft", PRESETS.tiny), TINY_LR.sft);
+  assertEquals(defaultLr("dpo", PRESETS.tiny), TRAIN_DEFAULTS.dpo.lr);
+  for (const name of ["minimind2-small", "minimind-3"] as const) {
+    assertEquals(defaultLr("pretrain", PRESETS[name]), TRAIN_DEFAULTS.pretrain.lr);
+    assertEquals(defaultLr("sft", PRESETS[name]), TRAIN_DEFAULTS.sft.lr);
+  }
+  // Any change of shape (here the vocabulary of another tokenizer) is not the tiny model.
+  assert(!isTinyShape({ ...PRESETS.tiny, vocab_size: 6400 }));
+  assert(isTinyShape({ ...PRESETS.tiny }));
 });

@@ -38,7 +38,18 @@ const skip = mpiSkip();
 if (skip) console.log(`distributed_train_test: skipping the mpirun tests: ${skip}`);
 const MPI_TEST = { ignore: skip !== undefined, sanitizeResources: false, sanitizeOps: false };
 
-const COMMON = ["--steps", "10", "--seq-len", "32", "--log-every", "1", "--eval-every", "5"];
+const COMMON = [
+  "--steps",
+  "10",
+  "--lr",
+  "5e-4",
+  "--seq-len",
+  "32",
+  "--log-every",
+  "1",
+  "--eval-every",
+  "5",
+];
 
 /** `main.ts pretrain` under `mpirun -np ranks` (ranks 0: no mpirun), started, not awaited. */
 function start(ranks: number, out: string, extra: string[]): Deno.ChildProcess {

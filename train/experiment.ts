@@ -14,8 +14,9 @@
  *   augmentation (Allen-Zhu & Li, Physics of Language Models, Part 3.1,
  *   arXiv:2309.14316) does for answering questions.
  *
- * Every arm then answers the held-out questions of the corpus (facts stated
- * in the pretraining prose and never asked in the SFT data), greedily, from
+ * Every arm then answers the held-out questions of the corpus (the facts of
+ * the towns, people and animals that no SFT conversation asks about, stated
+ * only in the pretraining prose), greedily, from
  * the chat template with the generation prompt. Per arm: the share of replies
  * in the assistant format (`replyFormat`) and the share that state the fact
  * (`statesFact`). The table, three sample replies per arm and the settings go
@@ -35,6 +36,7 @@ import { generate } from "../model/generate.ts";
 import { GREEDY } from "../model/sampling.ts";
 import {
   DEFAULT_CORPUS_SEED,
+  DEFAULT_TOKENIZER_VOCAB_SIZE,
   embeddedCorpus,
   type HeldOutFact,
   writeEmbeddedCorpus,
@@ -60,11 +62,12 @@ import {
 } from "./experiment_score.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { UsageError, UserError } from "../util/errors.ts";
-import { prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
+import { defaultLr, prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
+import { readModelConfigFile } from "../io/model_config.ts";
 import { runPrepared } from "./run.ts";
 import { formatDuration } from "./progress.ts";
 import { readMetrics } from "./metrics.ts";
-import { parameterCount } from "../model/config.ts";
+import { parameterCount, presetConfig } from "../model/config.ts";
 
 export * from "./experiment_score.ts";
 
@@ -307,8 +310,13 @@ export async function runExperiment(
     // (pretraining) rate; C's SFT fine-tunes a trained model at the lower SFT
     // rate, as MiniMind does. A fine-tuning rate would handicap B, which has
     // everything (language and format) to learn from its budget.
-    const lrScratch = TRAIN_DEFAULTS.pretrain.lr;
-    const lrFinetune = TRAIN_DEFAULTS.sft.lr;
+    // A model of the tiny preset's shape takes its own rates (`TINY_LR`).
+    const config = modelConfig !== undefined
+      ? (await readModelConfigFile(modelConfig)).config
+      : presetConfig(preset);
+    config.vocab_size = DEFAULT_TOKENIZER_VOCAB_SIZE;
+    const lrScratch = defaultLr("pretrain", config);
+    const lrFinetune = defaultLr("sft", config);
     const stages: Stage[] = [
       {
         arm: "A",
