@@ -6,7 +6,13 @@
  * @module
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { prepareRun, TINY_LR, TRAIN_DEFAULTS, type TrainKind, type TrainOptions } from "../train/setup.ts";
+import {
+  prepareRun,
+  TINY_LR,
+  TRAIN_DEFAULTS,
+  type TrainKind,
+  type TrainOptions,
+} from "../train/setup.ts";
 import { runPrepared } from "../train/run.ts";
 import { DataParallel } from "../train/distributed.ts";
 import { detectLaunch, openCommunicator } from "../dist/comm.ts";
