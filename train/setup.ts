@@ -80,8 +80,9 @@ export const TRAIN_DEFAULTS = {
  * default), in place of the MiniMind-scale rates that `TRAIN_DEFAULTS` keeps
  * for every other model. A 0.66M-parameter model takes larger steps: at 5e-4
  * its 500 default pretraining steps leave the embedded corpus's facts half
- * learnt (loss 1.04), at 2e-3 they reach the corpus's phrasing entropy (loss
- * 0.55); docs/experiment.md has the measurements behind both rates.
+ * learnt (loss 1.04), at 2e-3 they come near the floor that the corpus's
+ * random phrasing sets (loss 0.55); docs/guide.md section 5 has the
+ * measurements behind both rates.
  */
 export const TINY_LR = { pretrain: 2e-3, sft: 5e-4 } as const;
 
