@@ -29,11 +29,15 @@ import math
 import os
 import random
 import re
+import sys
 import time
 import unicodedata
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_sft_fixtures import labels_for  # noqa: E402  (MiniMind's label rule, one copy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,23 +117,12 @@ def pretrain_batches(docs, seed):
 
 
 def sft_row(conversation):
-    ids = tok.encode(tok.apply_chat_template(conversation, tokenize=False))
-    header, end = tok.encode("<|im_start|>assistant\n"), tok.encode("<|im_end|>\n")
-    mask = [0] * len(ids)
-    i = 0
-    while i < len(ids):
-        if ids[i:i + len(header)] != header:
-            i += 1
-            continue
-        j = i + len(header)
-        while j < len(ids) and ids[j:j + len(end)] != end:
-            j += 1
-        stop = min(len(ids), j + len(end))
-        mask[i + len(header):stop] = [1] * (stop - i - len(header))
-        i = stop
+    """One padded row, MiniMind's labels (the same rule as the SFT fixtures), shifted to targets."""
     n = args.seq_len + 1
-    ids, mask = ids[:n] + [PAD] * (n - len(ids[:n])), mask[:n] + [0] * (n - len(mask[:n]))
-    return ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:])]
+    ids = tok.encode(tok.apply_chat_template(conversation, tokenize=False))[:n]
+    ids = ids + [PAD] * (n - len(ids))
+    labels = labels_for(ids, tok.encode("<|im_start|>assistant\n"), tok.encode("<|im_end|>\n"), n)
+    return ids[:-1], labels[1:]
 
 
 def sft_batches(records, seed):
