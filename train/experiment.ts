@@ -169,6 +169,20 @@ async function stageLosses(path: string): Promise<StageLosses | undefined> {
   };
 }
 
+/** Each reply beside its question, with its format and fact verdicts. */
+function judgeReplies(
+  facts: readonly HeldOutFact[],
+  replies: readonly string[],
+  specialTokens: readonly string[],
+): ArmResult["replies"] {
+  return replies.map((reply, i) => ({
+    fact: facts[i],
+    reply,
+    format: replyFormat(reply, specialTokens),
+    correct: statesFact(reply, facts[i].answer, specialTokens),
+  }));
+}
+
 /** Asks `facts` of the checkpoint in `dir` greedily; returns each reply with special tokens kept. */
 async function askAll(
   gpu: Gpu,
@@ -409,12 +423,7 @@ export async function runExperiment(
         dir,
         trainSeconds: trainSeconds[stage.arm],
         losses: losses[stage.arm],
-        replies: replies.map((reply, i) => ({
-          fact: facts[i],
-          reply,
-          format: replyFormat(reply, specialTokens),
-          correct: statesFact(reply, facts[i].answer, specialTokens),
-        })),
+        replies: judgeReplies(facts, replies, specialTokens),
       });
       print(
         `  [${stage.arm}] ${facts.length} replies in ${
@@ -549,12 +558,7 @@ export async function askCheckpoints(
         label: "asked only",
         dir,
         trainSeconds: 0,
-        replies: replies.map((reply, i) => ({
-          fact: facts[i],
-          reply,
-          format: replyFormat(reply, specialTokens),
-          correct: statesFact(reply, facts[i].answer, specialTokens),
-        })),
+        replies: judgeReplies(facts, replies, specialTokens),
       });
       print(
         `[${dir}] ${facts.length} replies in ${formatDuration((performance.now() - t0) / 1000)}`,
