@@ -25,7 +25,7 @@
  * Sized for the `tiny` preset on a CPU driver: about 200k pretraining tokens
  * with the default tokenizer, a few thousand conversations.
  *
- * The default tokenizer (`defaultTokenizer()`) is a BPE of vocabulary 2048
+ * The default tokenizer (`defaultTokenizer()`) is a BPE of vocabulary 1558
  * trained on this corpus by `data/bpe.ts`; its files are committed under
  * `data/default_tokenizer/` and imported as JSON modules, so a compiled binary
  * embeds them. `deno run -A data/default_tokenizer/regenerate.ts` remakes them.
@@ -111,8 +111,14 @@ export const CORPUS_SIZE = {
   sftEvalFraction: 0.1,
 } as const;
 
-/** The vocabulary size of the default tokenizer: the `tiny` preset's. */
-export const DEFAULT_TOKENIZER_VOCAB_SIZE = 2048;
+/**
+ * The vocabulary size of the default tokenizer (the `tiny` preset's): where
+ * BPE on the embedded corpus runs out of pairs seen twice whose token would fit
+ * `DEFAULT_TOKENIZER_MAX_TOKEN_BYTES`.
+ */
+export const DEFAULT_TOKENIZER_VOCAB_SIZE = 1558;
+/** The longest token, in UTF-8 bytes, of the default tokenizer. */
+export const DEFAULT_TOKENIZER_MAX_TOKEN_BYTES = 6;
 /** The seed the default corpus (and so the default tokenizer) is made from. */
 export const DEFAULT_CORPUS_SEED = 1234;
 
@@ -404,7 +410,7 @@ export function corpusTrainingTexts(corpus: EmbeddedCorpus): string[] {
 }
 
 /**
- * The default tokenizer: byte-level BPE, vocabulary 2048, ChatML template,
+ * The default tokenizer: byte-level BPE, vocabulary 1558, ChatML template,
  * trained on the embedded corpus. Read from the committed JSON, embedded in
  * compiled binaries; works from any working directory.
  */

@@ -46,7 +46,7 @@ export type PresetName = "tiny" | "minimind2-small" | "minimind-3";
  *
  * `tiny` is the embedded default: sized so that a CPU software driver trains it
  * visibly in minutes (loads, not math, are the cost there), with a vocabulary
- * of 2048 to match the embedded tokenizer.
+ * of 1558 to match the embedded tokenizer.
  */
 export const PRESETS: Readonly<Record<PresetName, Readonly<ModelConfig>>> = {
   "tiny": {
@@ -55,7 +55,7 @@ export const PRESETS: Readonly<Record<PresetName, Readonly<ModelConfig>>> = {
     num_attention_heads: 4,
     num_key_value_heads: 2,
     intermediate_size: 384,
-    vocab_size: 2048,
+    vocab_size: 1558,
     max_position_embeddings: 512,
     rope_theta: 1e6,
     rms_norm_eps: 1e-5,

@@ -11,6 +11,7 @@ import { type TokenizerFiles, trainTokenizerOnTexts, writeTokenizerFiles } from 
 import {
   corpusTrainingTexts,
   DEFAULT_CORPUS_SEED,
+  DEFAULT_TOKENIZER_MAX_TOKEN_BYTES,
   DEFAULT_TOKENIZER_VOCAB_SIZE,
   embeddedCorpus,
 } from "../corpus.ts";
@@ -18,12 +19,17 @@ import {
 /** The default tokenizer's files as the trainer makes them now. */
 export function trainDefaultTokenizer(): TokenizerFiles {
   const texts = corpusTrainingTexts(embeddedCorpus(DEFAULT_CORPUS_SEED));
-  // A 16-byte cap (5 Chinese characters): on this small, repetitive corpus an
-  // uncapped BPE fuses whole template clauses, values included, into tokens.
+  // A 6-byte cap (2 Chinese characters): on this small, repetitive corpus a
+  // longer cap lets BPE fuse a clause with its value into one token (with 16
+  // bytes "萨科吃苔藓", "the sako eats moss"), so a fact is learnt as a token of
+  // its own instead of on the name, and pretraining + SFT answered 25% of the
+  // held-out questions against 64% with this cap (docs/guide.md section 5).
+  // Under the cap, pairs seen at least twice run out at
+  // DEFAULT_TOKENIZER_VOCAB_SIZE tokens: asking for more gives the same files.
   return trainTokenizerOnTexts(texts, {
     vocabSize: DEFAULT_TOKENIZER_VOCAB_SIZE,
     minFrequency: 2,
-    maxTokenLength: 16,
+    maxTokenLength: DEFAULT_TOKENIZER_MAX_TOKEN_BYTES,
   });
 }
 
