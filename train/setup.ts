@@ -78,10 +78,11 @@ export const TRAIN_DEFAULTS = {
 /**
  * Peak learning rates for a model of the `tiny` preset's shape (the embedded
  * default), in place of the MiniMind-scale rates that `TRAIN_DEFAULTS` keeps
- * for every other model. A 0.66M-parameter model takes larger steps: at 5e-4
- * its 500 default pretraining steps leave the embedded corpus's facts half
- * learnt (loss 1.04), at 2e-3 they come near the floor that the corpus's
- * random phrasing sets (loss 0.55); docs/guide.md section 5 has the
+ * for every other model. A 0.6M-parameter model takes larger steps: at 5e-4
+ * its 500 default pretraining steps left the embedded corpus's facts half
+ * learnt (loss 1.04 with the earlier 16-byte tokenizer), at 2e-3 they came
+ * near the floor that the corpus's random phrasing sets (0.55 with that
+ * tokenizer; 0.42 with today's); docs/guide.md section 5 has the
  * measurements behind both rates.
  */
 export const TINY_LR = { pretrain: 2e-3, sft: 5e-4 } as const;
