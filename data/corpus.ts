@@ -31,6 +31,7 @@
  * embeds them. `deno run -A data/default_tokenizer/regenerate.ts` remakes them.
  */
 import { Rng } from "../util/random.ts";
+import { writeJsonlIfChanged } from "../util/fs.ts";
 import { TextTokenizer } from "./tokenizer.ts";
 import type { ChatMessage } from "./tokenizer.ts";
 import {
@@ -375,8 +376,8 @@ export const CORPUS_FILES = {
 /**
  * Writes the corpus as JSONL files into `dir` (created if needed), one record
  * per line, so it can be read, edited and trained on like any other data.
- * Files that already hold exactly this content are not rewritten.
- * Returns the paths by part.
+ * Files that already hold exactly this content are not rewritten
+ * (`writeJsonlIfChanged`). Returns the paths by part.
  */
 export async function writeEmbeddedCorpus(
   dir: string,
@@ -388,15 +389,7 @@ export async function writeEmbeddedCorpus(
   for (const [part, name] of Object.entries(CORPUS_FILES)) {
     const records = corpus[part as keyof EmbeddedCorpus] as unknown[];
     const path = `${dir.replace(/\/+$/, "")}/${name}`;
-    const text = records.map((r) => JSON.stringify(r)).join("\n") + "\n";
-    // Another run may be reading these files right now: leave identical files
-    // alone, and replace changed ones whole (write aside, then rename).
-    const current = await Deno.readTextFile(path).catch(() => undefined);
-    if (current !== text) {
-      const tmp = `${path}.tmp-${crypto.randomUUID()}`;
-      await Deno.writeTextFile(tmp, text);
-      await Deno.rename(tmp, path);
-    }
+    await writeJsonlIfChanged(path, records);
     files[part] = path;
   }
   return { files };

@@ -22,6 +22,7 @@
  * @module
  */
 import { Rng } from "../util/random.ts";
+import { writeJsonlIfChanged } from "../util/fs.ts";
 import {
   ANSWERS,
   type Attribute,
@@ -146,10 +147,9 @@ function writePairs(world: World, facts: Fact[], count: number, rng: Rng): Prefe
 }
 
 /**
- * Writes the preference set as JSONL into `dir` (created if needed). Files
- * that already hold exactly this content are left alone; changed ones are
- * replaced whole (written aside, then renamed), since another run may be
- * reading them. Returns the paths by part.
+ * Writes the preference set as JSONL into `dir` (created if needed), leaving
+ * files that already hold exactly this content alone (`writeJsonlIfChanged`).
+ * Returns the paths by part.
  */
 export async function writePreferenceSet(
   dir: string,
@@ -160,13 +160,7 @@ export async function writePreferenceSet(
   const paths = {} as Record<keyof PreferenceSet, string>;
   for (const part of Object.keys(PREFERENCE_FILES) as (keyof PreferenceSet)[]) {
     const path = `${dir.replace(/\/+$/, "")}/${PREFERENCE_FILES[part]}`;
-    const text = set[part].map((r) => JSON.stringify(r)).join("\n") + "\n";
-    const current = await Deno.readTextFile(path).catch(() => undefined);
-    if (current !== text) {
-      const tmp = `${path}.tmp-${crypto.randomUUID()}`;
-      await Deno.writeTextFile(tmp, text);
-      await Deno.rename(tmp, path);
-    }
+    await writeJsonlIfChanged(path, set[part]);
     paths[part] = path;
   }
   return paths;

@@ -37,6 +37,7 @@
 
 import { UserError } from "../util/errors.ts";
 import { bytesToFloat32 } from "./safetensors.ts";
+import { bufferSource, type ByteSource, fileSource } from "./byte_source.ts";
 
 /** Element types a `.pth` state dict may hold here. */
 export type PthDtype = "F32" | "F16" | "BF16";
@@ -58,59 +59,6 @@ export interface PthTensor {
 
 /** The largest `data.pkl` accepted: a state dict's pickle is about 100 bytes per tensor. */
 export const MAX_PICKLE_BYTES = 256 * 1024 * 1024;
-
-// ---------------------------------------------------------------------------
-// Byte sources: a buffer, or a file read at offsets.
-
-interface ByteSource {
-  readonly size: number;
-  /** `length` bytes at `offset`; the caller has checked the range against `size`. */
-  read(offset: number, length: number): Promise<Uint8Array>;
-  close(): void;
-}
-
-function bufferSource(bytes: Uint8Array): ByteSource {
-  return {
-    size: bytes.length,
-    read: (offset, length) => Promise.resolve(bytes.subarray(offset, offset + length)),
-    close: () => {},
-  };
-}
-
-async function fileSource(path: string): Promise<ByteSource> {
-  let file: Deno.FsFile;
-  try {
-    file = await Deno.open(path, { read: true });
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) throw new UserError(`${path}: no such file`);
-    throw new UserError(`${path}: cannot open: ${(e as Error).message}`);
-  }
-  const info = await file.stat();
-  if (!info.isFile) {
-    file.close();
-    throw new UserError(`${path}: not a regular file`);
-  }
-  return {
-    size: info.size,
-    read: async (offset, length) => {
-      const out = new Uint8Array(length);
-      await file.seek(offset, Deno.SeekMode.Start);
-      let filled = 0;
-      while (filled < length) {
-        const n = await file.read(out.subarray(filled));
-        if (n === null) {
-          throw new UserError(
-            `${path}: the file ended at byte ${offset + filled} while reading ${length} bytes ` +
-              `at ${offset}: it was truncated or changed while being read`,
-          );
-        }
-        filled += n;
-      }
-      return out;
-    },
-    close: () => file.close(),
-  };
-}
 
 // ---------------------------------------------------------------------------
 // CRC-32 (the ZIP polynomial 0xEDB88320, reflected), slice-by-8: eight table
@@ -208,7 +156,7 @@ class ZipArchive {
 
   private async readDirectory(): Promise<void> {
     const { src, fail } = this;
-    const head = await src.read(0, Math.min(src.size, LEGACY_MAGIC.length));
+    const head = await src.readAt(0, Math.min(src.size, LEGACY_MAGIC.length));
     if (head.length === LEGACY_MAGIC.length && LEGACY_MAGIC.every((b, i) => head[i] === b)) {
       fail(
         "it is in PyTorch's legacy format (torch.save before 1.6, or " +
@@ -220,7 +168,7 @@ class ZipArchive {
     // The end-of-central-directory record is the last 22 bytes plus a comment
     // of at most 65535 bytes; search backwards for its signature.
     const tailStart = Math.max(0, src.size - EOCD_BYTES - MAX_COMMENT_BYTES);
-    const tail = await src.read(tailStart, src.size - tailStart);
+    const tail = await src.readAt(tailStart, src.size - tailStart);
     const tv = new DataView(tail.buffer, tail.byteOffset, tail.byteLength);
     let at = -1;
     for (let i = tail.length - EOCD_BYTES; i >= 0; i--) {
@@ -249,7 +197,7 @@ class ZipArchive {
     // torch.save always writes ZIP64 end records (the locator sits just before
     // the classic record); their 64-bit fields are the ones to trust.
     if (eocdOffset >= 20) {
-      const loc = await src.read(eocdOffset - 20, 20);
+      const loc = await src.readAt(eocdOffset - 20, 20);
       const lv = new DataView(loc.buffer, loc.byteOffset, 20);
       if (lv.getUint32(0, true) === SIG_ZIP64_LOCATOR) {
         const recOffset = checkedSize(
@@ -258,7 +206,7 @@ class ZipArchive {
           "the ZIP64 end record's offset",
           fail,
         );
-        const rec = await src.read(recOffset, 56);
+        const rec = await src.readAt(recOffset, 56);
         const rv = new DataView(rec.buffer, rec.byteOffset, 56);
         if (rv.getUint32(0, true) !== SIG_ZIP64_EOCD) {
           fail(`no ZIP64 end-of-central-directory record at byte ${recOffset}`);
@@ -279,7 +227,7 @@ class ZipArchive {
       fail(`the archive claims ${count} entries, more than its ${cdBytes}-byte directory can hold`);
     }
     this.dataEnd = cdStart;
-    const cd = await src.read(cdStart, cdBytes);
+    const cd = await src.readAt(cdStart, cdBytes);
     const v = new DataView(cd.buffer, cd.byteOffset, cd.byteLength);
     const names = new TextDecoder("utf-8", { fatal: false });
     let p = 0;
@@ -371,7 +319,7 @@ class ZipArchive {
         }'s local header at byte ${entry.localHeaderOffset} is out of range`,
       );
     }
-    const h = await src.read(entry.localHeaderOffset, LOCAL_BYTES);
+    const h = await src.readAt(entry.localHeaderOffset, LOCAL_BYTES);
     const hv = new DataView(h.buffer, h.byteOffset, LOCAL_BYTES);
     if (hv.getUint32(0, true) !== SIG_LOCAL) {
       fail(`no local header for entry ${show(entry.name)} at byte ${entry.localHeaderOffset}`);
@@ -386,7 +334,7 @@ class ZipArchive {
           `the archive's data: the file is truncated or corrupt`,
       );
     }
-    const raw = await src.read(dataOffset, entry.compressedSize);
+    const raw = await src.readAt(dataOffset, entry.compressedSize);
     let data: Uint8Array;
     if (entry.method === 0) {
       data = raw;

@@ -22,6 +22,7 @@
  */
 
 import { UserError } from "../util/errors.ts";
+import { bufferSource, type ByteSource, fileSource } from "./byte_source.ts";
 
 /** Every dtype of the safetensors specification. */
 export type SafetensorsDtype =
@@ -559,72 +560,6 @@ function validateHeader(
 
 // ---------------------------------------------------------------------------
 // Opening.
-
-/** Random access to the bytes of a file or a buffer. */
-interface ByteSource {
-  size: number;
-  readAt(offset: number, length: number): Promise<Uint8Array>;
-  close(): void;
-}
-
-function bufferSource(bytes: Uint8Array): ByteSource {
-  return {
-    size: bytes.length,
-    readAt: (offset, length) => Promise.resolve(bytes.slice(offset, offset + length)),
-    close: () => {},
-  };
-}
-
-async function fileSource(path: string): Promise<ByteSource> {
-  let file: Deno.FsFile;
-  try {
-    file = await Deno.open(path, { read: true });
-  } catch (e) {
-    if (e instanceof Deno.errors.NotFound) throw new UserError(`${path}: no such file`);
-    throw new UserError(`${path}: cannot open: ${(e as Error).message}`);
-  }
-  const info = await file.stat();
-  if (!info.isFile) {
-    file.close();
-    throw new UserError(`${path}: not a regular file`);
-  }
-  // Reads are serialized: seek + read on one handle must not interleave.
-  let queue: Promise<unknown> = Promise.resolve();
-  let closed = false;
-  const readAt = (offset: number, length: number): Promise<Uint8Array> => {
-    const run = async () => {
-      if (closed) throw new Error(`${path}: read after close`);
-      const out = new Uint8Array(length);
-      await file.seek(offset, Deno.SeekMode.Start);
-      let filled = 0;
-      while (filled < length) {
-        const n = await file.read(out.subarray(filled));
-        if (n === null) {
-          throw new UserError(
-            `${path}: the file ended at byte ${
-              offset + filled
-            } while reading ${length} bytes at ${offset}: it was truncated or changed while open`,
-          );
-        }
-        filled += n;
-      }
-      return out;
-    };
-    const p = queue.then(run, run);
-    queue = p.catch(() => {});
-    return p;
-  };
-  return {
-    size: info.size,
-    readAt,
-    close: () => {
-      if (!closed) {
-        closed = true;
-        file.close();
-      }
-    },
-  };
-}
 
 async function openSource(path: string, src: ByteSource): Promise<SafetensorsFile> {
   const fail = (msg: string): never => {
