@@ -1,0 +1,99 @@
+/**
+ * The logits chunk budget on this adapter: whole training steps (forward,
+ * backward, AdamW; submit to done) of one model at several head-chunk sizes,
+ * the models built once and timed in interleaved rounds whose order is
+ * shuffled each round, so drifting machine load falls on every size alike.
+ * Prints per budget the rows per chunk, the chunks per step and the minimum
+ * and median step time. This is the measurement behind
+ * `LOGITS_CHUNK_BYTES_CPU` (model/plan.ts; figures in docs/benchmarks.md).
+ *
+ *   deno run -A bench/logits_chunk_bench.ts [--preset tiny] [--batch 16] [--seq 128]
+ *       [--rounds 6] [--mib 1,2,4,8,16]
+ */
+import { parseArgs } from "node:util";
+import { Gpu } from "../kernels/runtime.ts";
+import { TrainingModel } from "../model/train_model.ts";
+import { AdamW } from "../optim/adamw.ts";
+import { presetConfig } from "../model/config.ts";
+import { logitsChunkRows } from "../model/plan.ts";
+import { Rng } from "../util/random.ts";
+import { median } from "./harness.ts";
+import type { Batch } from "../data/batch.ts";
+
+const { values } = parseArgs({
+  options: {
+    preset: { type: "string", default: "tiny" },
+    batch: { type: "string", default: "16" },
+    seq: { type: "string", default: "128" },
+    rounds: { type: "string", default: "6" },
+    mib: { type: "string", default: "1,2,4,8,16" },
+  },
+});
+const config = presetConfig(values.preset);
+const B = Number(values.batch), T = Number(values.seq), rounds = Number(values.rounds);
+const budgets = values.mib.split(",").map((s) => Number(s) * 2 ** 20);
+const V = config.vocab_size, N = B * T;
+
+const gpu = await Gpu.request();
+const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
+const rng = new Rng(2);
+const batch = (): Batch => {
+  const ids = new Int32Array(N), targets = new Int32Array(N);
+  for (let i = 0; i < N; i++) {
+    ids[i] = rng.nextInt(V);
+    targets[i] = rng.nextInt(V);
+  }
+  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
+};
+
+interface Arm {
+  bytes: number;
+  rows: number;
+  chunks: number;
+  model: TrainingModel;
+  optimizer: AdamW;
+  times: number[];
+}
+const arms: Arm[] = [];
+for (const bytes of budgets) {
+  const rows = logitsChunkRows(gpu.limits, V, N, undefined, bytes);
+  const model = await TrainingModel.create(gpu, config, {
+    batchSize: B,
+    seqLen: T,
+    seed: 1,
+    logitsChunkRows: rows,
+  });
+  const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
+  arms.push({ bytes, rows, chunks: Math.ceil(N / rows), model, optimizer, times: [] });
+}
+const step = async (a: Arm) => {
+  const b = batch();
+  const t0 = performance.now();
+  a.model.forwardBackward([b]);
+  a.optimizer.step(1e-4);
+  await gpu.finish();
+  return performance.now() - t0;
+};
+for (const a of arms) await step(a); // warm-up: pipelines compiled, caches filled
+const order = arms.map((_, i) => i);
+for (let r = 0; r < rounds; r++) {
+  for (let i = order.length - 1; i > 0; i--) {
+    const j = rng.nextInt(i + 1);
+    [order[i], order[j]] = [order[j], order[i]];
+  }
+  for (const i of order) arms[i].times.push(await step(arms[i]));
+}
+console.log(
+  `${values.preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
+    `load average ${Deno.loadavg()[0].toFixed(1)} at the end`,
+);
+console.log("budget MiB | rows/chunk | chunks | min ms | median ms");
+for (const a of arms) {
+  console.log(
+    `${(a.bytes / 2 ** 20).toString().padStart(10)} | ${String(a.rows).padStart(10)} | ` +
+      `${String(a.chunks).padStart(6)} | ${Math.min(...a.times).toFixed(0).padStart(6)} | ` +
+      `${median(a.times).toFixed(0).padStart(9)}`,
+  );
+  a.optimizer.destroy();
+  a.model.destroy();
+}
