@@ -1,0 +1,279 @@
+/**
+ * What a load costs on this adapter, by the path it takes, and what that does
+ * to a matmul: the measurement behind the next CPU matmul design (issue 14).
+ *
+ * 1. One vec4 load per invocation per loop iteration, by path: a storage
+ *    buffer at a per-lane address (what our matmuls do), a storage buffer at
+ *    an address the same for every lane, a uniform buffer at such an address,
+ *    and `textureLoad` from an rgba32f texture at a per-lane texel.
+ * 2. The same register-tiled X W^T kernel (each invocation 8 rows x 4
+ *    columns, vec4 along K, no workgroup memory, no subgroups) reading its
+ *    operands from storage buffers or from rgba32f textures (the only
+ *    difference between the two), checked against a CPU reference, beside
+ *    the production `matmulXWt` at the same shape; and the cost of copying the
+ *    activations into a texture (copyBufferToTexture), which a texture design
+ *    would pay per call.
+ *
+ *   deno run -A bench/load_path_bench.ts [--rounds 5]
+ *
+ * Kernels are timed by submit-to-done wall time (minimum over rounds of a few
+ * dispatches each), so this is for CPU drivers; on a GPU use `deno task bench`.
+ */
+import { parseArgs } from "node:util";
+import { Gpu } from "../kernels/runtime.ts";
+import { matmulXWt } from "../kernels/matmul.ts";
+import { timeGpu } from "./harness.ts";
+
+const { values } = parseArgs({ options: { rounds: { type: "string", default: "5" } } });
+const rounds = Number(values.rounds);
+const gpu = await Gpu.request();
+const device = gpu.device;
+const STORAGE = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+
+function fill(n: number, seed: number): Float32Array<ArrayBuffer> {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = (((i + seed) * 2654435761) % 1000) / 1000 - 0.5;
+  return a;
+}
+function storageBuffer(data: Float32Array<ArrayBuffer>): GPUBuffer {
+  const b = device.createBuffer({ size: data.byteLength, usage: STORAGE });
+  device.queue.writeBuffer(b, 0, data);
+  return b;
+}
+/** An rgba32f texture of `rows` x `cols4` texels holding a row-major [rows, 4 * cols4] matrix. */
+function matrixTexture(
+  data: Float32Array<ArrayBuffer>,
+  rows: number,
+  cols4: number,
+  extra = 0,
+): GPUTexture {
+  const t = device.createTexture({
+    size: [cols4, rows],
+    format: "rgba32float",
+    usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST | extra,
+  });
+  device.queue.writeTexture({ texture: t }, data, { bytesPerRow: cols4 * 16 }, [cols4, rows]);
+  return t;
+}
+/** Minimum wall milliseconds of `passes` dispatches of `pipe`, over `rounds` rounds (after one warm-up). */
+async function timePipe(
+  pipe: GPUComputePipeline,
+  bind: GPUBindGroup,
+  groups: number,
+  passes: number,
+): Promise<number> {
+  const once = async () => {
+    const enc = device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(pipe);
+    pass.setBindGroup(0, bind);
+    for (let i = 0; i < passes; i++) pass.dispatchWorkgroups(groups);
+    pass.end();
+    const t0 = performance.now();
+    device.queue.submit([enc.finish()]);
+    await device.queue.onSubmittedWorkDone();
+    return (performance.now() - t0) / passes;
+  };
+  await once();
+  let best = Infinity;
+  for (let r = 0; r < rounds; r++) best = Math.min(best, await once());
+  return best;
+}
+function pipeline(
+  code: string,
+  entries: (GPUBuffer | GPUTexture)[],
+): [GPUComputePipeline, GPUBindGroup] {
+  const pipe = device.createComputePipeline({
+    layout: "auto",
+    compute: { module: device.createShaderModule({ code }), entryPoint: "main" },
+  });
+  const bind = device.createBindGroup({
+    layout: pipe.getBindGroupLayout(0),
+    entries: entries.map((e, binding) => ({
+      binding,
+      resource: e instanceof GPUBuffer ? { buffer: e } : e.createView(),
+    })),
+  });
+  return [pipe, bind];
+}
+
+console.log(`adapter: ${gpu.adapterSummary.name}; minimum of ${rounds} rounds, wall clock`);
+
+// 1. Loads by path.
+{
+  const ROWS = 256, L4 = 256, INV = 8192, ITERS = 256;
+  const data = fill(ROWS * L4 * 4, 1);
+  const sbuf = storageBuffer(data);
+  const ubuf = device.createBuffer({
+    size: 65536,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  device.queue.writeBuffer(ubuf, 0, data, 0, 16384);
+  const tex = matrixTexture(data, ROWS, L4);
+  const out = device.createBuffer({ size: INV * 16, usage: GPUBufferUsage.STORAGE });
+  const paths: [string, string, string, GPUBuffer | GPUTexture][] = [
+    [
+      "storage buffer, per-lane address",
+      "var<storage, read> b: array<vec4<f32>>;",
+      "b[row * L4 + l % L4]",
+      sbuf,
+    ],
+    [
+      "storage buffer, same address in all lanes",
+      "var<storage, read> b: array<vec4<f32>>;",
+      "b[(wg * 7u + l) % (ROWS * L4)]",
+      sbuf,
+    ],
+    [
+      "uniform buffer, same address in all lanes",
+      "var<uniform> b: array<vec4<f32>, 4096>;",
+      "b[(wg * 7u + l) % 4096u]",
+      ubuf,
+    ],
+    [
+      "texture (textureLoad), per-lane texel",
+      "var b: texture_2d<f32>;",
+      "textureLoad(b, vec2<u32>(l % L4, row), 0)",
+      tex,
+    ],
+  ];
+  console.log(`\nvec4 loads, ${INV} invocations x ${ITERS} loads per dispatch:`);
+  for (const [name, decl, load, res] of paths) {
+    const code = `
+@group(0) @binding(0) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(1) ${decl}
+const L4 = ${L4}u; const ROWS = ${ROWS}u;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let row = gid.x % ROWS;
+  let wg = wid.x;
+  var acc = vec4<f32>(0.0);
+  for (var l = 0u; l < ${ITERS}u; l++) { acc += ${load}; }
+  o[gid.x] = acc;
+}`;
+    const [pipe, bind] = pipeline(code, [out, res]);
+    const ms = await timePipe(pipe, bind, INV / 64, 4);
+    const ns = (ms * 1e6) / (INV * ITERS);
+    console.log(
+      `  ${name.padEnd(44)} ${ms.toFixed(1).padStart(7)} ms  ${
+        ns.toFixed(2).padStart(6)
+      } ns per invocation-load`,
+    );
+  }
+}
+
+// 2. One X W^T kernel, operands from storage buffers or from textures.
+const RM = 8, CN = 4;
+function xwtKernel(M: number, K: number, N: number, textures: boolean): string {
+  const K4 = K / 4;
+  const decl = textures
+    ? "@group(0) @binding(1) var x: texture_2d<f32>;\n@group(0) @binding(2) var w: texture_2d<f32>;"
+    : "@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;\n@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;";
+  const ld = (m: string, row: string) =>
+    textures ? `textureLoad(${m}, vec2<u32>(l, ${row}), 0)` : `${m}[(${row}) * K4 + l]`;
+  const lines: string[] = [];
+  for (let i = 0; i < RM; i++) lines.push(`    let x${i} = ${ld("x", `min(r0 + ${i}u, M - 1u)`)};`);
+  for (let j = 0; j < CN; j++) lines.push(`    let w${j} = ${ld("w", `min(c0 + ${j}u, N - 1u)`)};`);
+  for (let i = 0; i < RM; i++) {
+    for (let j = 0; j < CN; j++) lines.push(`    a${i}_${j} += dot(x${i}, w${j});`);
+  }
+  const accs = [];
+  const stores = [];
+  for (let i = 0; i < RM; i++) {
+    for (let j = 0; j < CN; j++) {
+      accs.push(`a${i}_${j}`);
+      stores.push(
+        `  if (r0 + ${i}u < M && c0 + ${j}u < N) { y[(r0 + ${i}u) * N + c0 + ${j}u] = a${i}_${j}; }`,
+      );
+    }
+  }
+  return `
+@group(0) @binding(0) var<storage, read_write> y: array<f32>;
+${decl}
+const M = ${M}u; const N = ${N}u; const K4 = ${K4}u;
+const NCB = ${Math.ceil(N / CN)}u; const MRB = ${Math.ceil(M / RM)}u;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let cb = gid.x % NCB;
+  let rb = gid.x / NCB;
+  if (rb >= MRB) { return; }
+  let r0 = rb * ${RM}u;
+  let c0 = cb * ${CN}u;
+  var ${accs.join(" = 0.0;\n  var ")} = 0.0;
+  for (var l = 0u; l < K4; l++) {
+${lines.join("\n")}
+  }
+${stores.join("\n")}
+}`;
+}
+
+const shapes: [string, number, number, number][] = [
+  ["tiny q/o", 2048, 128, 128],
+  ["tiny gate|up", 2048, 128, 768],
+  ["tiny lm_head (V 1558)", 2048, 128, 1558],
+  ["minimind2-small q/o", 1024, 512, 512],
+];
+console.log(
+  `\nX W^T, ${RM}x${CN} outputs per invocation; GFLOP/s (ms), the kernel checked against a CPU reference:`,
+);
+console.log(
+  "  shape                        storage kernel    texture kernel    production matmulXWt   copy x to texture",
+);
+for (const [name, M, K, N] of shapes) {
+  const x = fill(M * K, 3), w = fill(N * K, 5);
+  const ref = new Float32Array(M * N);
+  for (let m = 0; m < M; m++) {
+    for (let n = 0; n < N; n++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];
+      ref[m * N + n] = s;
+    }
+  }
+  const xs = storageBuffer(x), ws = storageBuffer(w);
+  const xt = matrixTexture(x, M, K / 4, GPUTextureUsage.COPY_DST), wt = matrixTexture(w, N, K / 4);
+  const y = device.createBuffer({ size: M * N * 4, usage: STORAGE });
+  const groups = Math.ceil((Math.ceil(M / RM) * Math.ceil(N / CN)) / 64);
+  const flop = 2 * M * N * K;
+  const cells: string[] = [];
+  for (const textures of [false, true]) {
+    const [pipe, bind] = pipeline(
+      xwtKernel(M, K, N, textures),
+      textures ? [y, xt, wt] : [y, xs, ws],
+    );
+    const ms = await timePipe(pipe, bind, groups, 4);
+    const got = new Float32Array(await gpu.read(y, 0, M * N * 4));
+    let err = 0;
+    for (let i = 0; i < M * N; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
+    // f32 sums of K products of values in [-0.5, 0.5]: well under 1e-4 here.
+    if (!(err < 1e-4)) {
+      throw new Error(`${name} ${textures ? "texture" : "storage"}: max error ${err}`);
+    }
+    cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
+    device.queue.writeBuffer(y, 0, new Float32Array(M * N));
+  }
+  const prod = await matmulXWt(gpu, { x: xs, w: ws, y, M, K, N });
+  const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
+  cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
+  // What a texture design pays per call to get the activations into a texture.
+  const copy = async () => {
+    const enc = device.createCommandEncoder();
+    for (let i = 0; i < 4; i++) {
+      enc.copyBufferToTexture({ buffer: xs, bytesPerRow: K * 4 }, { texture: xt }, [K / 4, M]);
+    }
+    const t0 = performance.now();
+    device.queue.submit([enc.finish()]);
+    await device.queue.onSubmittedWorkDone();
+    return (performance.now() - t0) / 4;
+  };
+  await copy();
+  let copyMs = Infinity;
+  for (let r = 0; r < rounds; r++) copyMs = Math.min(copyMs, await copy());
+  cells.push(`${copyMs.toFixed(2)} ms`);
+  console.log(
+    `  ${(name + ` M=${M} K=${K} N=${N}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
+  );
+  for (const b of [xs, ws, y]) b.destroy();
+  xt.destroy();
+  wt.destroy();
+  for (const b of prod.owned ?? []) b.destroy();
+}
