@@ -21,9 +21,10 @@ export function trainDefaultTokenizer(): TokenizerFiles {
   const texts = corpusTrainingTexts(embeddedCorpus(DEFAULT_CORPUS_SEED));
   // A 6-byte cap (2 Chinese characters): on this small, repetitive corpus a
   // longer cap lets BPE fuse a clause with its value into one token (with 16
-  // bytes "萨科吃苔藓", "the sako eats moss"), so a fact is learnt as a token of
-  // its own instead of on the name, and pretraining + SFT answered 25% of the
-  // held-out questions against 64% with this cap (docs/guide.md section 5).
+  // bytes "萨科吃苔藓", "the sako eats moss", was one), and pretraining + SFT
+  // answered 25% of the held-out questions against 64% with this cap
+  // (docs/guide.md section 5; our reading: a fused fact is learnt as a token
+  // of its own instead of on the name).
   // Under the cap, pairs seen at least twice run out at
   // DEFAULT_TOKENIZER_VOCAB_SIZE tokens: asking for more gives the same files.
   return trainTokenizerOnTexts(texts, {
