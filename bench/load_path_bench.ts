@@ -277,3 +277,107 @@ for (const [name, M, K, N] of shapes) {
   wt.destroy();
   for (const b of prod.owned ?? []) b.destroy();
 }
+
+// 3. The production CPU design's shape (one subgroup per workgroup; each lane
+//    owns TN columns of B; the TM rows of A, shared by all lanes, are loaded
+//    once per subgroup and handed round with subgroupBroadcast), with A and B
+//    read from storage buffers or from textures.
+if (gpu.features.subgroups) {
+  const S = await gpu.subgroupSize();
+  const TM = 32, TN = 8;
+  const subgroupKernel = (
+    M: number,
+    K: number,
+    N: number,
+    texA: boolean,
+    texB: boolean,
+  ): string => {
+    const decl = (name: string, binding: number, tex: boolean) =>
+      tex
+        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
+        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
+    const ld = (m: string, tex: boolean, row: string) =>
+      tex ? `textureLoad(${m}, vec2<u32>(l, ${row}), 0)` : `${m}[(${row}) * K4 + l]`;
+    const body: string[] = [];
+    const chunks = TM / S;
+    for (let c = 0; c < chunks; c++) {
+      body.push(`let ca${c} = ${ld("x", texA, `min(r0 + lane + ${S * c}u, M - 1u)`)};`);
+    }
+    for (let j = 0; j < TN; j++) {
+      body.push(`let b${j} = ${ld("w", texB, `min(cb + ${j}u, N - 1u)`)};`);
+    }
+    for (let i = 0; i < TM; i++) {
+      body.push(`let a${i} = subgroupBroadcast(ca${Math.floor(i / S)}, ${i % S}u);`);
+      for (let j = 0; j < TN; j++) body.push(`acc${i}_${j} += dot(a${i}, b${j});`);
+    }
+    const decls: string[] = [];
+    const stores: string[] = [];
+    for (let i = 0; i < TM; i++) {
+      for (let j = 0; j < TN; j++) {
+        decls.push(`var acc${i}_${j} = 0.0;`);
+        stores.push(
+          `if (r0 + ${i}u < M && cb + ${j}u < N) { y[(r0 + ${i}u) * N + cb + ${j}u] = acc${i}_${j}; }`,
+        );
+      }
+    }
+    return `
+@group(0) @binding(0) var<storage, read_write> y: array<f32>;
+${decl("x", 1, texA)}
+${decl("w", 2, texB)}
+const M = ${M}u; const N = ${N}u; const K4 = ${K / 4}u;
+const COLT = ${Math.ceil(N / (S * TN))}u;
+@compute @workgroup_size(${S})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+  let r0 = (wid.x / COLT) * ${TM}u;
+  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
+  ${decls.join("\n  ")}
+  for (var l = 0u; l < K4; l++) {
+    ${body.join("\n    ")}
+  }
+  ${stores.join("\n  ")}
+}`;
+  };
+  console.log(
+    `\nX W^T in the production CPU design's shape (subgroup ${S}, ${TM} x ${TN} outputs per lane); GFLOP/s (ms):`,
+  );
+  console.log(
+    "  shape                        A, B storage      A storage, B texture  A, B texture",
+  );
+  for (const [name, M, K, N] of shapes) {
+    const x = fill(M * K, 3), w = fill(N * K, 5);
+    const ref = new Float32Array(M * N);
+    for (let m = 0; m < M; m++) {
+      for (let n = 0; n < N; n++) {
+        let t = 0;
+        for (let k = 0; k < K; k++) t += x[m * K + k] * w[n * K + k];
+        ref[m * N + n] = t;
+      }
+    }
+    const xs = storageBuffer(x), ws = storageBuffer(w);
+    const xt = matrixTexture(x, M, K / 4), wt = matrixTexture(w, N, K / 4);
+    const y = device.createBuffer({ size: M * N * 4, usage: STORAGE });
+    const groups = Math.ceil(M / TM) * Math.ceil(N / (S * TN));
+    const flop = 2 * M * N * K;
+    const cells: string[] = [];
+    for (const [texA, texB] of [[false, false], [false, true], [true, true]]) {
+      const [pipe, bind] = pipeline(subgroupKernel(M, K, N, texA, texB), [
+        y,
+        texA ? xt : xs,
+        texB ? wt : ws,
+      ]);
+      const ms = await timePipe(pipe, bind, groups, 4);
+      const got = new Float32Array(await gpu.read(y, 0, M * N * 4));
+      let err = 0;
+      for (let i = 0; i < M * N; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
+      if (!(err < 1e-4)) throw new Error(`${name} subgroup A ${texA} B ${texB}: max error ${err}`);
+      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
+      device.queue.writeBuffer(y, 0, new Float32Array(M * N));
+    }
+    console.log(
+      `  ${(name + ` M=${M} K=${K} N=${N}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
+    );
+    for (const b of [xs, ws, y]) b.destroy();
+    xt.destroy();
+    wt.destroy();
+  }
+}
