@@ -13,6 +13,11 @@
  *    the production `matmulXWt` at the same shape; and the cost of copying the
  *    activations into a texture (copyBufferToTexture), which a texture design
  *    would pay per call.
+ * 3. X W^T in the production CPU design's shape (a subgroup per workgroup,
+ *    32 x 8 outputs per lane, the shared rows of A handed round with
+ *    subgroupBroadcast), operands from storage or textures.
+ * 4. dX = dY W in that design (W read across its rows), storage or textures,
+ *    beside the production `matmulDyW`.
  *
  *   deno run -A bench/load_path_bench.ts [--rounds 5]
  *
@@ -21,7 +26,7 @@
  */
 import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
-import { matmulXWt } from "../kernels/matmul.ts";
+import { matmulDyW, matmulXWt } from "../kernels/matmul.ts";
 import { timeGpu } from "./harness.ts";
 
 const { values } = parseArgs({ options: { rounds: { type: "string", default: "5" } } });
@@ -379,5 +384,119 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     for (const b of [xs, ws, y]) b.destroy();
     xt.destroy();
     wt.destroy();
+  }
+}
+
+// 4. The input-gradient form dX = dY W (W [N, K] is read across its rows: for
+//    one reduction index n a lane's 8 columns k are 2 consecutive vec4s) in
+//    the same subgroup design, from storage buffers or from textures.
+if (gpu.features.subgroups) {
+  const S = await gpu.subgroupSize();
+  const TM = 32, TN = 8;
+  const dywKernel = (M: number, N: number, K: number, tex: boolean): string => {
+    const decl = (name: string, binding: number) =>
+      tex
+        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
+        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
+    // dy [M, N] read along n (a vec4 = 4 reduction steps); w [N, K] read along k.
+    const ldDy = (row: string) =>
+      tex ? `textureLoad(dy, vec2<u32>(l4, ${row}), 0)` : `dy[(${row}) * N4 + l4]`;
+    const ldW = (n: string, k4: string) =>
+      tex ? `textureLoad(w, vec2<u32>(${k4}, ${n}), 0)` : `w[(${n}) * K4 + ${k4}]`;
+    const body: string[] = [];
+    for (let c = 0; c < TM / S; c++) {
+      body.push(`let ca${c} = ${ldDy(`min(r0 + lane + ${S * c}u, M - 1u)`)};`);
+    }
+    for (let q = 0; q < 4; q++) {
+      for (let g = 0; g < TN / 4; g++) {
+        body.push(`let b${q}_${g} = ${ldW(`l4 * 4u + ${q}u`, `min(cb / 4u + ${g}u, K4 - 1u)`)};`);
+      }
+    }
+    for (let i = 0; i < TM; i++) {
+      body.push(`let a${i} = subgroupBroadcast(ca${Math.floor(i / S)}, ${i % S}u);`);
+      for (let q = 0; q < 4; q++) {
+        for (let g = 0; g < TN / 4; g++) body.push(`acc${i}_${g} += a${i}[${q}] * b${q}_${g};`);
+      }
+    }
+    const decls: string[] = [];
+    const stores: string[] = [];
+    for (let i = 0; i < TM; i++) {
+      for (let g = 0; g < TN / 4; g++) {
+        decls.push(`var acc${i}_${g} = vec4<f32>(0.0);`);
+        for (let p = 0; p < 4; p++) {
+          stores.push(
+            `if (r0 + ${i}u < M && cb + ${4 * g + p}u < K) { dx[(r0 + ${i}u) * K + cb + ${
+              4 * g + p
+            }u] = acc${i}_${g}[${p}]; }`,
+          );
+        }
+      }
+    }
+    return `
+@group(0) @binding(0) var<storage, read_write> dx: array<f32>;
+${decl("dy", 1)}
+${decl("w", 2)}
+const M = ${M}u; const N4 = ${N / 4}u; const K = ${K}u; const K4 = ${K / 4}u;
+const COLT = ${Math.ceil(K / (S * TN))}u;
+@compute @workgroup_size(${S})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+  let r0 = (wid.x / COLT) * ${TM}u;
+  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
+  ${decls.join("\n  ")}
+  for (var l4 = 0u; l4 < N4; l4++) {
+    ${body.join("\n    ")}
+  }
+  ${stores.join("\n  ")}
+}`;
+  };
+  console.log(`\ndX = dY W in the same design; GFLOP/s (ms):`);
+  console.log(
+    "  shape                        storage           textures          production matmulDyW",
+  );
+  const dywShapes: [string, number, number, number][] = [
+    ["tiny o (dY [M, 128])", 2048, 128, 128],
+    ["tiny gate|up (dY [M, 768])", 2048, 768, 128],
+    ["tiny lm_head (dY [M, 1560])", 2048, 1560, 128],
+    ["minimind2-small q/o", 1024, 512, 512],
+  ];
+  for (const [name, M, N, K] of dywShapes) {
+    const dyv = fill(M * N, 7), w = fill(N * K, 5);
+    const ref = new Float32Array(M * K);
+    for (let m = 0; m < M; m++) {
+      for (let k = 0; k < K; k++) {
+        let t = 0;
+        for (let n = 0; n < N; n++) t += dyv[m * N + n] * w[n * K + k];
+        ref[m * K + k] = t;
+      }
+    }
+    const dys = storageBuffer(dyv), ws = storageBuffer(w);
+    const dyt = matrixTexture(dyv, M, N / 4), wt = matrixTexture(w, N, K / 4);
+    const dx = device.createBuffer({ size: M * K * 4, usage: STORAGE });
+    const groups = Math.ceil(M / TM) * Math.ceil(K / (S * TN));
+    const flop = 2 * M * N * K;
+    const cells: string[] = [];
+    for (const tex of [false, true]) {
+      const [pipe, bind] = pipeline(dywKernel(M, N, K, tex), [dx, tex ? dyt : dys, tex ? wt : ws]);
+      const ms = await timePipe(pipe, bind, groups, 4);
+      const got = new Float32Array(await gpu.read(dx, 0, M * K * 4));
+      let err = 0;
+      for (let i = 0; i < M * K; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
+      // Sums of up to 1560 products of values in [-0.5, 0.5]: f32 rounding stays well under 1e-3.
+      if (!(err < 1e-3)) {
+        throw new Error(`${name} dY W ${tex ? "texture" : "storage"}: max error ${err}`);
+      }
+      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
+      device.queue.writeBuffer(dx, 0, new Float32Array(M * K));
+    }
+    const prod = await matmulDyW(gpu, { dy: dys, w: ws, dx, M, N, K });
+    const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
+    cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
+    console.log(
+      `  ${(name + ` M=${M} N=${N} K=${K}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
+    );
+    for (const b of [dys, ws, dx]) b.destroy();
+    dyt.destroy();
+    wt.destroy();
+    for (const b of prod.owned ?? []) b.destroy();
   }
 }
