@@ -18,6 +18,8 @@
  *    subgroupBroadcast), operands from storage or textures.
  * 4. dX = dY W in that design (W read across its rows), storage or textures,
  *    beside the production `matmulDyW`.
+ * 5. dW = dY^T X in that design (both read across their rows), storage or
+ *    textures, beside the production `matmulDyTXSplitK`.
  *
  *   deno run -A bench/load_path_bench.ts [--rounds 5]
  *
@@ -26,7 +28,7 @@
  */
 import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
-import { matmulDyW, matmulXWt } from "../kernels/matmul.ts";
+import { matmulDyTXSplitK, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
 import { timeGpu } from "./harness.ts";
 
 const { values } = parseArgs({ options: { rounds: { type: "string", default: "5" } } });
@@ -498,5 +500,124 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) 
     dyt.destroy();
     wt.destroy();
     for (const b of prod.owned ?? []) b.destroy();
+  }
+}
+
+// 5. The weight-gradient form dW = dY^T X (both operands read across rows:
+//    for one reduction index m, a lane's texel of dY holds 4 consecutive rows
+//    n, and its two texels of X its 8 columns k) in that design, from storage
+//    or textures, beside the production `matmulDyTXSplitK`.
+if (gpu.features.subgroups) {
+  const S = await gpu.subgroupSize();
+  const TM = 4 * S, TN = 8;
+  const dytxKernel = (M: number, N: number, K: number, tex: boolean): string => {
+    const decl = (name: string, binding: number) =>
+      tex
+        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
+        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
+    const ld = (m: string, width4: string, col4: string, row: string) =>
+      tex
+        ? `textureLoad(${m}, vec2<u32>(${col4}, ${row}), 0)`
+        : `${m}[(${row}) * ${width4} + ${col4}]`;
+    const body: string[] = [];
+    for (let q = 0; q < 4; q++) {
+      body.push(
+        `let ca${q} = ${ld("dy", "N4", "min(n0 / 4u + lane, N4 - 1u)", `m4 * 4u + ${q}u`)};`,
+      );
+      for (let g = 0; g < TN / 4; g++) {
+        body.push(
+          `let b${q}_${g} = ${ld("x", "K4", `min(cb / 4u + ${g}u, K4 - 1u)`, `m4 * 4u + ${q}u`)};`,
+        );
+      }
+    }
+    for (let q = 0; q < 4; q++) {
+      for (let src = 0; src < S; src++) {
+        body.push(`let a${q}_${src} = subgroupBroadcast(ca${q}, ${src}u);`);
+        for (let p = 0; p < 4; p++) {
+          for (let g = 0; g < TN / 4; g++) {
+            body.push(`acc${4 * src + p}_${g} += a${q}_${src}[${p}] * b${q}_${g};`);
+          }
+        }
+      }
+    }
+    const decls: string[] = [];
+    const stores: string[] = [];
+    for (let i = 0; i < TM; i++) {
+      for (let g = 0; g < TN / 4; g++) {
+        decls.push(`var acc${i}_${g} = vec4<f32>(0.0);`);
+        for (let p = 0; p < 4; p++) {
+          stores.push(
+            `if (n0 + ${i}u < N && cb + ${4 * g + p}u < K) { dw[(n0 + ${i}u) * K + cb + ${
+              4 * g + p
+            }u] = acc${i}_${g}[${p}]; }`,
+          );
+        }
+      }
+    }
+    return `
+@group(0) @binding(0) var<storage, read_write> dw: array<f32>;
+${decl("dy", 1)}
+${decl("x", 2)}
+const M4 = ${M / 4}u; const N = ${N}u; const N4 = ${N / 4}u; const K = ${K}u; const K4 = ${K / 4}u;
+const COLT = ${Math.ceil(K / (S * TN))}u;
+@compute @workgroup_size(${S})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+  let n0 = (wid.x / COLT) * ${TM}u;
+  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
+  ${decls.join("\n  ")}
+  for (var m4 = 0u; m4 < M4; m4++) {
+    ${body.join("\n    ")}
+  }
+  ${stores.join("\n  ")}
+}`;
+  };
+  console.log(`\ndW = dY^T X in the same design (${TM} x ${TN} outputs per lane); GFLOP/s (ms):`);
+  console.log(
+    "  shape                        storage           textures          production matmulDyTX",
+  );
+  const dytxShapes: [string, number, number, number][] = [
+    ["tiny q/o", 2048, 128, 128],
+    ["tiny gate|up", 2048, 768, 128],
+    ["tiny lm_head (N 1560)", 2048, 1560, 128],
+    ["minimind2-small q/o", 1024, 512, 512],
+  ];
+  for (const [name, M, N, K] of dytxShapes) {
+    const dyv = fill(M * N, 7), x = fill(M * K, 3);
+    const ref = new Float32Array(N * K);
+    for (let m = 0; m < M; m++) {
+      for (let n = 0; n < N; n++) {
+        const d = dyv[m * N + n];
+        for (let k = 0; k < K; k++) ref[n * K + k] += d * x[m * K + k];
+      }
+    }
+    const dys = storageBuffer(dyv), xs = storageBuffer(x);
+    const dyt = matrixTexture(dyv, M, N / 4), xt = matrixTexture(x, M, K / 4);
+    const dw = device.createBuffer({ size: N * K * 4, usage: STORAGE });
+    const groups = Math.ceil(N / TM) * Math.ceil(K / (S * TN));
+    const flop = 2 * M * N * K;
+    const cells: string[] = [];
+    for (const tex of [false, true]) {
+      const [pipe, bind] = pipeline(dytxKernel(M, N, K, tex), [dw, tex ? dyt : dys, tex ? xt : xs]);
+      const ms = await timePipe(pipe, bind, groups, 4);
+      const got = new Float32Array(await gpu.read(dw, 0, N * K * 4));
+      let err = 0;
+      for (let i = 0; i < N * K; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
+      // Sums of 1024-2048 products of values in [-0.5, 0.5], in another order than the reference's float32 sums.
+      if (!(err < 1e-3)) {
+        throw new Error(`${name} dY^T X ${tex ? "texture" : "storage"}: max error ${err}`);
+      }
+      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
+      device.queue.writeBuffer(dw, 0, new Float32Array(N * K));
+    }
+    const prod = await matmulDyTXSplitK(gpu, { dy: dys, x: xs, dw, M, N, K });
+    const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
+    cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
+    console.log(
+      `  ${(name + ` M=${M} N=${N} K=${K}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
+    );
+    for (const b of [dys, xs, dw]) b.destroy();
+    dyt.destroy();
+    xt.destroy();
+    for (const d of prod) for (const b of d.owned ?? []) b.destroy();
   }
 }
