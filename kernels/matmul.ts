@@ -53,9 +53,10 @@
  *   issued before its arithmetic. Measured on Mesa 22.3 (2026-12-03,
  *   bench/load_path_bench.ts, docs/benchmarks.md): a vec4 storage load costs
  *   about 24 ns per invocation whether or not its address is the same in
- *   every lane, a `textureLoad` of an rgba32f texel about 4-6 ns; this
- *   design's X W^T written plainly ran 3.2-3.4x faster on wide shapes with
- *   both operands read from textures. Operands in textures are the open lead.
+ *   every lane, a `textureLoad` of an rgba32f texel about 4-6 ns; the
+ *   subgroup design's X W^T and dY W written plainly ran 1.7-3.7x faster
+ *   with their operands read from textures (dY^T X only caught up with this
+ *   kernel). Operands in textures are the open lead.
  * - `fallbackSubgroup` (CPU drivers with subgroups): as `fallback`, but the A
  *   values (the same for every lane of a workgroup) are loaded once, spread
  *   over the lanes, and handed round with `subgroupBroadcast` (an extract and a
