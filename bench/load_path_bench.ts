@@ -27,7 +27,7 @@
  * dispatches each), so this is for CPU drivers; on a GPU use `deno task bench`.
  */
 import { parseArgs } from "node:util";
-import { Gpu } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu } from "../kernels/runtime.ts";
 import { matmulDyTXSplitK, matmulDyW, matmulXWt } from "../kernels/matmul.ts";
 import { timeGpu } from "./harness.ts";
 
@@ -48,16 +48,11 @@ function storageBuffer(data: Float32Array<ArrayBuffer>): GPUBuffer {
   return b;
 }
 /** An rgba32f texture of `rows` x `cols4` texels holding a row-major [rows, 4 * cols4] matrix. */
-function matrixTexture(
-  data: Float32Array<ArrayBuffer>,
-  rows: number,
-  cols4: number,
-  extra = 0,
-): GPUTexture {
+function matrixTexture(data: Float32Array<ArrayBuffer>, rows: number, cols4: number): GPUTexture {
   const t = device.createTexture({
     size: [cols4, rows],
     format: "rgba32float",
-    usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST | extra,
+    usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
   });
   device.queue.writeTexture({ texture: t }, data, { bytesPerRow: cols4 * 16 }, [cols4, rows]);
   return t;
@@ -169,35 +164,54 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wi
   }
 }
 
-// 2. One X W^T kernel, operands from storage buffers or from textures.
+// 2-5. Matmul kernels, each reading its two operands from storage buffers
+// (vec4 arrays) or from rgba32f textures, as `tex` says.
+
+/** The declaration of matrix operand `name` at `binding`: an rgba32f texture or a vec4 storage array. */
+function operandDecl(name: string, binding: number, tex: boolean): string {
+  return tex
+    ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
+    : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
+}
+/** The vec4 at texel column `col4` of row `row` of operand `name` (`width4` vec4s per row). */
+function operandLoad(
+  name: string,
+  tex: boolean,
+  width4: string,
+  col4: string,
+  row: string,
+): string {
+  return tex
+    ? `textureLoad(${name}, vec2<u32>(${col4}, ${row}), 0)`
+    : `${name}[(${row}) * ${width4} + ${col4}]`;
+}
+
+/** 2. X W^T with 8 rows x 4 columns per invocation, no subgroups. */
 const RM = 8, CN = 4;
-function xwtKernel(M: number, K: number, N: number, textures: boolean): string {
-  const K4 = K / 4;
-  const decl = textures
-    ? "@group(0) @binding(1) var x: texture_2d<f32>;\n@group(0) @binding(2) var w: texture_2d<f32>;"
-    : "@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;\n@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;";
-  const ld = (m: string, row: string) =>
-    textures ? `textureLoad(${m}, vec2<u32>(l, ${row}), 0)` : `${m}[(${row}) * K4 + l]`;
+function plainXwt(M: number, K: number, N: number, tex: [boolean, boolean]): string {
   const lines: string[] = [];
-  for (let i = 0; i < RM; i++) lines.push(`    let x${i} = ${ld("x", `min(r0 + ${i}u, M - 1u)`)};`);
-  for (let j = 0; j < CN; j++) lines.push(`    let w${j} = ${ld("w", `min(c0 + ${j}u, N - 1u)`)};`);
   for (let i = 0; i < RM; i++) {
-    for (let j = 0; j < CN; j++) lines.push(`    a${i}_${j} += dot(x${i}, w${j});`);
+    lines.push(`let x${i} = ${operandLoad("x", tex[0], "K4", "l", `min(r0 + ${i}u, M - 1u)`)};`);
   }
-  const accs = [];
-  const stores = [];
+  for (let j = 0; j < CN; j++) {
+    lines.push(`let w${j} = ${operandLoad("w", tex[1], "K4", "l", `min(c0 + ${j}u, N - 1u)`)};`);
+  }
+  const decls: string[] = [];
+  const stores: string[] = [];
   for (let i = 0; i < RM; i++) {
     for (let j = 0; j < CN; j++) {
-      accs.push(`a${i}_${j}`);
+      lines.push(`a${i}_${j} += dot(x${i}, w${j});`);
+      decls.push(`var a${i}_${j} = 0.0;`);
       stores.push(
-        `  if (r0 + ${i}u < M && c0 + ${j}u < N) { y[(r0 + ${i}u) * N + c0 + ${j}u] = a${i}_${j}; }`,
+        `if (r0 + ${i}u < M && c0 + ${j}u < N) { y[(r0 + ${i}u) * N + c0 + ${j}u] = a${i}_${j}; }`,
       );
     }
   }
   return `
 @group(0) @binding(0) var<storage, read_write> y: array<f32>;
-${decl}
-const M = ${M}u; const N = ${N}u; const K4 = ${K4}u;
+${operandDecl("x", 1, tex[0])}
+${operandDecl("w", 2, tex[1])}
+const M = ${M}u; const N = ${N}u; const K4 = ${K / 4}u;
 const NCB = ${Math.ceil(N / CN)}u; const MRB = ${Math.ceil(M / RM)}u;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -206,418 +220,405 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (rb >= MRB) { return; }
   let r0 = rb * ${RM}u;
   let c0 = cb * ${CN}u;
-  var ${accs.join(" = 0.0;\n  var ")} = 0.0;
+  ${decls.join("\n  ")}
   for (var l = 0u; l < K4; l++) {
-${lines.join("\n")}
+    ${lines.join("\n    ")}
   }
-${stores.join("\n")}
+  ${stores.join("\n  ")}
 }`;
+}
+
+/**
+ * 3-5. The production CPU design's shape: one subgroup of S lanes per
+ * workgroup, each lane owning TN = 8 columns; the rows shared by all lanes
+ * are loaded once per subgroup (a texel per lane) and handed round with
+ * subgroupBroadcast. `loads` are a loop iteration's loads, `fmas` its
+ * multiply-adds into vec4 accumulators acc{i}_{g} (row i, columns 4g..4g+3);
+ * `rows` x `cols` is the output, `iterations` the loop's trip count.
+ */
+function subgroupKernel(opts: {
+  S: number;
+  tm: number;
+  rows: number;
+  cols: number;
+  iterations: number;
+  decls: string;
+  loads: string[];
+  fmas: string[];
+}): string {
+  const { S, tm, rows, cols } = opts;
+  const TN = 8;
+  const accs: string[] = [];
+  const stores: string[] = [];
+  for (let i = 0; i < tm; i++) {
+    for (let g = 0; g < TN / 4; g++) {
+      accs.push(`var acc${i}_${g} = vec4<f32>(0.0);`);
+      for (let p = 0; p < 4; p++) {
+        const c = `cb + ${4 * g + p}u`;
+        stores.push(
+          `if (r0 + ${i}u < ${rows}u && ${c} < ${cols}u) { out[(r0 + ${i}u) * ${cols}u + ${c}] = acc${i}_${g}[${p}]; }`,
+        );
+      }
+    }
+  }
+  const colTiles = Math.ceil(cols / (S * TN));
+  return `
+@group(0) @binding(0) var<storage, read_write> out: array<f32>;
+${opts.decls}
+@compute @workgroup_size(${S})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+  let r0 = (wid.x / ${colTiles}u) * ${tm}u;
+  let cb = (wid.x % ${colTiles}u) * ${S * TN}u + lane * ${TN}u;
+  ${accs.join("\n  ")}
+  for (var it = 0u; it < ${opts.iterations}u; it++) {
+    ${opts.loads.join("\n    ")}
+    ${opts.fmas.join("\n    ")}
+  }
+  ${stores.join("\n  ")}
+}`;
+}
+const subgroupGroups = (S: number, tm: number, rows: number, cols: number) =>
+  Math.ceil(rows / tm) * Math.ceil(cols / (S * 8));
+
+/**
+ * Loads `ca{c}` of the `tm` rows one workgroup shares (row r0 + lane + S*c of
+ * operand `name`, `width4` texels per row, `rows` rows, clamped): one texel
+ * along the reduction per lane and chunk.
+ */
+function sharedRows(
+  S: number,
+  tm: number,
+  name: string,
+  tex: boolean,
+  width4: number,
+  rows: number,
+): string[] {
+  const loads: string[] = [];
+  for (let c = 0; c < tm / S; c++) {
+    const row = `min(r0 + lane + ${S * c}u, ${rows - 1}u)`;
+    loads.push(`let ca${c} = ${operandLoad(name, tex, `${width4}u`, "it", row)};`);
+  }
+  return loads;
+}
+/** Row i of those, handed round from the lane that loaded it. */
+const broadcastRow = (S: number, i: number) =>
+  `let a${i} = subgroupBroadcast(ca${Math.floor(i / S)}, ${i % S}u);`;
+
+/** X W^T: y [M, N] = x [M, K] w [N, K]^T; lanes broadcast 32 rows of x, each reads 8 rows of w. */
+function subgroupXwt(S: number, M: number, K: number, N: number, tex: [boolean, boolean]): string {
+  const TM = 32;
+  const fmas: string[] = [];
+  const loads = sharedRows(S, TM, "x", tex[0], K / 4, M);
+  for (let j = 0; j < 8; j++) {
+    loads.push(
+      `let b${j} = ${operandLoad("w", tex[1], `${K / 4}u`, "it", `min(cb + ${j}u, ${N - 1}u)`)};`,
+    );
+  }
+  for (let i = 0; i < TM; i++) {
+    fmas.push(broadcastRow(S, i));
+    for (let g = 0; g < 2; g++) {
+      fmas.push(
+        `acc${i}_${g} += vec4<f32>(${
+          [0, 1, 2, 3].map((p) => `dot(a${i}, b${4 * g + p})`).join(", ")
+        });`,
+      );
+    }
+  }
+  const decls = `${operandDecl("x", 1, tex[0])}\n${operandDecl("w", 2, tex[1])}`;
+  return subgroupKernel({ S, tm: TM, rows: M, cols: N, iterations: K / 4, decls, loads, fmas });
+}
+
+/** dX = dY W: dx [M, K] from dy [M, N] (rows broadcast, 4 n per texel) and w [N, K] read across its rows. */
+function subgroupDyw(S: number, M: number, N: number, K: number, tex: [boolean, boolean]): string {
+  const TM = 32;
+  const fmas: string[] = [];
+  const loads = sharedRows(S, TM, "dy", tex[0], N / 4, M);
+  for (let q = 0; q < 4; q++) {
+    for (let g = 0; g < 2; g++) {
+      loads.push(
+        `let b${q}_${g} = ${
+          operandLoad(
+            "w",
+            tex[1],
+            `${K / 4}u`,
+            `min(cb / 4u + ${g}u, ${K / 4 - 1}u)`,
+            `it * 4u + ${q}u`,
+          )
+        };`,
+      );
+    }
+  }
+  for (let i = 0; i < TM; i++) {
+    fmas.push(broadcastRow(S, i));
+    for (let q = 0; q < 4; q++) {
+      for (let g = 0; g < 2; g++) fmas.push(`acc${i}_${g} += a${i}[${q}] * b${q}_${g};`);
+    }
+  }
+  const decls = `${operandDecl("dy", 1, tex[0])}\n${operandDecl("w", 2, tex[1])}`;
+  return subgroupKernel({ S, tm: TM, rows: M, cols: K, iterations: N / 4, decls, loads, fmas });
+}
+
+/**
+ * dW = dY^T X: dw [N, K] from dy [M, N] and x [M, K], both read across their
+ * rows: for one m a lane's texel of dy holds 4 consecutive rows n (4S rows per
+ * workgroup), its two texels of x its 8 columns k.
+ */
+function subgroupDytx(S: number, M: number, N: number, K: number, tex: [boolean, boolean]): string {
+  const loads: string[] = [];
+  const fmas: string[] = [];
+  for (let q = 0; q < 4; q++) {
+    const m = `it * 4u + ${q}u`;
+    loads.push(
+      `let ca${q} = ${
+        operandLoad("dy", tex[0], `${N / 4}u`, `min(r0 / 4u + lane, ${N / 4 - 1}u)`, m)
+      };`,
+    );
+    for (let g = 0; g < 2; g++) {
+      loads.push(
+        `let b${q}_${g} = ${
+          operandLoad("x", tex[1], `${K / 4}u`, `min(cb / 4u + ${g}u, ${K / 4 - 1}u)`, m)
+        };`,
+      );
+    }
+  }
+  for (let q = 0; q < 4; q++) {
+    for (let src = 0; src < S; src++) {
+      fmas.push(`let a${q}_${src} = subgroupBroadcast(ca${q}, ${src}u);`);
+      for (let p = 0; p < 4; p++) {
+        for (let g = 0; g < 2; g++) {
+          fmas.push(`acc${4 * src + p}_${g} += a${q}_${src}[${p}] * b${q}_${g};`);
+        }
+      }
+    }
+  }
+  const decls = `${operandDecl("dy", 1, tex[0])}\n${operandDecl("x", 2, tex[1])}`;
+  return subgroupKernel({ S, tm: 4 * S, rows: N, cols: K, iterations: M / 4, decls, loads, fmas });
+}
+
+/** A row-major matrix operand of `rows` x `cols` values (`cols` a multiple of 4). */
+interface Matrix {
+  data: Float32Array<ArrayBuffer>;
+  rows: number;
+  cols: number;
+}
+/**
+ * out[r * C + c] = sum over l < L of a[r * aStride[0] + l * aStride[1]] *
+ * b[c * bStride[0] + l * bStride[1]], summed in float64: the CPU reference
+ * every kernel here is checked against.
+ */
+function reference(
+  R: number,
+  C: number,
+  L: number,
+  a: Float32Array,
+  aStride: [number, number],
+  b: Float32Array,
+  bStride: [number, number],
+): Float64Array {
+  const out = new Float64Array(R * C);
+  for (let r = 0; r < R; r++) {
+    for (let c = 0; c < C; c++) {
+      let t = 0;
+      for (let l = 0; l < L; l++) {
+        t += a[r * aStride[0] + l * aStride[1]] * b[c * bStride[0] + l * bStride[1]];
+      }
+      out[r * C + c] = t;
+    }
+  }
+  return out;
+}
+/** What a table row's extra cells may use. */
+interface RowResources {
+  buffers: [GPUBuffer, GPUBuffer];
+  textures: [GPUTexture, GPUTexture];
+  out: GPUBuffer;
+}
+const rate = (flop: number, ms: number) =>
+  `${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`;
+
+/**
+ * One table row: each variant (a kernel and which operands it reads from
+ * textures) timed and its output checked against `ref` to within `tol`
+ * (absolute: the sums are of at most 2048 products of values in [-0.5, 0.5],
+ * whose float32 rounding stays far below it), then the `more` cells.
+ */
+async function benchRow(
+  name: string,
+  operands: [Matrix, Matrix],
+  ref: Float64Array,
+  flop: number,
+  variants: { code: string; tex: [boolean, boolean]; groups: number }[],
+  more?: (r: RowResources) => Promise<string[]>,
+): Promise<void> {
+  const tol = 1e-3;
+  const buffers = operands.map((m) => storageBuffer(m.data)) as [GPUBuffer, GPUBuffer];
+  const textures = operands.map((m) => matrixTexture(m.data, m.rows, m.cols / 4)) as [
+    GPUTexture,
+    GPUTexture,
+  ];
+  const out = device.createBuffer({ size: ref.length * 4, usage: STORAGE });
+  const cells: string[] = [];
+  for (const v of variants) {
+    const [pipe, bind] = pipeline(v.code, [
+      out,
+      ...v.tex.map((t, i) => (t ? textures[i] : buffers[i])),
+    ]);
+    const ms = await timePipe(pipe, bind, v.groups, 4);
+    const got = new Float32Array(await gpu.read(out, 0, ref.length * 4));
+    let err = 0;
+    for (let i = 0; i < ref.length; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
+    if (!(err < tol)) throw new Error(`${name}, textures ${v.tex}: max error ${err}`);
+    cells.push(rate(flop, ms));
+    device.queue.writeBuffer(out, 0, new Float32Array(ref.length));
+  }
+  if (more) cells.push(...(await more({ buffers, textures, out })));
+  console.log(`  ${name.padEnd(44)}${cells.map((c) => c.padEnd(18)).join(" ")}`);
+  for (const b of [...buffers, out]) b.destroy();
+  for (const t of textures) t.destroy();
+}
+/** The production dispatches' GFLOP/s (ms), then their scratch freed. */
+async function production(flop: number, dispatches: Dispatch | Dispatch[]): Promise<string> {
+  const ms = await timeGpu(gpu, dispatches, { warmup: 1, iterations: rounds, repeat: 4 });
+  for (const d of [dispatches].flat()) for (const b of d.owned ?? []) b.destroy();
+  return rate(flop, ms);
 }
 
 const shapes: [string, number, number, number][] = [
   ["tiny q/o", 2048, 128, 128],
   ["tiny gate|up", 2048, 128, 768],
-  ["tiny lm_head (V 1558)", 2048, 128, 1558],
+  ["tiny lm_head (V 1558, 1560 for dY)", 2048, 128, 1558],
   ["minimind2-small q/o", 1024, 512, 512],
 ];
+// X W^T's references, shared by parts 2 and 3: x [M, K], w [N, K].
+const xwt = shapes.map(([name, M, K, N]) => {
+  const x = { data: fill(M * K, 3), rows: M, cols: K },
+    w = { data: fill(N * K, 5), rows: N, cols: K };
+  const ref = reference(M, N, K, x.data, [K, 1], w.data, [K, 1]);
+  return {
+    label: `${name} M=${M} K=${K} N=${N}`,
+    M,
+    K,
+    N,
+    operands: [x, w] as [Matrix, Matrix],
+    ref,
+  };
+});
+
 console.log(
-  `\nX W^T, ${RM}x${CN} outputs per invocation; GFLOP/s (ms), the kernel checked against a CPU reference:`,
+  `\nX W^T, ${RM}x${CN} outputs per invocation; GFLOP/s (ms), each checked against a CPU reference:`,
 );
 console.log(
-  "  shape                        storage kernel    texture kernel    production matmulXWt   copy x to texture",
+  `  ${
+    "shape".padEnd(44)
+  }storage           textures          production matmulXWt copy x to texture`,
 );
-for (const [name, M, K, N] of shapes) {
-  const x = fill(M * K, 3), w = fill(N * K, 5);
-  const ref = new Float32Array(M * N);
-  for (let m = 0; m < M; m++) {
-    for (let n = 0; n < N; n++) {
-      let s = 0;
-      for (let k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];
-      ref[m * N + n] = s;
-    }
-  }
-  const xs = storageBuffer(x), ws = storageBuffer(w);
-  const xt = matrixTexture(x, M, K / 4, GPUTextureUsage.COPY_DST), wt = matrixTexture(w, N, K / 4);
-  const y = device.createBuffer({ size: M * N * 4, usage: STORAGE });
+for (const { label, M, K, N, operands, ref } of xwt) {
   const groups = Math.ceil((Math.ceil(M / RM) * Math.ceil(N / CN)) / 64);
-  const flop = 2 * M * N * K;
-  const cells: string[] = [];
-  for (const textures of [false, true]) {
-    const [pipe, bind] = pipeline(
-      xwtKernel(M, K, N, textures),
-      textures ? [y, xt, wt] : [y, xs, ws],
-    );
-    const ms = await timePipe(pipe, bind, groups, 4);
-    const got = new Float32Array(await gpu.read(y, 0, M * N * 4));
-    let err = 0;
-    for (let i = 0; i < M * N; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
-    // f32 sums of K products of values in [-0.5, 0.5]: well under 1e-4 here.
-    if (!(err < 1e-4)) {
-      throw new Error(`${name} ${textures ? "texture" : "storage"}: max error ${err}`);
-    }
-    cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
-    device.queue.writeBuffer(y, 0, new Float32Array(M * N));
-  }
-  const prod = await matmulXWt(gpu, { x: xs, w: ws, y, M, K, N });
-  const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
-  cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
-  // What a texture design pays per call to get the activations into a texture.
-  const copy = async () => {
-    const enc = device.createCommandEncoder();
-    for (let i = 0; i < 4; i++) {
-      enc.copyBufferToTexture({ buffer: xs, bytesPerRow: K * 4 }, { texture: xt }, [K / 4, M]);
-    }
-    const t0 = performance.now();
-    device.queue.submit([enc.finish()]);
-    await device.queue.onSubmittedWorkDone();
-    return (performance.now() - t0) / 4;
-  };
-  await copy();
-  let copyMs = Infinity;
-  for (let r = 0; r < rounds; r++) copyMs = Math.min(copyMs, await copy());
-  cells.push(`${copyMs.toFixed(2)} ms`);
-  console.log(
-    `  ${(name + ` M=${M} K=${K} N=${N}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
-  );
-  for (const b of [xs, ws, y]) b.destroy();
-  xt.destroy();
-  wt.destroy();
-  for (const b of prod.owned ?? []) b.destroy();
-}
-
-// 3. The production CPU design's shape (one subgroup per workgroup; each lane
-//    owns TN columns of B; the TM rows of A, shared by all lanes, are loaded
-//    once per subgroup and handed round with subgroupBroadcast), with A and B
-//    read from storage buffers or from textures.
-if (gpu.features.subgroups) {
-  const S = await gpu.subgroupSize();
-  const TM = 32, TN = 8;
-  const subgroupKernel = (
-    M: number,
-    K: number,
-    N: number,
-    texA: boolean,
-    texB: boolean,
-  ): string => {
-    const decl = (name: string, binding: number, tex: boolean) =>
-      tex
-        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
-        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
-    const ld = (m: string, tex: boolean, row: string) =>
-      tex ? `textureLoad(${m}, vec2<u32>(l, ${row}), 0)` : `${m}[(${row}) * K4 + l]`;
-    const body: string[] = [];
-    const chunks = TM / S;
-    for (let c = 0; c < chunks; c++) {
-      body.push(`let ca${c} = ${ld("x", texA, `min(r0 + lane + ${S * c}u, M - 1u)`)};`);
-    }
-    for (let j = 0; j < TN; j++) {
-      body.push(`let b${j} = ${ld("w", texB, `min(cb + ${j}u, N - 1u)`)};`);
-    }
-    for (let i = 0; i < TM; i++) {
-      body.push(`let a${i} = subgroupBroadcast(ca${Math.floor(i / S)}, ${i % S}u);`);
-      for (let j = 0; j < TN; j++) body.push(`acc${i}_${j} += dot(a${i}, b${j});`);
-    }
-    const decls: string[] = [];
-    const stores: string[] = [];
-    for (let i = 0; i < TM; i++) {
-      for (let j = 0; j < TN; j++) {
-        decls.push(`var acc${i}_${j} = 0.0;`);
-        stores.push(
-          `if (r0 + ${i}u < M && cb + ${j}u < N) { y[(r0 + ${i}u) * N + cb + ${j}u] = acc${i}_${j}; }`,
-        );
-      }
-    }
-    return `
-@group(0) @binding(0) var<storage, read_write> y: array<f32>;
-${decl("x", 1, texA)}
-${decl("w", 2, texB)}
-const M = ${M}u; const N = ${N}u; const K4 = ${K / 4}u;
-const COLT = ${Math.ceil(N / (S * TN))}u;
-@compute @workgroup_size(${S})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-  let r0 = (wid.x / COLT) * ${TM}u;
-  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
-  ${decls.join("\n  ")}
-  for (var l = 0u; l < K4; l++) {
-    ${body.join("\n    ")}
-  }
-  ${stores.join("\n  ")}
-}`;
-  };
-  console.log(
-    `\nX W^T in the production CPU design's shape (subgroup ${S}, ${TM} x ${TN} outputs per lane); GFLOP/s (ms):`,
-  );
-  console.log(
-    "  shape                        A, B storage      A storage, B texture  A, B texture",
-  );
-  for (const [name, M, K, N] of shapes) {
-    const x = fill(M * K, 3), w = fill(N * K, 5);
-    const ref = new Float32Array(M * N);
-    for (let m = 0; m < M; m++) {
-      for (let n = 0; n < N; n++) {
-        let t = 0;
-        for (let k = 0; k < K; k++) t += x[m * K + k] * w[n * K + k];
-        ref[m * N + n] = t;
-      }
-    }
-    const xs = storageBuffer(x), ws = storageBuffer(w);
-    const xt = matrixTexture(x, M, K / 4), wt = matrixTexture(w, N, K / 4);
-    const y = device.createBuffer({ size: M * N * 4, usage: STORAGE });
-    const groups = Math.ceil(M / TM) * Math.ceil(N / (S * TN));
-    const flop = 2 * M * N * K;
-    const cells: string[] = [];
-    for (const [texA, texB] of [[false, false], [false, true], [true, true]]) {
-      const [pipe, bind] = pipeline(subgroupKernel(M, K, N, texA, texB), [
-        y,
-        texA ? xt : xs,
-        texB ? wt : ws,
-      ]);
-      const ms = await timePipe(pipe, bind, groups, 4);
-      const got = new Float32Array(await gpu.read(y, 0, M * N * 4));
-      let err = 0;
-      for (let i = 0; i < M * N; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
-      if (!(err < 1e-4)) throw new Error(`${name} subgroup A ${texA} B ${texB}: max error ${err}`);
-      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
-      device.queue.writeBuffer(y, 0, new Float32Array(M * N));
-    }
-    console.log(
-      `  ${(name + ` M=${M} K=${K} N=${N}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
-    );
-    for (const b of [xs, ws, y]) b.destroy();
-    xt.destroy();
-    wt.destroy();
-  }
-}
-
-// 4. The input-gradient form dX = dY W (W [N, K] is read across its rows: for
-//    one reduction index n a lane's 8 columns k are 2 consecutive vec4s) in
-//    the same subgroup design, from storage buffers or from textures.
-if (gpu.features.subgroups) {
-  const S = await gpu.subgroupSize();
-  const TM = 32, TN = 8;
-  const dywKernel = (M: number, N: number, K: number, tex: boolean): string => {
-    const decl = (name: string, binding: number) =>
-      tex
-        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
-        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
-    // dy [M, N] read along n (a vec4 = 4 reduction steps); w [N, K] read along k.
-    const ldDy = (row: string) =>
-      tex ? `textureLoad(dy, vec2<u32>(l4, ${row}), 0)` : `dy[(${row}) * N4 + l4]`;
-    const ldW = (n: string, k4: string) =>
-      tex ? `textureLoad(w, vec2<u32>(${k4}, ${n}), 0)` : `w[(${n}) * K4 + ${k4}]`;
-    const body: string[] = [];
-    for (let c = 0; c < TM / S; c++) {
-      body.push(`let ca${c} = ${ldDy(`min(r0 + lane + ${S * c}u, M - 1u)`)};`);
-    }
-    for (let q = 0; q < 4; q++) {
-      for (let g = 0; g < TN / 4; g++) {
-        body.push(`let b${q}_${g} = ${ldW(`l4 * 4u + ${q}u`, `min(cb / 4u + ${g}u, K4 - 1u)`)};`);
-      }
-    }
-    for (let i = 0; i < TM; i++) {
-      body.push(`let a${i} = subgroupBroadcast(ca${Math.floor(i / S)}, ${i % S}u);`);
-      for (let q = 0; q < 4; q++) {
-        for (let g = 0; g < TN / 4; g++) body.push(`acc${i}_${g} += a${i}[${q}] * b${q}_${g};`);
-      }
-    }
-    const decls: string[] = [];
-    const stores: string[] = [];
-    for (let i = 0; i < TM; i++) {
-      for (let g = 0; g < TN / 4; g++) {
-        decls.push(`var acc${i}_${g} = vec4<f32>(0.0);`);
-        for (let p = 0; p < 4; p++) {
-          stores.push(
-            `if (r0 + ${i}u < M && cb + ${4 * g + p}u < K) { dx[(r0 + ${i}u) * K + cb + ${
-              4 * g + p
-            }u] = acc${i}_${g}[${p}]; }`,
-          );
-        }
-      }
-    }
-    return `
-@group(0) @binding(0) var<storage, read_write> dx: array<f32>;
-${decl("dy", 1)}
-${decl("w", 2)}
-const M = ${M}u; const N4 = ${N / 4}u; const K = ${K}u; const K4 = ${K / 4}u;
-const COLT = ${Math.ceil(K / (S * TN))}u;
-@compute @workgroup_size(${S})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-  let r0 = (wid.x / COLT) * ${TM}u;
-  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
-  ${decls.join("\n  ")}
-  for (var l4 = 0u; l4 < N4; l4++) {
-    ${body.join("\n    ")}
-  }
-  ${stores.join("\n  ")}
-}`;
-  };
-  console.log(`\ndX = dY W in the same design; GFLOP/s (ms):`);
-  console.log(
-    "  shape                        storage           textures          production matmulDyW",
-  );
-  const dywShapes: [string, number, number, number][] = [
-    ["tiny o (dY [M, 128])", 2048, 128, 128],
-    ["tiny gate|up (dY [M, 768])", 2048, 768, 128],
-    ["tiny lm_head (dY [M, 1560])", 2048, 1560, 128],
-    ["minimind2-small q/o", 1024, 512, 512],
-  ];
-  for (const [name, M, N, K] of dywShapes) {
-    const dyv = fill(M * N, 7), w = fill(N * K, 5);
-    const ref = new Float32Array(M * K);
-    for (let m = 0; m < M; m++) {
-      for (let k = 0; k < K; k++) {
-        let t = 0;
-        for (let n = 0; n < N; n++) t += dyv[m * N + n] * w[n * K + k];
-        ref[m * K + k] = t;
-      }
-    }
-    const dys = storageBuffer(dyv), ws = storageBuffer(w);
-    const dyt = matrixTexture(dyv, M, N / 4), wt = matrixTexture(w, N, K / 4);
-    const dx = device.createBuffer({ size: M * K * 4, usage: STORAGE });
-    const groups = Math.ceil(M / TM) * Math.ceil(K / (S * TN));
-    const flop = 2 * M * N * K;
-    const cells: string[] = [];
-    for (const tex of [false, true]) {
-      const [pipe, bind] = pipeline(dywKernel(M, N, K, tex), [dx, tex ? dyt : dys, tex ? wt : ws]);
-      const ms = await timePipe(pipe, bind, groups, 4);
-      const got = new Float32Array(await gpu.read(dx, 0, M * K * 4));
-      let err = 0;
-      for (let i = 0; i < M * K; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
-      // Sums of up to 1560 products of values in [-0.5, 0.5]: f32 rounding stays well under 1e-3.
-      if (!(err < 1e-3)) {
-        throw new Error(`${name} dY W ${tex ? "texture" : "storage"}: max error ${err}`);
-      }
-      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
-      device.queue.writeBuffer(dx, 0, new Float32Array(M * K));
-    }
-    const prod = await matmulDyW(gpu, { dy: dys, w: ws, dx, M, N, K });
-    const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
-    cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
-    console.log(
-      `  ${(name + ` M=${M} N=${N} K=${K}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
-    );
-    for (const b of [dys, ws, dx]) b.destroy();
-    dyt.destroy();
-    wt.destroy();
-    for (const b of prod.owned ?? []) b.destroy();
-  }
-}
-
-// 5. The weight-gradient form dW = dY^T X (both operands read across rows:
-//    for one reduction index m, a lane's texel of dY holds 4 consecutive rows
-//    n, and its two texels of X its 8 columns k) in that design, from storage
-//    or textures, beside the production `matmulDyTXSplitK`.
-if (gpu.features.subgroups) {
-  const S = await gpu.subgroupSize();
-  const TM = 4 * S, TN = 8;
-  const dytxKernel = (M: number, N: number, K: number, tex: boolean): string => {
-    const decl = (name: string, binding: number) =>
-      tex
-        ? `@group(0) @binding(${binding}) var ${name}: texture_2d<f32>;`
-        : `@group(0) @binding(${binding}) var<storage, read> ${name}: array<vec4<f32>>;`;
-    const ld = (m: string, width4: string, col4: string, row: string) =>
-      tex
-        ? `textureLoad(${m}, vec2<u32>(${col4}, ${row}), 0)`
-        : `${m}[(${row}) * ${width4} + ${col4}]`;
-    const body: string[] = [];
-    for (let q = 0; q < 4; q++) {
-      body.push(
-        `let ca${q} = ${ld("dy", "N4", "min(n0 / 4u + lane, N4 - 1u)", `m4 * 4u + ${q}u`)};`,
+  const variants = [false, true].map((t) => ({
+    code: plainXwt(M, K, N, [t, t]),
+    tex: [t, t] as [boolean, boolean],
+    groups,
+  }));
+  await benchRow(
+    label,
+    operands,
+    ref,
+    2 * M * N * K,
+    variants,
+    async ({ buffers, textures, out }) => {
+      const prod = await production(
+        2 * M * N * K,
+        await matmulXWt(gpu, { x: buffers[0], w: buffers[1], y: out, M, K, N }),
       );
-      for (let g = 0; g < TN / 4; g++) {
-        body.push(
-          `let b${q}_${g} = ${ld("x", "K4", `min(cb / 4u + ${g}u, K4 - 1u)`, `m4 * 4u + ${q}u`)};`,
-        );
-      }
-    }
-    for (let q = 0; q < 4; q++) {
-      for (let src = 0; src < S; src++) {
-        body.push(`let a${q}_${src} = subgroupBroadcast(ca${q}, ${src}u);`);
-        for (let p = 0; p < 4; p++) {
-          for (let g = 0; g < TN / 4; g++) {
-            body.push(`acc${4 * src + p}_${g} += a${q}_${src}[${p}] * b${q}_${g};`);
-          }
+      // What a texture design pays per call to get the activations into a texture.
+      const copy = async () => {
+        const enc = device.createCommandEncoder();
+        for (let i = 0; i < 4; i++) {
+          enc.copyBufferToTexture({ buffer: buffers[0], bytesPerRow: K * 4 }, {
+            texture: textures[0],
+          }, [K / 4, M]);
         }
-      }
-    }
-    const decls: string[] = [];
-    const stores: string[] = [];
-    for (let i = 0; i < TM; i++) {
-      for (let g = 0; g < TN / 4; g++) {
-        decls.push(`var acc${i}_${g} = vec4<f32>(0.0);`);
-        for (let p = 0; p < 4; p++) {
-          stores.push(
-            `if (n0 + ${i}u < N && cb + ${4 * g + p}u < K) { dw[(n0 + ${i}u) * K + cb + ${
-              4 * g + p
-            }u] = acc${i}_${g}[${p}]; }`,
-          );
-        }
-      }
-    }
-    return `
-@group(0) @binding(0) var<storage, read_write> dw: array<f32>;
-${decl("dy", 1)}
-${decl("x", 2)}
-const M4 = ${M / 4}u; const N = ${N}u; const N4 = ${N / 4}u; const K = ${K}u; const K4 = ${K / 4}u;
-const COLT = ${Math.ceil(K / (S * TN))}u;
-@compute @workgroup_size(${S})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-  let n0 = (wid.x / COLT) * ${TM}u;
-  let cb = (wid.x % COLT) * ${S * TN}u + lane * ${TN}u;
-  ${decls.join("\n  ")}
-  for (var m4 = 0u; m4 < M4; m4++) {
-    ${body.join("\n    ")}
-  }
-  ${stores.join("\n  ")}
-}`;
-  };
-  console.log(`\ndW = dY^T X in the same design (${TM} x ${TN} outputs per lane); GFLOP/s (ms):`);
-  console.log(
-    "  shape                        storage           textures          production matmulDyTX",
+        const t0 = performance.now();
+        device.queue.submit([enc.finish()]);
+        await device.queue.onSubmittedWorkDone();
+        return (performance.now() - t0) / 4;
+      };
+      await copy();
+      let copyMs = Infinity;
+      for (let r = 0; r < rounds; r++) copyMs = Math.min(copyMs, await copy());
+      return [prod, `${copyMs.toFixed(2)} ms`];
+    },
   );
-  const dytxShapes: [string, number, number, number][] = [
-    ["tiny q/o", 2048, 128, 128],
-    ["tiny gate|up", 2048, 768, 128],
-    ["tiny lm_head (N 1560)", 2048, 1560, 128],
-    ["minimind2-small q/o", 1024, 512, 512],
+}
+
+if (gpu.features.subgroups) {
+  const S = await gpu.subgroupSize();
+  const both: [boolean, boolean][] = [[false, false], [false, true], [true, true]];
+  console.log(
+    `\nX W^T in the production CPU design's shape (subgroup ${S}, 32 x 8 outputs per lane); GFLOP/s (ms):`,
+  );
+  console.log(`  ${"shape".padEnd(44)}A, B storage      A storage, B tex  A, B textures`);
+  for (const { label, M, K, N, operands, ref } of xwt) {
+    const variants = both.map((tex) => ({
+      code: subgroupXwt(S, M, K, N, tex),
+      tex,
+      groups: subgroupGroups(S, 32, M, N),
+    }));
+    await benchRow(label, operands, ref, 2 * M * N * K, variants);
+  }
+
+  // The two gradient forms, both from dY [M, N] (N the texel-aligned width)
+  // and a second operand B: dX = dY W (B = w [N, K]) and dW = dY^T X
+  // (B = x [M, K]).
+  const plain: [boolean, boolean][] = [[false, false], [true, true]];
+  const gradients = [
+    {
+      title: "dX = dY W in the same design",
+      prodName: "matmulDyW",
+      b: (_M: number, N: number, K: number) => ({ data: fill(N * K, 5), rows: N, cols: K }),
+      ref: (M: number, N: number, K: number, dy: Float32Array, b: Float32Array) =>
+        reference(M, K, N, dy, [N, 1], b, [1, K]),
+      kernel: subgroupDyw,
+      groups: (M: number, _N: number, K: number) => subgroupGroups(S, 32, M, K),
+      prod: (dy: GPUBuffer, b: GPUBuffer, out: GPUBuffer, M: number, N: number, K: number) =>
+        matmulDyW(gpu, { dy, w: b, dx: out, M, N, K }),
+    },
+    {
+      title: `dW = dY^T X in the same design (${4 * S} x 8 outputs per lane)`,
+      prodName: "matmulDyTX",
+      b: (M: number, _N: number, K: number) => ({ data: fill(M * K, 3), rows: M, cols: K }),
+      ref: (M: number, N: number, K: number, dy: Float32Array, b: Float32Array) =>
+        reference(N, K, M, dy, [1, N], b, [1, K]),
+      kernel: subgroupDytx,
+      groups: (_M: number, N: number, K: number) => subgroupGroups(S, 4 * S, N, K),
+      prod: (dy: GPUBuffer, b: GPUBuffer, out: GPUBuffer, M: number, N: number, K: number) =>
+        matmulDyTXSplitK(gpu, { dy, x: b, dw: out, M, N, K }),
+    },
   ];
-  for (const [name, M, N, K] of dytxShapes) {
-    const dyv = fill(M * N, 7), x = fill(M * K, 3);
-    const ref = new Float32Array(N * K);
-    for (let m = 0; m < M; m++) {
-      for (let n = 0; n < N; n++) {
-        const d = dyv[m * N + n];
-        for (let k = 0; k < K; k++) ref[n * K + k] += d * x[m * K + k];
-      }
-    }
-    const dys = storageBuffer(dyv), xs = storageBuffer(x);
-    const dyt = matrixTexture(dyv, M, N / 4), xt = matrixTexture(x, M, K / 4);
-    const dw = device.createBuffer({ size: N * K * 4, usage: STORAGE });
-    const groups = Math.ceil(N / TM) * Math.ceil(K / (S * TN));
-    const flop = 2 * M * N * K;
-    const cells: string[] = [];
-    for (const tex of [false, true]) {
-      const [pipe, bind] = pipeline(dytxKernel(M, N, K, tex), [dw, tex ? dyt : dys, tex ? xt : xs]);
-      const ms = await timePipe(pipe, bind, groups, 4);
-      const got = new Float32Array(await gpu.read(dw, 0, N * K * 4));
-      let err = 0;
-      for (let i = 0; i < N * K; i++) err = Math.max(err, Math.abs(got[i] - ref[i]));
-      // Sums of 1024-2048 products of values in [-0.5, 0.5], in another order than the reference's float32 sums.
-      if (!(err < 1e-3)) {
-        throw new Error(`${name} dY^T X ${tex ? "texture" : "storage"}: max error ${err}`);
-      }
-      cells.push(`${(flop / ms / 1e6).toFixed(1).padStart(5)} (${ms.toFixed(2)} ms)`);
-      device.queue.writeBuffer(dw, 0, new Float32Array(N * K));
-    }
-    const prod = await matmulDyTXSplitK(gpu, { dy: dys, x: xs, dw, M, N, K });
-    const prodMs = await timeGpu(gpu, prod, { warmup: 1, iterations: rounds, repeat: 4 });
-    cells.push(`${(flop / prodMs / 1e6).toFixed(1).padStart(5)} (${prodMs.toFixed(2)} ms)`);
+  for (const form of gradients) {
+    console.log(`\n${form.title}; GFLOP/s (ms):`);
     console.log(
-      `  ${(name + ` M=${M} N=${N} K=${K}`).padEnd(29)}${cells.map((c) => c.padEnd(18)).join(" ")}`,
+      `  ${"shape".padEnd(44)}storage           textures          production ${form.prodName}`,
     );
-    for (const b of [dys, xs, dw]) b.destroy();
-    dyt.destroy();
-    xt.destroy();
-    for (const d of prod) for (const b of d.owned ?? []) b.destroy();
+    for (const [name, M, K, V] of shapes) {
+      const N = Math.ceil(V / 4) * 4; // dY's rows are texel rows: a multiple of 4
+      const dy = { data: fill(M * N, 7), rows: M, cols: N }, b = form.b(M, N, K);
+      const variants = plain.map((tex) => ({
+        code: form.kernel(S, M, N, K, tex),
+        tex,
+        groups: form.groups(M, N, K),
+      }));
+      const flop = 2 * M * N * K;
+      await benchRow(
+        `${name} M=${M} N=${N} K=${K}`,
+        [dy, b],
+        form.ref(M, N, K, dy.data, b.data),
+        flop,
+        variants,
+        async (
+          r,
+        ) => [await production(flop, await form.prod(r.buffers[0], r.buffers[1], r.out, M, N, K))],
+      );
+    }
   }
 }
