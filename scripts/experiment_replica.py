@@ -2,9 +2,9 @@
 
 PyTorch trains the tiny model 6-9x faster than lavapipe on a 2-core CPU, so a
 change to the corpus, the learning rates or the budget can be tried in minutes
-here before the trainer spends most of an hour on it. The numbers in
-docs/experiment.md's "how the design was found" come from this script; the
-table there comes from the trainer.
+here before the trainer spends most of an hour on it. The table under "How
+this design was found" in docs/guide.md section 5 comes from this script; the
+experiment's own results (docs/experiment.md) come from the trainer.
 
 What it replicates: the same corpus files (`trainer experiment` writes them to
 `out/experiment/data`), the same tokenizer and chat template, a Llama of the
