@@ -36,6 +36,8 @@ export {
   Gpu,
   type GpuFeatures,
   type GpuRequestOptions,
+  type Owned,
+  type TextureCopy,
   type TypedArray,
 } from "./kernels/runtime.ts";
 /** Model configuration, presets, validation and parameter counts. */

@@ -3,7 +3,7 @@
  * (`timestamp-query`), by submit-to-done wall time on CPU drivers; several
  * iterations after a warm-up, the median.
  */
-import { type Dispatch, type Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { type Dispatch, type Gpu, PassRecorder } from "../kernels/runtime.ts";
 
 /** One row of the benchmark table. */
 export interface BenchRow {
@@ -60,13 +60,13 @@ export async function timeGpu(
   const run = async (): Promise<number> => {
     const t0 = performance.now();
     const encoder = gpu.device.createCommandEncoder();
-    const pass = encoder.beginComputePass(
-      querySet
-        ? { timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } }
-        : {},
+    const recorder = new PassRecorder(
+      gpu,
+      encoder,
+      querySet ? { querySet, beginIndex: 0, endIndex: 1 } : undefined,
     );
-    for (let i = 0; i < repeat; i++) recordDispatches(gpu, pass, dispatches);
-    pass.end();
+    for (let i = 0; i < repeat; i++) recorder.record(dispatches);
+    recorder.end();
     if (querySet && resolve) encoder.resolveQuerySet(querySet, 0, 2, resolve, 0);
     gpu.device.queue.submit([encoder.finish()]);
     await gpu.device.queue.onSubmittedWorkDone();
@@ -100,4 +100,35 @@ export interface ThroughputRow {
   value: number;
   /** e.g. `MB/s`, `tokens/s`. */
   unit: string;
+}
+
+/** One model of a whole-step comparison: its name and one timed step (ms). */
+export interface StepArm {
+  name: string;
+  step: () => Promise<number>;
+}
+
+/**
+ * Times `arms` in interleaved rounds: one warm-up step each (pipelines
+ * compiled, caches filled), then `rounds` rounds that run every arm once in an
+ * order shuffled by `shuffle` (a random integer below its argument) each
+ * round, so drifting machine load falls on every arm alike. Returns each
+ * arm's step times (ms), in the arms' order.
+ */
+export async function interleavedSteps(
+  arms: StepArm[],
+  rounds: number,
+  shuffle: (below: number) => number,
+): Promise<number[][]> {
+  for (const a of arms) await a.step();
+  const times = arms.map(() => [] as number[]);
+  const order = arms.map((_, i) => i);
+  for (let r = 0; r < rounds; r++) {
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = shuffle(i + 1);
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    for (const i of order) times[i].push(await arms[i].step());
+  }
+  return times;
 }

@@ -17,7 +17,7 @@ import { AdamW } from "../optim/adamw.ts";
 import { presetConfig } from "../model/config.ts";
 import { logitsChunkRows } from "../model/plan.ts";
 import { Rng } from "../util/random.ts";
-import { median } from "./harness.ts";
+import { interleavedSteps, median } from "./harness.ts";
 import type { Batch } from "../data/batch.ts";
 
 const { values } = parseArgs({
@@ -74,15 +74,12 @@ const step = async (a: Arm) => {
   await gpu.finish();
   return performance.now() - t0;
 };
-for (const a of arms) await step(a); // warm-up: pipelines compiled, caches filled
-const order = arms.map((_, i) => i);
-for (let r = 0; r < rounds; r++) {
-  for (let i = order.length - 1; i > 0; i--) {
-    const j = rng.nextInt(i + 1);
-    [order[i], order[j]] = [order[j], order[i]];
-  }
-  for (const i of order) arms[i].times.push(await step(arms[i]));
-}
+const times = await interleavedSteps(
+  arms.map((a) => ({ name: `${a.bytes}`, step: () => step(a) })),
+  rounds,
+  (n) => rng.nextInt(n),
+);
+arms.forEach((a, i) => a.times = times[i]);
 console.log(
   `${values.preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
     `load average ${Deno.loadavg()[0].toFixed(1)} at the end`,

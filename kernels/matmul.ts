@@ -117,10 +117,13 @@
  */
 import {
   type Binding,
+  bindingResource,
   type Dispatch,
   type Gpu,
   isBroadcastSubgroupSize,
   LINEAR_WORKGROUP_WGSL,
+  type Owned,
+  type TextureCopy,
 } from "./runtime.ts";
 /** Which kernel design runs; `auto` picks by adapter and grid (see the module comment). */
 export type MatmulVariant =
@@ -156,6 +159,15 @@ export interface MatmulOptions {
    * allows (every slice holds at least one reduction step).
    */
   splitK?: number;
+  /**
+   * CPU-driver designs: where the kernel reads A and B. `textures` copies
+   * them into rgba32float textures before each dispatch (`Dispatch.copies`)
+   * and reads them with `textureLoad`; `storage` reads the buffers. The
+   * default (`auto`) takes textures for X W^T and dY W where they qualify
+   * (see `matmulOperandTextures`), storage otherwise. Forcing `textures`
+   * where they do not qualify throws.
+   */
+  operands?: "auto" | "storage" | "textures";
 }
 
 /** Layout of one operand: is its reduction index (`l`) the contiguous one? */
@@ -194,12 +206,44 @@ interface KernelSpec {
   tm: number;
   tn: number;
   lanes: number;
+  /** CPU-driver designs: A and B read from textures (vec4 loads only; see `texelFetchWgsl`). */
+  tex: boolean;
 }
 
 function key(s: KernelSpec): string {
   const acc = s.accumulate ? "acc" : "set";
   return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.bm}x${s.bn}-` +
-    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}`;
+    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.tex ? "-tex" : ""}`;
+}
+
+/**
+ * Width in texels of an operand texture: a power of two (the texel's column
+ * and row are a mask and a shift of its index) whose rows are a multiple of
+ * 256 bytes (as `copyBufferToTexture` needs), within WebGPU's minimum
+ * `maxTextureDimension2D` of 8192.
+ */
+export const OPERAND_TEXTURE_WIDTH = 2048;
+const TEXTURE_WIDTH_LOG2 = Math.log2(OPERAND_TEXTURE_WIDTH);
+
+/**
+ * An operand texture holds the operand's buffer range as it is: the vec4 at
+ * index t (elements 4t..4t+3 of the range) is the texel at column
+ * t mod W and row t div W. So a kernel reads texel t where it would read
+ * vec4 t of the buffer; every index form of the storage design carries over.
+ */
+function texelFetchWgsl(): string {
+  return ["A", "B"].map((X) =>
+    `fn texel${X}(t: u32) -> vec4f {
+  return textureLoad(${X}, vec2u(t & ${
+      OPERAND_TEXTURE_WIDTH - 1
+    }u, t >> ${TEXTURE_WIDTH_LOG2}u), 0);
+}`
+  ).join("\n");
+}
+
+/** The vec4 at vec4 index `i` of operand `X`: a storage read, or a texel fetch with `tex`. */
+function vec4At(tex: boolean, X: "A" | "B", i: string): string {
+  return tex ? `texel${X}(${i})` : `${X}[${i}]`;
 }
 
 // ---------------------------------------------------------------------------
@@ -214,13 +258,18 @@ function key(s: KernelSpec): string {
 function header(s: KernelSpec): string {
   const ta = s.va === 4 ? "vec4f" : "f32";
   const tb = s.vb === 4 ? "vec4f" : "f32";
+  const operands = s.tex
+    ? `@group(0) @binding(1) var A: texture_2d<f32>;
+@group(0) @binding(2) var B: texture_2d<f32>;
+${texelFetchWgsl()}`
+    : `@group(0) @binding(1) var<storage, read> A: array<${ta}>;
+@group(0) @binding(2) var<storage, read> B: array<${tb}>;`;
   return `${LINEAR_WORKGROUP_WGSL}
 struct Dims {
   R: u32, C: u32, L: u32, colTiles: u32, tiles: u32, sliceLen: u32, slices: u32, p0: u32,
 }
 @group(0) @binding(0) var<uniform> dims: Dims;
-@group(0) @binding(1) var<storage, read> A: array<${ta}>;
-@group(0) @binding(2) var<storage, read> B: array<${tb}>;
+${operands}
 @group(0) @binding(3) var<storage, read_write> O: array<${s.vo === 4 ? "vec4f" : "f32"}>;
 `;
 }
@@ -572,6 +621,7 @@ function directLoads(
   vec: 1 | 4,
   n: number,
   step: 1 | 4,
+  tex: boolean,
 ): IterationLoads {
   const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
   const raw: [string, string][] = [];
@@ -580,7 +630,7 @@ function directLoads(
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        raw.push([`v${name}${i}`, `${operand}[(${r} * dims.L + L_) / 4u]`]);
+        raw.push([`v${name}${i}`, vec4At(tex, operand, `(${r} * dims.L + L_) / 4u`)]);
         for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
         raw.push([`${name}${i}_0`, `${operand}[${r} * dims.L + L_]`]);
@@ -592,7 +642,10 @@ function directLoads(
     if (vec === 4) {
       for (let g = 0; g < n / 4; g++) {
         const r = `min(${first} + ${4 * g}u, dims.${dim} - 4u)`;
-        raw.push([`v${name}${g}_${q}`, `${operand}[((L_ + ${q}u) * dims.${dim} + ${r}) / 4u]`]);
+        raw.push([
+          `v${name}${g}_${q}`,
+          vec4At(tex, operand, `((L_ + ${q}u) * dims.${dim} + ${r}) / 4u`),
+        ]);
         for (let p = 0; p < 4; p++) {
           unpack.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
         }
@@ -625,12 +678,12 @@ function fallbackWgsl(s: KernelSpec): string {
   const chunkRows = s.a === "out" && s.va === 4 ? 4 : 1;
 
   // Loads of B for this invocation's columns c0 + lane*TN + j.
-  const loadB = directLoads("B", s.b, s.vb, TN, step);
+  const loadB = directLoads("B", s.b, s.vb, TN, step, s.tex);
 
   // Loads of A: either every row by every lane (plain), or one chunk per lane
   // handed round the subgroup.
   const loadA = (broadcast: boolean): IterationLoads => {
-    if (!broadcast) return directLoads("A", s.a, s.va, TM, step);
+    if (!broadcast) return directLoads("A", s.a, s.va, TM, step, s.tex);
     const raw: [string, string][] = [];
     const unpack: string[] = [];
     // Chunk c of this lane covers rows r0 + (lane + S*c)*chunkRows ..+chunkRows.
@@ -639,13 +692,16 @@ function fallbackWgsl(s: KernelSpec): string {
       const row = `r0 + (lane + ${S * c}u) * ${chunkRows}u`;
       if (s.a === "red") {
         const r = `min(${row}, dims.R - 1u)`;
-        raw.push([`ca${c}`, s.va === 4 ? `A[(${r} * dims.L + L_) / 4u]` : `A[${r} * dims.L + L_]`]);
+        raw.push([
+          `ca${c}`,
+          s.va === 4 ? vec4At(s.tex, "A", `(${r} * dims.L + L_) / 4u`) : `A[${r} * dims.L + L_]`,
+        ]);
       } else {
         for (let q = 0; q < step; q++) {
           raw.push([
             `ca${c}_${q}`,
             s.va === 4
-              ? `A[((L_ + ${q}u) * dims.R + min(${row}, dims.R - 4u)) / 4u]`
+              ? vec4At(s.tex, "A", `((L_ + ${q}u) * dims.R + min(${row}, dims.R - 4u)) / 4u`)
               : `A[(L_ + ${q}u) * dims.R + min(${row}, dims.R - 1u)]`,
           ]);
         }
@@ -725,8 +781,12 @@ function fallbackWgsl(s: KernelSpec): string {
   // Index of A(r, l) and B(c, l) in their scalar views, for the slow path.
   const aIndex = s.a === "red" ? "r * dims.L + l" : "l * dims.R + r";
   const bIndex = s.b === "red" ? "c * dims.L + l" : "l * dims.C + c";
-  const aLoad = s.va === 4 ? `A[(${aIndex}) / 4u][(${aIndex}) % 4u]` : `A[${aIndex}]`;
-  const bLoad = s.vb === 4 ? `B[(${bIndex}) / 4u][(${bIndex}) % 4u]` : `B[${bIndex}]`;
+  const aLoad = s.va === 4
+    ? `${vec4At(s.tex, "A", `(${aIndex}) / 4u`)}[(${aIndex}) % 4u]`
+    : `A[${aIndex}]`;
+  const bLoad = s.vb === 4
+    ? `${vec4At(s.tex, "B", `(${bIndex}) / 4u`)}[(${bIndex}) % 4u]`
+    : `B[${bIndex}]`;
 
   if (!sub) {
     return `${header(s)}
@@ -885,7 +945,21 @@ async function chooseSpec(
   // Below 2^18 multiply-adds a call takes well under a millisecond whatever
   // the tile; what counts there is the pipeline's compile time (model tests).
   const small = pr.R * pr.C * pr.L <= SMALL_PROBLEM;
-  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0 };
+  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0, tex: false };
+  // Operands from textures (CPU-driver designs): only with vec4 loads of both
+  // (texels hold 4 consecutive elements of the contiguous dimension). Auto:
+  // X W^T and dY W (A read along the reduction) beyond the small problems;
+  // dY^T X measured no faster from textures (docs/benchmarks.md).
+  const operands = opts?.operands ?? "auto";
+  const texOk = va === 4 && vb === 4 && step === 4;
+  const fallbackTex = operands === "textures" ||
+    (operands === "auto" && texOk && pr.a === "red" && !small);
+  if (operands === "textures" && !texOk) {
+    throw new Error(
+      `matmul: operands from textures need the contiguous dimensions of both operands and ` +
+        `the reduction to be multiples of 4 (R=${pr.R} C=${pr.C} L=${pr.L})`,
+    );
+  }
   switch (variant) {
     case "tiled64":
     case "tiled128":
@@ -898,6 +972,11 @@ async function chooseSpec(
         : variant === "tiled128x64"
         ? [128, 64]
         : [64, 128];
+      if (operands === "textures") {
+        throw new Error(
+          `matmul: operands from textures are for the CPU-driver designs, not ${variant}`,
+        );
+      }
       const bytes = tiledWorkgroupBytes(bm, bn);
       if (bytes > gpu.limits.maxComputeWorkgroupStorageSize) {
         throw new Error(
@@ -929,7 +1008,15 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? tm0;
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, 1, base);
-      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallback", tm, tn, lanes: 8 };
+      return {
+        ...base,
+        vo: tn % 4 ? 1 : vo,
+        design: "fallback",
+        tm,
+        tn,
+        lanes: 8,
+        tex: fallbackTex,
+      };
     }
     case "fallbackSubgroup": {
       const lanes = opts?.subgroupLanes ?? sgSize;
@@ -943,7 +1030,15 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? Math.max(tm0, lanes * chunkRows);
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, lanes * chunkRows, base);
-      return { ...base, vo: tn % 4 ? 1 : vo, design: "fallbackSubgroup", tm, tn, lanes };
+      return {
+        ...base,
+        vo: tn % 4 ? 1 : vo,
+        design: "fallbackSubgroup",
+        tm,
+        tn,
+        lanes,
+        tex: fallbackTex,
+      };
     }
     default:
       throw new Error(`matmul: unknown variant ${variant}`);
@@ -1055,6 +1150,108 @@ function chooseSlices(
   return S <= 1 ? one : { slices: S, sliceLen };
 }
 
+/** An operand texture of one shape, shared by the dispatches that lease it. */
+interface PooledTexture {
+  texture: GPUTexture;
+  leases: number;
+}
+
+/** Each device's operand textures, by operand slot and height. */
+const texturePools = new WeakMap<Gpu, Map<string, PooledTexture>>();
+
+/**
+ * A lease on the device's operand texture for slot `slot` ("A" or "B") of
+ * `height` rows, created on first use. Every matmul that reads an operand of
+ * that height from that slot shares one texture: each refills it right before
+ * it runs (its `copies`), so sharing is safe, and a model's many layers cost
+ * one texture per shape. The texture goes when its last lease is released;
+ * only the lease that created it counts its bytes.
+ */
+function leaseTexture(gpu: Gpu, slot: "A" | "B", height: number): [GPUTexture, Owned] {
+  let pool = texturePools.get(gpu);
+  if (!pool) texturePools.set(gpu, pool = new Map());
+  const key = `${slot}:${height}`;
+  let entry = pool.get(key);
+  const created = !entry;
+  if (!entry) {
+    entry = {
+      texture: gpu.device.createTexture({
+        label: `matmul operand ${slot} texture [${height}, ${OPERAND_TEXTURE_WIDTH}] rgba32f`,
+        size: [OPERAND_TEXTURE_WIDTH, height],
+        format: "rgba32float",
+        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      }),
+      leases: 0,
+    };
+    pool.set(key, entry);
+  }
+  entry.leases++;
+  const held = entry;
+  let released = false;
+  return [held.texture, {
+    size: created ? OPERAND_TEXTURE_WIDTH * height * 16 : 0,
+    destroy() {
+      if (released) return;
+      released = true;
+      if (--held.leases === 0) {
+        held.texture.destroy();
+        if (pool.get(key) === held) pool.delete(key);
+      }
+    },
+  }];
+}
+
+/**
+ * Whether, and why not, the operands of a call can be read from textures on
+ * this device: see `operandTextures`. `null` when they can.
+ */
+function textureObstacle(gpu: Gpu, name: string, b: Binding, elements: number): string | null {
+  const buffer = b instanceof GPUBuffer ? b : b.buffer;
+  const offset = b instanceof GPUBuffer ? 0 : b.offset ?? 0;
+  const height = Math.ceil(elements / 4 / OPERAND_TEXTURE_WIDTH);
+  const max = gpu.limits.maxTextureDimension2D;
+  if (elements === 0) return `${name} is empty`;
+  if (!(buffer.usage & GPUBufferUsage.COPY_SRC)) return `${name}'s buffer cannot be copied from`;
+  if (offset % 16 !== 0) return `${name} starts at byte ${offset}, not a multiple of 16`;
+  if (OPERAND_TEXTURE_WIDTH > max || height > max) {
+    return `${name} needs a ${OPERAND_TEXTURE_WIDTH} x ${height} texture (this device: at most ${max})`;
+  }
+  return null;
+}
+
+/**
+ * The textures a call reads its operands from, with the copies that fill
+ * them, or none where an operand cannot go into one (then the call reads the
+ * buffers; with `forced`, that throws): its buffer lacks COPY_SRC, its range
+ * does not start on a texel (16 bytes), or it needs more rows than the
+ * device's `maxTextureDimension2D`.
+ */
+function operandTextures(
+  gpu: Gpu,
+  label: string,
+  pr: Problem,
+  bufs: { a: Binding; b: Binding; names: [string, string, string] },
+  forced: boolean,
+): { copy: TextureCopy; lease: Owned }[] {
+  const operands: ["A" | "B", Binding, string, number][] = [
+    ["A", bufs.a, bufs.names[0], pr.R * pr.L],
+    ["B", bufs.b, bufs.names[1], pr.C * pr.L],
+  ];
+  for (const [, b, name, elements] of operands) {
+    const why = textureObstacle(gpu, name, b, elements);
+    if (why === null) continue;
+    if (forced) throw new Error(`${label}: operands from textures: ${why}`);
+    return [];
+  }
+  return operands.map(([slot, b, , elements]) => {
+    const texels = elements / 4;
+    const [texture, lease] = leaseTexture(gpu, slot, Math.ceil(texels / OPERAND_TEXTURE_WIDTH));
+    const buffer = b instanceof GPUBuffer ? b : b.buffer;
+    const offset = b instanceof GPUBuffer ? 0 : b.offset ?? 0;
+    return { copy: { buffer, offset, texels, texture }, lease };
+  });
+}
+
 /**
  * The dispatches of one matmul: one kernel, or with split-K (`allowSplit` and
  * more than one slice) the kernel writing partials `[S, R, C]` into a scratch
@@ -1075,6 +1272,8 @@ async function matmulDispatches(
   checkBinding(label, bufs.names[1], bufs.b, pr.C * pr.L);
   checkBinding(label, bufs.names[2], bufs.out, pr.R * pr.C);
   let spec = await chooseSpec(gpu, pr, accumulate, opts);
+  const tex = spec.tex ? operandTextures(gpu, label, pr, bufs, opts?.operands === "textures") : [];
+  if (spec.tex && tex.length === 0) spec = { ...spec, tex: false };
   const [rowsPerTile, colsPerTile] = tileShape(spec);
   const colTiles = Math.ceil(pr.C / colsPerTile);
   const tiles = Math.ceil(pr.R / rowsPerTile) * colTiles;
@@ -1092,15 +1291,36 @@ async function matmulDispatches(
     : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}`;
   const split = slices > 1 ? `, split-K ${slices} x ${sliceLen}` : "";
   const kernelLabel = `${label} (${design}${split}, vec ${spec.va}/${spec.vb}/${spec.vo})`;
-  if (slices === 1) {
-    return [{
-      label: kernelLabel,
+  const kernel = (out: Binding, own: Owned[]): Dispatch => {
+    if (!spec.tex) {
+      return {
+        label: kernelLabel,
+        pipeline,
+        bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, out], label),
+        workgroups: tiles * slices,
+        owned: own,
+      };
+    }
+    const [a, b] = tex;
+    return {
+      label: `${kernelLabel}, operands from textures`,
       pipeline,
-      bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, bufs.out], label),
-      workgroups: tiles,
-      owned: [dims],
-    }];
-  }
+      bindGroup: gpu.device.createBindGroup({
+        label,
+        layout: pipeline.getBindGroupLayout(0),
+        entries: [
+          { binding: 0, resource: { buffer: dims } },
+          { binding: 1, resource: a.copy.texture.createView() },
+          { binding: 2, resource: b.copy.texture.createView() },
+          { binding: 3, resource: bindingResource(out) },
+        ],
+      }),
+      workgroups: tiles * slices,
+      owned: [...own, a.lease, b.lease],
+      copies: [a.copy, b.copy],
+    };
+  };
+  if (slices === 1) return [kernel(bufs.out, [dims])];
   const n = pr.R * pr.C;
   const ownPartials = !sharedPartials || sharedPartials.size < slices * n * 4;
   const partials = ownPartials
@@ -1116,13 +1336,7 @@ async function matmulDispatches(
     `${label} split-K reduce params`,
   );
   return [
-    {
-      label: kernelLabel,
-      pipeline,
-      bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, partials], label),
-      workgroups: tiles * slices,
-      owned: ownPartials ? [dims, partials] : [dims],
-    },
+    kernel(partials, ownPartials ? [dims, partials] : [dims]),
     {
       label: `${label} split-K reduce (${slices} slices, vec ${vec})`,
       pipeline: reduce,
@@ -1140,7 +1354,7 @@ async function matmulDispatches(
  * @example
  * ```ts ignore
  * const d = await matmulXWt(gpu, { x, w, y, M: 4096, K: 512, N: 1408 });
- * gpu.submit((enc) => { const pass = enc.beginComputePass(); recordDispatches(gpu, pass, d); pass.end(); });
+ * gpu.submit((enc) => recordDispatches(gpu, enc, d));
  * ```
  */
 export async function matmulXWt(
@@ -1245,7 +1459,7 @@ export async function matmulDyTX(gpu: Gpu, args: MatmulDyTXArgs): Promise<Dispat
  * @example
  * ```ts ignore
  * const ds = await matmulDyTXSplitK(gpu, { dy, x, dw, M: 8192, N: 128, K: 512, accumulate: true });
- * gpu.submit((enc) => { const pass = enc.beginComputePass(); recordDispatches(gpu, pass, ds); pass.end(); });
+ * gpu.submit((enc) => recordDispatches(gpu, enc, ds));
  * // when done with them: for (const d of ds) for (const b of d.owned ?? []) b.destroy();
  * ```
  */

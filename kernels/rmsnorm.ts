@@ -265,11 +265,7 @@ export interface RmsnormForwardArgs {
  * @example
  * ```ts ignore
  * const d = await rmsnormForward(gpu, { x, w, y, rstd, N: 4096, H: 512, eps: 1e-5 });
- * gpu.submit((enc) => {
- *   const pass = enc.beginComputePass();
- *   recordDispatches(gpu, pass, d);
- *   pass.end();
- * });
+ * gpu.submit((enc) => recordDispatches(gpu, enc, d));
  * ```
  */
 export function rmsnormForward(gpu: Gpu, args: RmsnormForwardArgs): Promise<Dispatch> {

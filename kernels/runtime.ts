@@ -50,6 +50,13 @@ export interface GpuRequestOptions {
 /** A buffer slice to bind: whole buffers or a byte range. */
 export type Binding = GPUBuffer | { buffer: GPUBuffer; offset?: number; size?: number };
 
+/** The bind-group resource of a `Binding`. */
+export function bindingResource(b: Binding): GPUBufferBinding {
+  return b instanceof GPUBuffer
+    ? { buffer: b }
+    : { buffer: b.buffer, offset: b.offset ?? 0, size: b.size };
+}
+
 /** Any typed array we upload. */
 export type TypedArray = Float32Array | Uint32Array | Int32Array | Uint16Array | Uint8Array;
 
@@ -422,12 +429,7 @@ export class Gpu {
     return this.device.createBindGroup({
       label,
       layout: pipeline.getBindGroupLayout(0),
-      entries: bindings.map((b, i) => ({
-        binding: i,
-        resource: b instanceof GPUBuffer
-          ? { buffer: b }
-          : { buffer: b.buffer, offset: b.offset ?? 0, size: b.size },
-      })),
+      entries: bindings.map((b, i) => ({ binding: i, resource: bindingResource(b) })),
     });
   }
 
@@ -511,6 +513,38 @@ export function formatBytes(bytes: number): string {
 }
 
 /**
+ * Something a dispatch holds for its lifetime and releases with
+ * `releaseDispatches`: a buffer, or a lease on a shared texture. `size` is
+ * the bytes it adds to the device's memory (0 for a lease on a texture that
+ * another lease already counts).
+ */
+export interface Owned {
+  /** Bytes of device memory it accounts for. */
+  readonly size: number;
+  /** Releases it (a lease: the texture goes when its last lease does). */
+  destroy(): void;
+}
+
+/**
+ * A copy of a packed buffer range into an rgba32float texture, recorded
+ * (outside any compute pass) right before the dispatch that reads the
+ * texture. The range holds `texels` vec4s from `offset` (a multiple of 16);
+ * texel t lands at (t mod width, t div width), `width` being the texture's
+ * width, a multiple of 16 texels (so its rows are 256-byte multiples, as
+ * `copyBufferToTexture` requires).
+ */
+export interface TextureCopy {
+  /** The buffer the operand lives in. */
+  buffer: GPUBuffer;
+  /** Byte offset of its first element (a multiple of 16). */
+  offset: number;
+  /** vec4 texels to copy (the operand's elements / 4). */
+  texels: number;
+  /** The destination, rgba32float, as wide as a multiple of 16 texels. */
+  texture: GPUTexture;
+}
+
+/**
  * A kernel invocation prepared once (pipeline, bind group, workgroup count) and
  * recorded as often as needed: training steps re-record the same dispatches,
  * so nothing is created inside a step.
@@ -526,18 +560,33 @@ export interface Dispatch {
   workgroups: number | [number, number?, number?];
   /**
    * Buffers created for this dispatch alone (its uniforms, scratch such as
-   * split-K partials): released by `releaseDispatches` when the model that
-   * holds the dispatch is destroyed.
+   * split-K partials) and leases on shared textures: released by
+   * `releaseDispatches` when the model that holds the dispatch is destroyed.
    */
-  owned?: GPUBuffer[];
+  owned?: Owned[];
+  /**
+   * Copies of its operands into the textures it reads, recorded immediately
+   * before it every time it is recorded (the CPU-driver matmul, whose loads
+   * are cheaper from textures). A texture may be shared by dispatches that
+   * refill it each time, since nothing is recorded between a copy and its
+   * dispatch.
+   */
+  copies?: TextureCopy[];
 }
 
-/** Destroys the buffers `dispatches` own (see `Dispatch.owned`); the dispatches are dead after. */
+/** Destroys what `dispatches` own (see `Dispatch.owned`); the dispatches are dead after. */
 export function releaseDispatches(dispatches: Iterable<Dispatch>): void {
   for (const d of dispatches) {
     for (const b of d.owned ?? []) b.destroy();
     d.owned = [];
   }
+}
+
+/** Bytes of device memory `dispatches` own (each shared texture counted once). */
+export function ownedBytes(dispatches: Iterable<Dispatch>): number {
+  let bytes = 0;
+  for (const d of dispatches) for (const b of d.owned ?? []) bytes += b.size;
+  return bytes;
 }
 
 /** The GPU time of one dispatch, from timestamp queries. */
@@ -551,8 +600,9 @@ export interface DispatchTiming {
  * Runs `dispatches` once, each in its own compute pass bracketed by GPU
  * timestamps (the `timestamp-query` feature; undefined without it), and
  * resolves to each one's GPU time. For profiling only: one pass per dispatch
- * adds pass overhead that a training step, which records all of them into one
- * pass, does not pay; host round trips are not in the figures.
+ * adds pass overhead that a training step, which records them into as few
+ * passes as its texture copies allow, does not pay; texture copies and host
+ * round trips are not in the figures.
  */
 export async function profileDispatches(
   gpu: Gpu,
@@ -568,6 +618,7 @@ export async function profileDispatches(
   try {
     gpu.submit((enc) => {
       dispatches.forEach((d, i) => {
+        recordCopies(enc, d.copies);
         const pass = enc.beginComputePass({
           timestampWrites: {
             querySet,
@@ -575,7 +626,7 @@ export async function profileDispatches(
             endOfPassWriteIndex: 2 * i + 1,
           },
         });
-        recordDispatches(gpu, pass, d);
+        gpu.dispatch(pass, d.pipeline, d.bindGroup, d.workgroups);
         pass.end();
       });
       enc.resolveQuerySet(querySet, 0, count, resolve, 0);
@@ -592,13 +643,106 @@ export async function profileDispatches(
   }
 }
 
-/** Records `dispatches` in order into `pass`. */
+/** Records `copies` (see `TextureCopy`) into `encoder`, outside any pass. */
+function recordCopies(encoder: GPUCommandEncoder, copies: TextureCopy[] | undefined): void {
+  for (const c of copies ?? []) {
+    const width = c.texture.width;
+    const rows = Math.floor(c.texels / width);
+    const rest = c.texels - rows * width;
+    const bytesPerRow = width * 16;
+    if (rows > 0) {
+      encoder.copyBufferToTexture(
+        { buffer: c.buffer, offset: c.offset, bytesPerRow },
+        { texture: c.texture },
+        [width, rows],
+      );
+    }
+    if (rest > 0) {
+      encoder.copyBufferToTexture(
+        { buffer: c.buffer, offset: c.offset + rows * bytesPerRow, bytesPerRow },
+        { texture: c.texture, origin: [0, rows] },
+        [rest, 1],
+      );
+    }
+  }
+}
+
+/** GPU timestamps a `PassRecorder` writes: at the start of its first pass and the end of its last. */
+export interface PassTimestamps {
+  querySet: GPUQuerySet;
+  beginIndex: number;
+  endIndex: number;
+}
+
+/**
+ * Records dispatches into compute passes of one command encoder, as few as
+ * possible: a pass is ended only where a dispatch needs texture copies first
+ * (copies cannot be recorded inside a pass) and a new one begun after them.
+ * Call `end` when done.
+ */
+export class PassRecorder {
+  readonly #gpu: Gpu;
+  readonly #encoder: GPUCommandEncoder;
+  readonly #timestamps?: PassTimestamps;
+  #pass: GPUComputePassEncoder | undefined;
+  #began = false;
+  #ended = false;
+
+  constructor(gpu: Gpu, encoder: GPUCommandEncoder, timestamps?: PassTimestamps) {
+    this.#gpu = gpu;
+    this.#encoder = encoder;
+    this.#timestamps = timestamps;
+  }
+
+  /** Records `dispatches` in order (each preceded by its texture copies). */
+  record(dispatches: Dispatch | Dispatch[]): void {
+    if (this.#ended) throw new Error("PassRecorder: record after end");
+    for (const d of Array.isArray(dispatches) ? dispatches : [dispatches]) {
+      if (d.copies?.length) {
+        this.#pass?.end();
+        this.#pass = undefined;
+        recordCopies(this.#encoder, d.copies);
+      }
+      this.#gpu.dispatch(this.#open(), d.pipeline, d.bindGroup, d.workgroups);
+    }
+  }
+
+  #open(): GPUComputePassEncoder {
+    if (this.#pass) return this.#pass;
+    const t = this.#timestamps;
+    this.#pass = this.#encoder.beginComputePass(
+      t && !this.#began
+        ? { timestampWrites: { querySet: t.querySet, beginningOfPassWriteIndex: t.beginIndex } }
+        : {},
+    );
+    this.#began = true;
+    return this.#pass;
+  }
+
+  /** Ends the open pass (with timestamps: an empty last pass writes the end stamp). */
+  end(): void {
+    if (this.#ended) return;
+    const t = this.#timestamps;
+    if (t) {
+      this.#open();
+      this.#pass?.end();
+      this.#pass = this.#encoder.beginComputePass({
+        timestampWrites: { querySet: t.querySet, endOfPassWriteIndex: t.endIndex },
+      });
+    }
+    this.#pass?.end();
+    this.#pass = undefined;
+    this.#ended = true;
+  }
+}
+
+/** Records `dispatches` in order into `encoder` (see `PassRecorder`). */
 export function recordDispatches(
   gpu: Gpu,
-  pass: GPUComputePassEncoder,
+  encoder: GPUCommandEncoder,
   dispatches: Dispatch | Dispatch[],
 ): void {
-  for (const d of Array.isArray(dispatches) ? dispatches : [dispatches]) {
-    gpu.dispatch(pass, d.pipeline, d.bindGroup, d.workgroups);
-  }
+  const recorder = new PassRecorder(gpu, encoder);
+  recorder.record(dispatches);
+  recorder.end();
 }

@@ -33,7 +33,7 @@ import {
   type Binding,
   type Dispatch,
   type Gpu,
-  recordDispatches,
+  PassRecorder,
   releaseDispatches,
 } from "../kernels/runtime.ts";
 import { matmulXWt } from "../kernels/matmul.ts";
@@ -389,12 +389,12 @@ export class InferenceModel {
     gpu.write(s.pos, new Uint32Array([0]));
     const H = this.config.hidden_size;
     gpu.submit((enc) => {
-      let pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, dispatches);
+      let pass = new PassRecorder(gpu, enc);
+      pass.record(dispatches);
       pass.end();
       enc.copyBufferToBuffer(s.xFinal, (n - 1) * H * 4, s.xLast, 0, H * 4);
-      pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, this.#head);
+      pass = new PassRecorder(gpu, enc);
+      pass.record(this.#head);
       pass.end();
     });
     this.#length = n;
@@ -415,9 +415,9 @@ export class InferenceModel {
     gpu.write(s.ids, new Uint32Array([id]));
     gpu.write(s.pos, new Uint32Array([this.#length]));
     gpu.submit((enc) => {
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, this.#decode);
-      recordDispatches(gpu, pass, this.#head);
+      const pass = new PassRecorder(gpu, enc);
+      pass.record(this.#decode);
+      pass.record(this.#head);
       pass.end();
     });
     this.#length++;
@@ -447,11 +447,11 @@ export class InferenceModel {
     gpu.write(s.ids, new Uint32Array([first]));
     gpu.write(s.pos, new Uint32Array([p0]));
     gpu.submit((enc) => {
-      const pass = enc.beginComputePass();
+      const pass = new PassRecorder(gpu, enc);
       for (let i = 0; i < steps; i++) {
-        recordDispatches(gpu, pass, this.#decode);
-        recordDispatches(gpu, pass, this.#head);
-        recordDispatches(gpu, pass, this.#greedy);
+        pass.record(this.#decode);
+        pass.record(this.#head);
+        pass.record(this.#greedy);
       }
       pass.end();
     });

@@ -62,10 +62,17 @@ import {
   type Binding,
   type Dispatch,
   type Gpu,
-  recordDispatches,
+  ownedBytes,
+  PassRecorder,
   releaseDispatches,
 } from "../kernels/runtime.ts";
-import { matmulDyTXSplitK, matmulDyW, matmulXWt, splitKPartialsBytes } from "../kernels/matmul.ts";
+import {
+  matmulDyTXSplitK,
+  matmulDyW,
+  type MatmulOptions,
+  matmulXWt,
+  splitKPartialsBytes,
+} from "../kernels/matmul.ts";
 import { attentionBackward, attentionForward } from "../kernels/attention/mod.ts";
 import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import { embeddingBackward, type EmbeddingGroups, groupByToken } from "../kernels/embedding.ts";
@@ -129,6 +136,13 @@ export interface TrainingModelOptions {
    * batches hold `batchSize / 2` pairs (chosen rows first, then rejected).
    */
   reference?: Map<string, Float32Array>;
+  /**
+   * Where the linear layers' X W^T and dY W read their operands on CPU
+   * drivers (`MatmulOptions.operands`): `auto` (the default) copies them into
+   * textures where they qualify, `storage` never does. For benchmarks and
+   * tests; the results agree to float32 rounding.
+   */
+  matmulOperands?: "auto" | "storage";
 }
 
 /** The parameters and gradients as the optimizer sees them: two flat buffers and their layout. */
@@ -278,7 +292,7 @@ export class TrainingModel {
       if (opts.lora) model.#allocateAdapter(opts.lora, opts.adapter, opts.seed ?? 0);
       if (opts.reference) model.#allocateReference(opts.reference);
       model.#seed = opts.seed ?? 0;
-      await model.#build(opts.logitsChunkRows);
+      await model.#build(opts.logitsChunkRows, { operands: opts.matmulOperands });
     } catch (e) {
       model.destroy();
       throw e;
@@ -348,7 +362,7 @@ export class TrainingModel {
     return this.#lora?.layout;
   }
 
-  async #build(requestedChunkRows?: number): Promise<void> {
+  async #build(requestedChunkRows: number | undefined, options: MatmulOptions): Promise<void> {
     const gpu = this.#gpu;
     const c = this.config;
     const B = this.batchSize;
@@ -471,7 +485,7 @@ export class TrainingModel {
     // Linear layer y = x W^T over the N rows and its two backward products
     // (dW += dy^T x, accumulated across micro-batches; dx (+)= dy W).
     const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
-      matmulXWt(gpu, { x, w, y, M: N, K, N: out });
+      matmulXWt(gpu, { x, w, y, M: N, K, N: out, options });
     const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: Binding, out: number, K: number) =>
       frozen
         ? Promise.resolve([])
@@ -497,7 +511,7 @@ export class TrainingModel {
       out: number,
       K: number,
       accumulate = false,
-    ) => matmulDyW(gpu, { dy, w, dx, M: N, N: out, K, accumulate });
+    ) => matmulDyW(gpu, { dy, w, dx, M: N, N: out, K, accumulate, options });
     const rope = (x: GPUBuffer, nHeads: number) => ropeForward(gpu, { x, B, T, nHeads, hd, theta });
     // RoPE rotates each pair by R(a), so d(pre-rope) = R(-a) d(post-rope), in place.
     const ropeBack = (dx: GPUBuffer, nHeads: number) =>
@@ -565,7 +579,7 @@ export class TrainingModel {
           V,
         });
       this.#headChunks.push({
-        logits: await matmulXWt(gpu, { x: xf, w: P.head, y: lg, M: R, K: H, N: V }),
+        logits: await matmulXWt(gpu, { x: xf, w: P.head, y: lg, M: R, K: H, N: V, options }),
         lossTrain: await ce(this.#ceScale, this.#loss),
         lossEval: await ce(this.#one, this.#evalLoss),
         backward: [
@@ -579,7 +593,15 @@ export class TrainingModel {
             accumulate: true,
             partials,
           }),
-          await matmulDyW(gpu, { dy: lg, w: P.head, dx: rowsOf(dH, H), M: R, N: V, K: H }),
+          await matmulDyW(gpu, {
+            dy: lg,
+            w: P.head,
+            dx: rowsOf(dH, H),
+            M: R,
+            N: V,
+            K: H,
+            options,
+          }),
         ],
       });
     }
@@ -788,16 +810,15 @@ export class TrainingModel {
   }
 
   /** Forward, loss and backward of the batch now in the input buffers, adding into the gradients. */
-  #recordForwardBackward(pass: GPUComputePassEncoder): void {
-    const gpu = this.#gpu;
-    recordDispatches(gpu, pass, this.#forward);
+  #recordForwardBackward(pass: PassRecorder): void {
+    pass.record(this.#forward);
     for (const h of this.#headChunks) {
-      recordDispatches(gpu, pass, h.logits);
-      recordDispatches(gpu, pass, h.lossTrain);
-      recordDispatches(gpu, pass, h.backward);
+      pass.record(h.logits);
+      pass.record(h.lossTrain);
+      pass.record(h.backward);
     }
-    recordDispatches(gpu, pass, this.#backward);
-    if (this.#embeddingBackward) recordDispatches(gpu, pass, this.#embeddingBackward);
+    pass.record(this.#backward);
+    if (this.#embeddingBackward) pass.record(this.#embeddingBackward);
   }
 
   /** Writes the step's cross-entropy scale: 1 / (mask sum over all its micro-batches). */
@@ -844,7 +865,7 @@ export class TrainingModel {
       );
       gpu.submit((enc) => {
         if (i === 0) this.#clearGradients(enc);
-        const pass = enc.beginComputePass();
+        const pass = new PassRecorder(gpu, enc);
         this.#recordForwardBackward(pass);
         pass.end();
       });
@@ -869,7 +890,7 @@ export class TrainingModel {
   get gpuBytes(): number {
     let bytes = 0;
     for (const b of this.#owned) bytes += b.size;
-    for (const d of this.stepDispatches()) for (const b of d.owned ?? []) bytes += b.size;
+    bytes += ownedBytes(this.stepDispatches());
     return bytes;
   }
 
@@ -923,11 +944,11 @@ export class TrainingModel {
     this.#lora?.dispatches.setDropout(undefined); // evaluation sees the whole adapter
     gpu.submit((enc) => {
       enc.clearBuffer(this.#evalLoss);
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, this.#forward);
+      const pass = new PassRecorder(gpu, enc);
+      pass.record(this.#forward);
       for (const h of this.#headChunks) {
-        recordDispatches(gpu, pass, h.logits);
-        recordDispatches(gpu, pass, h.lossEval);
+        pass.record(h.logits);
+        pass.record(h.lossEval);
       }
       pass.end();
     });
@@ -972,14 +993,14 @@ export class TrainingModel {
           this.#clearGradients(enc);
           enc.clearBuffer(this.#dpoStats!);
         }
-        const pass = enc.beginComputePass();
-        recordDispatches(gpu, pass, plan.reference);
-        recordDispatches(gpu, pass, this.#forward);
-        recordDispatches(gpu, pass, plan.policyHead);
-        recordDispatches(gpu, pass, plan.lossTrain);
-        recordDispatches(gpu, pass, plan.headBackward);
-        recordDispatches(gpu, pass, this.#backward);
-        if (this.#embeddingBackward) recordDispatches(gpu, pass, this.#embeddingBackward);
+        const pass = new PassRecorder(gpu, enc);
+        pass.record(plan.reference);
+        pass.record(this.#forward);
+        pass.record(plan.policyHead);
+        pass.record(plan.lossTrain);
+        pass.record(plan.headBackward);
+        pass.record(this.#backward);
+        if (this.#embeddingBackward) pass.record(this.#embeddingBackward);
         pass.end();
       });
     });
@@ -1014,11 +1035,11 @@ export class TrainingModel {
     gpu.submit((enc) => {
       enc.clearBuffer(this.#evalLoss);
       enc.clearBuffer(this.#dpoEvalStats!);
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, plan.reference);
-      recordDispatches(gpu, pass, this.#forward);
-      recordDispatches(gpu, pass, plan.policyHead);
-      recordDispatches(gpu, pass, plan.lossEval);
+      const pass = new PassRecorder(gpu, enc);
+      pass.record(plan.reference);
+      pass.record(this.#forward);
+      pass.record(plan.policyHead);
+      pass.record(plan.lossEval);
       pass.end();
     });
     const [loss, stats] = await Promise.all([

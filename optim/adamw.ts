@@ -21,7 +21,8 @@
 import {
   type Dispatch,
   type Gpu,
-  recordDispatches,
+  ownedBytes,
+  PassRecorder,
   releaseDispatches,
 } from "../kernels/runtime.ts";
 import { adamw, ADAMW_HYPER_FLOATS, adamwHyper } from "../kernels/adamw.ts";
@@ -231,8 +232,8 @@ export class AdamW {
     const gpu = this.#gpu;
     gpu.write(this.#hyper, adamwHyper({ ...h, lr, step: this.#steps }));
     gpu.submit((enc) => {
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, this.#dispatches);
+      const pass = new PassRecorder(gpu, enc);
+      pass.record(this.#dispatches);
       pass.end();
     });
   }
@@ -241,7 +242,7 @@ export class AdamW {
   get gpuBytes(): number {
     let bytes = 0;
     for (const b of this.#owned) bytes += b.size;
-    for (const d of this.#dispatches) for (const b of d.owned ?? []) bytes += b.size;
+    bytes += ownedBytes(this.#dispatches);
     return bytes;
   }
 

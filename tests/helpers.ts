@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { type Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { type Gpu, PassRecorder, type recordDispatches } from "../kernels/runtime.ts";
 import type { ModelConfig } from "../model/config.ts";
 import { modelForward, toFloat64Params } from "../model/reference.ts";
 import type { Rng } from "../util/random.ts";
@@ -31,8 +31,8 @@ export function randomF32(rng: Rng, n: number, scale = 1, offset = 0): Float32Ar
 /** Records `dispatches` into one compute pass and submits it, without waiting. */
 export function submitPass(gpu: Gpu, dispatches: Parameters<typeof recordDispatches>[2]): void {
   gpu.submit((enc) => {
-    const pass = enc.beginComputePass();
-    recordDispatches(gpu, pass, dispatches);
+    const pass = new PassRecorder(gpu, enc);
+    pass.record(dispatches);
     pass.end();
   });
 }

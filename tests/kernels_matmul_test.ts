@@ -22,7 +22,7 @@
  */
 import { assert, assertClose, assertEquals } from "./assert.ts";
 import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
-import { type Dispatch, Gpu } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu, ownedBytes, releaseDispatches } from "../kernels/runtime.ts";
 import {
   chooseTiledTile,
   matmulDyTX,
@@ -31,6 +31,7 @@ import {
   type MatmulOptions,
   type MatmulVariant,
   matmulXWt,
+  OPERAND_TEXTURE_WIDTH,
 } from "../kernels/matmul.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
@@ -275,6 +276,7 @@ Deno.test({
       await submitPassAndWait(gpu, d);
       const second = await gpu.readF32(y);
       assert(first.every((v, i) => Object.is(v, second[i])), "outputs differ between runs");
+      releaseDispatches([d]);
     } finally {
       x.destroy();
       w.destroy();
@@ -456,6 +458,196 @@ Deno.test({
       dy.destroy();
       x.destroy();
       dw.destroy();
+    }
+  },
+});
+
+/** The CPU-driver designs, whose operands can come from textures. */
+const CPU_VARIANTS: MatmulVariant[] = [
+  "fallback",
+  ...(gpu.features.subgroups ? ["fallbackSubgroup" as const] : []),
+];
+
+Deno.test({
+  name: "matmul CPU designs: operands from textures, three forms, overwrite, accumulate, split-K",
+  ...GPU_TEST,
+  fn: async () => {
+    // Textures need vec4 loads of both operands, so every contiguous
+    // dimension is a multiple of 4 here; the output dimensions are not tile
+    // multiples. 132 x 68: 2244 texels, one full texture row of 2048 and a
+    // partial one (two copies); 128 x 64: exactly one row; 512 x 384 x 1408
+    // takes the large register tiles (for the design auto takes here: their
+    // pipelines take seconds each to compile).
+    const shapes: [number, number, number][] = [
+      [4, 4, 4],
+      [132, 68, 36],
+      [100, 36, 76],
+      [128, 64, 128],
+    ];
+    let seed = 700;
+    for (const variant of CPU_VARIANTS) {
+      const large = variant === CPU_VARIANTS.at(-1) ? [[512, 384, 1408]] : [];
+      for (const [M, K, N] of [...shapes, ...large] as [number, number, number][]) {
+        for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+          const ds = await checkForm(form, M, K, N, variant, seed % 3 === 0, seed++, {
+            operands: "textures",
+          });
+          assert(ds[0].label.includes("operands from textures"), ds[0].label);
+          assert(ds[0].copies?.length === 2, `two operand copies: ${ds[0].label}`);
+        }
+      }
+      for (const accumulate of [false, true]) {
+        await checkForm("dyTxSplit", 1000, 36, 20, variant, accumulate, seed++, {
+          operands: "textures",
+          splitK: 3,
+        });
+      }
+    }
+    if (gpu.features.subgroups) {
+      // The plain path taken when the subgroup size is not the kernel's.
+      for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
+        await checkForm(form, 132, 68, 36, "fallbackSubgroup", false, seed++, {
+          operands: "textures",
+          subgroupLanes: 4,
+        });
+      }
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul: which operands come from textures, and forced textures where they cannot be",
+  ...GPU_TEST,
+  fn: async () => {
+    const cpu = gpu.adapterSummary.isFallback;
+    // Auto on a CPU adapter: X W^T and dY W from textures beyond the small
+    // problems, dY^T X and small problems from the buffers; on a GPU, never.
+    const big = [
+      ["xWt", true],
+      ["dyW", true],
+      ["dyTx", false],
+    ] as [Form, boolean][];
+    for (const [form, tex] of big) {
+      const [d] = await checkForm(form, 96, 128, 100, "auto", false, 800);
+      assertEquals(d.label.includes("operands from textures"), cpu && tex, d.label);
+    }
+    const [small] = await checkForm("xWt", 8, 8, 8, "auto", false, 801);
+    assert(!small.copies, `a small problem reads the buffers: ${small.label}`);
+    // Storage forced.
+    const [plain] = await checkForm("xWt", 96, 128, 100, "auto", false, 802, {
+      operands: "storage",
+    });
+    assert(!plain.copies, plain.label);
+
+    const rejects = async (what: string, run: () => Promise<unknown>, pattern: RegExp) => {
+      let message = "";
+      try {
+        await run();
+      } catch (e) {
+        message = (e as Error).message;
+      }
+      assert(pattern.test(message), `${what}: expected ${pattern}, got "${message}"`);
+    };
+    const b = gpu.createBuffer(64 * 64 * 4);
+    // A buffer that cannot be copied from: auto reads it, forced textures throw.
+    const noCopy = gpu.device.createBuffer({ size: 64 * 64 * 4, usage: GPUBufferUsage.STORAGE });
+    try {
+      const args = { x: noCopy, w: b, y: b, M: 64, K: 64, N: 64 };
+      const d = await matmulXWt(gpu, { ...args, options: { variant: "fallback" } });
+      assert(!d.copies, `no COPY_SRC: the buffers are read (${d.label})`);
+      await rejects(
+        "no COPY_SRC",
+        () => matmulXWt(gpu, { ...args, options: { variant: "fallback", operands: "textures" } }),
+        /cannot be copied from/,
+      );
+      await rejects(
+        "K not a multiple of 4",
+        () =>
+          matmulXWt(gpu, {
+            x: b,
+            w: b,
+            y: b,
+            M: 8,
+            K: 6,
+            N: 8,
+            options: { variant: "fallback", operands: "textures" },
+          }),
+        /multiples of 4/,
+      );
+      await rejects(
+        "tiled design",
+        () =>
+          matmulXWt(gpu, { ...args, x: b, options: { variant: "tiled64", operands: "textures" } }),
+        /CPU-driver designs/,
+      );
+      releaseDispatches([d]);
+    } finally {
+      b.destroy();
+      noCopy.destroy();
+    }
+  },
+});
+
+Deno.test({
+  name: "matmul: calls sharing an operand texture, recorded together, each read their own operands",
+  ...GPU_TEST,
+  fn: async () => {
+    // Two X W^T of one shape (so one texture per operand slot) and a dY W
+    // whose A operand has the same texture height, in one recording: each
+    // must see its own operands, copied in right before it.
+    const rng = new Rng(9);
+    const [M, K, N] = [40, 64, 24];
+    const hosts = [0, 1].map(() => ({ x: randomF32(rng, M * K), w: randomF32(rng, N * K) }));
+    const dyHost = randomF32(rng, M * N);
+    const bufs = hosts.map((h) => ({
+      x: gpu.createBuffer(h.x),
+      w: gpu.createBuffer(h.w),
+      y: gpu.createBuffer(M * N * 4),
+    }));
+    const dy = gpu.createBuffer(dyHost);
+    const dx = gpu.createBuffer(M * K * 4);
+    const ds: Dispatch[] = [];
+    try {
+      const options: MatmulOptions = { variant: CPU_VARIANTS.at(-1), operands: "textures" };
+      for (const b of bufs) ds.push(await matmulXWt(gpu, { ...b, M, K, N, options }));
+      ds.push(await matmulDyW(gpu, { dy, w: bufs[0].w, dx, M, N, K, options }));
+      assert(
+        ds[0].copies![0].texture === ds[1].copies![0].texture,
+        "one texture per slot and shape",
+      );
+      await submitPassAndWait(gpu, ds);
+      for (let i = 0; i < 2; i++) {
+        const expected = ref.matmulXWt(
+          Float64Array.from(hosts[i].x),
+          Float64Array.from(hosts[i].w),
+          M,
+          K,
+          N,
+        );
+        assertClose(await gpu.readF32(bufs[i].y), expected, tolerance(K), `call ${i}`);
+      }
+      const expectedDx = ref.matmulDyW(
+        Float64Array.from(dyHost),
+        Float64Array.from(hosts[0].w),
+        M,
+        N,
+        K,
+      );
+      assertClose(await gpu.readF32(dx), expectedDx, tolerance(N), "dY W");
+      // Only the lease that created a texture counts its bytes: two textures
+      // (slots A and B) of one row each, whoever else leases them.
+      const leases = ds.flatMap((d) => d.owned ?? []).filter((o) => !(o instanceof GPUBuffer));
+      assertEquals(leases.length, 6);
+      assertEquals(
+        leases.reduce((sum, o) => sum + o.size, 0),
+        2 * OPERAND_TEXTURE_WIDTH * 16,
+      );
+      assert(ownedBytes(ds) >= 2 * OPERAND_TEXTURE_WIDTH * 16, "ownedBytes counts them");
+    } finally {
+      releaseDispatches(ds);
+      for (const b of bufs) for (const buf of Object.values(b)) buf.destroy();
+      dy.destroy();
+      dx.destroy();
     }
   },
 });

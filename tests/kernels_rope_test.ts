@@ -11,7 +11,7 @@
  */
 import { assertClose } from "./assert.ts";
 import { GPU_TEST, randomF32 } from "./helpers.ts";
-import { Gpu, recordDispatches } from "../kernels/runtime.ts";
+import { Gpu, PassRecorder } from "../kernels/runtime.ts";
 import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import * as ref from "../model/reference.ts";
 import { Rng } from "../util/random.ts";
@@ -45,8 +45,8 @@ for (const c of cases) {
       const fwd = await ropeForward(gpu, { x: xBuf, ...c });
       const bwd = await ropeBackward(gpu, { dx: dyBuf, ...c });
       gpu.submit((enc) => {
-        const pass = enc.beginComputePass();
-        recordDispatches(gpu, pass, [fwd, bwd]);
+        const pass = new PassRecorder(gpu, enc);
+        pass.record([fwd, bwd]);
         pass.end();
       });
       const y = await gpu.readF32(xBuf);
@@ -70,8 +70,8 @@ Deno.test({
     const fwd = await ropeForward(gpu, { x: buf, ...c });
     const bwd = await ropeBackward(gpu, { dx: buf, ...c });
     gpu.submit((enc) => {
-      const pass = enc.beginComputePass();
-      recordDispatches(gpu, pass, [fwd, fwd, bwd, bwd]);
+      const pass = new PassRecorder(gpu, enc);
+      pass.record([fwd, fwd, bwd, bwd]);
       pass.end();
     });
     // R(-a) R(-a) R(a) R(a) = I up to four f32 roundings per element.

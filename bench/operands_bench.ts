@@ -1,0 +1,89 @@
+/**
+ * Where the CPU-driver matmuls read their operands, in whole training steps:
+ * one model whose X W^T and dY W read storage buffers, one whose operands are
+ * copied into textures first where they qualify (the default on CPU drivers:
+ * `auto`; an operand whose rows are not a multiple of 4 wide, such as the
+ * logits of a vocabulary of 1558, stays in its buffer), timed in
+ * interleaved, shuffled rounds (see `interleavedSteps`). Both start from the
+ * same parameters and see the same batches, and their losses are printed
+ * beside the times: they agree to float32 rounding. This is the measurement
+ * behind `MatmulOptions.operands`' default (figures in docs/benchmarks.md).
+ *
+ *   deno run -A bench/operands_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 6]
+ */
+import { parseArgs } from "node:util";
+import { Gpu } from "../kernels/runtime.ts";
+import { TrainingModel } from "../model/train_model.ts";
+import { AdamW } from "../optim/adamw.ts";
+import { presetConfig } from "../model/config.ts";
+import { Rng } from "../util/random.ts";
+import { interleavedSteps, median } from "./harness.ts";
+import type { Batch } from "../data/batch.ts";
+
+const { values } = parseArgs({
+  options: {
+    preset: { type: "string", default: "tiny" },
+    batch: { type: "string", default: "16" },
+    seq: { type: "string", default: "128" },
+    rounds: { type: "string", default: "6" },
+  },
+});
+const config = presetConfig(values.preset);
+const B = Number(values.batch), T = Number(values.seq), rounds = Number(values.rounds);
+const V = config.vocab_size, N = B * T;
+
+const gpu = await Gpu.request();
+if (!gpu.adapterSummary.isFallback) {
+  console.log(`${gpu.adapterSummary.name} is not a CPU driver: its matmuls never read textures`);
+  Deno.exit(0);
+}
+const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
+/** Batch `i` of the run, the same for every arm. */
+const batchAt = (i: number): Batch => {
+  const rng = new Rng(1000 + i);
+  const ids = new Int32Array(N), targets = new Int32Array(N);
+  for (let k = 0; k < N; k++) {
+    ids[k] = rng.nextInt(V);
+    targets[k] = rng.nextInt(V);
+  }
+  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
+};
+
+const arms = [];
+for (const operands of ["storage", "auto"] as const) {
+  const model = await TrainingModel.create(gpu, config, {
+    batchSize: B,
+    seqLen: T,
+    seed: 1,
+    matmulOperands: operands,
+  });
+  const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
+  const losses: number[] = [];
+  let steps = 0;
+  const step = async () => {
+    const b = batchAt(steps++);
+    const t0 = performance.now();
+    model.forwardBackward([b]);
+    optimizer.step(1e-3);
+    await gpu.finish();
+    const ms = performance.now() - t0;
+    losses.push(await model.readLoss());
+    return ms;
+  };
+  arms.push({ name: operands === "auto" ? "textures" : operands, model, optimizer, losses, step });
+}
+const times = await interleavedSteps(arms, rounds, (n) => new Rng(rounds + n).nextInt(n));
+console.log(
+  `${values.preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
+    `load average ${Deno.loadavg()[0].toFixed(1)} at the end`,
+);
+console.log("operands | min ms | median ms | tokens/s (min) | loss after each step");
+arms.forEach((a, i) => {
+  const min = Math.min(...times[i]);
+  console.log(
+    `${a.name.padEnd(8)} | ${min.toFixed(0).padStart(6)} | ${median(times[i]).toFixed(0).padStart(9)} | ` +
+      `${(N / (min / 1000)).toFixed(0).padStart(14)} | ${a.losses.map((l) => l.toFixed(5)).join(" ")}`,
+  );
+  a.optimizer.destroy();
+  a.model.destroy();
+});
