@@ -81,8 +81,12 @@ console.log("operands | min ms | median ms | tokens/s (min) | loss after each st
 arms.forEach((a, i) => {
   const min = Math.min(...times[i]);
   console.log(
-    `${a.name.padEnd(8)} | ${min.toFixed(0).padStart(6)} | ${median(times[i]).toFixed(0).padStart(9)} | ` +
-      `${(N / (min / 1000)).toFixed(0).padStart(14)} | ${a.losses.map((l) => l.toFixed(5)).join(" ")}`,
+    `${a.name.padEnd(8)} | ${min.toFixed(0).padStart(6)} | ${
+      median(times[i]).toFixed(0).padStart(9)
+    } | ` +
+      `${(N / (min / 1000)).toFixed(0).padStart(14)} | ${
+        a.losses.map((l) => l.toFixed(5)).join(" ")
+      }`,
   );
   a.optimizer.destroy();
   a.model.destroy();

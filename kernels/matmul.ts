@@ -163,9 +163,11 @@ export interface MatmulOptions {
    * CPU-driver designs: where the kernel reads A and B. `textures` copies
    * them into rgba32float textures before each dispatch (`Dispatch.copies`)
    * and reads them with `textureLoad`; `storage` reads the buffers. The
-   * default (`auto`) takes textures for X W^T and dY W where they qualify
-   * (see `matmulOperandTextures`), storage otherwise. Forcing `textures`
-   * where they do not qualify throws.
+   * default (`auto`) takes textures where they qualify: the contiguous
+   * dimensions of both operands and the reduction are multiples of 4, the
+   * problem is not small (`SMALL_PROBLEM`), the buffers can be copied from
+   * and the textures fit the device. Forcing `textures` where they do not
+   * qualify throws.
    */
   operands?: "auto" | "storage" | "textures";
 }
@@ -948,12 +950,12 @@ async function chooseSpec(
   const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0, tex: false };
   // Operands from textures (CPU-driver designs): only with vec4 loads of both
   // (texels hold 4 consecutive elements of the contiguous dimension). Auto:
-  // X W^T and dY W (A read along the reduction) beyond the small problems;
-  // dY^T X measured no faster from textures (docs/benchmarks.md).
+  // every form beyond the small problems, where compile time dominates
+  // (whole tiny steps measured 28% and then 10% more less time with X W^T
+  // and dY W and then dY^T X from textures; docs/benchmarks.md).
   const operands = opts?.operands ?? "auto";
   const texOk = va === 4 && vb === 4 && step === 4;
-  const fallbackTex = operands === "textures" ||
-    (operands === "auto" && texOk && pr.a === "red" && !small);
+  const fallbackTex = operands === "textures" || (operands === "auto" && texOk && !small);
   if (operands === "textures" && !texOk) {
     throw new Error(
       `matmul: operands from textures need the contiguous dimensions of both operands and ` +
