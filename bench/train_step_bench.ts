@@ -112,7 +112,10 @@ export async function benchTrainStep(
       const extra: Record<string, number> = { "tokens/s": N / (ms / 1000) };
       if (opts.peakFlops) extra["MFU %"] = (100 * flop) / (ms / 1000) / opts.peakFlops;
       // The structure of a step: what is recorded, what crosses from the host, what is held.
-      extra["dispatches/step"] = model.stepDispatches().length + optimizer.stepDispatches().length;
+      const dispatches = [...model.stepDispatches(), ...optimizer.stepDispatches()];
+      extra["dispatches/step"] = dispatches.length;
+      // Operand copies into textures (CPU drivers' matmuls), outside the compute passes.
+      extra["texture copies/step"] = dispatches.reduce((n, d) => n + (d.copies?.length ?? 0), 0);
       extra["host KiB/step"] = (model.batchUploadBytes + ADAMW_HYPER_FLOATS * 4) / 1024;
       extra["GPU MiB"] = (model.gpuBytes + optimizer.gpuBytes) / 2 ** 20;
       rows.push({

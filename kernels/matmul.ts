@@ -50,13 +50,7 @@
  *   32 x 8 register tile, and the design maximizes multiply-adds per load
  *   component: vec4 loads along the contiguous dimension (4 components per
  *   lane loop), 4 reduction steps per iteration, all of an iteration's loads
- *   issued before its arithmetic. Measured on Mesa 22.3 (2026-12-03,
- *   bench/load_path_bench.ts, docs/benchmarks.md): a vec4 storage load costs
- *   about 24 ns per invocation whether or not its address is the same in
- *   every lane, a `textureLoad` of an rgba32f texel about 4-6 ns; the
- *   subgroup design's X W^T and dY W written plainly ran 1.7-3.7x faster
- *   with their operands read from textures (dY^T X only caught up with this
- *   kernel). Operands in textures are the open lead.
+ *   issued before its arithmetic.
  * - `fallbackSubgroup` (CPU drivers with subgroups): as `fallback`, but the A
  *   values (the same for every lane of a workgroup) are loaded once, spread
  *   over the lanes, and handed round with `subgroupBroadcast` (an extract and a
@@ -68,6 +62,23 @@
  *   workgroup size; the kernel still checks `subgroup_size == S` at run time
  *   and otherwise takes a plain dot-product loop, so correctness never rests
  *   on an assumed subgroup size.
+ *
+ * Operands from textures (both CPU-driver designs, `MatmulOptions.operands`).
+ * On llvmpipe a storage-buffer load costs about 23 ns per invocation whether
+ * or not its address is the same in every lane (a loop over the lanes with
+ * bounds checks), a `textureLoad` of an rgba32f texel about 4.5 ns
+ * (bench/load_path_bench.ts). So where every contiguous dimension and the
+ * reduction are multiples of 4, each operand is copied into an rgba32float
+ * texture right before the kernel (`Dispatch.copies`: copyBufferToTexture,
+ * about 0.2 ms per MiB there, outside the compute pass) and the kernel reads
+ * texel t where it would read vec4 t of the buffer: the texture holds the
+ * buffer range as it is, OPERAND_TEXTURE_WIDTH texels to a row, so every
+ * index form carries over. Textures are shared per operand slot and height by
+ * all calls on a device (each refills its own before it runs). Whole tiny
+ * training steps took 24-28% less time with X W^T and dY W reading textures
+ * and another 10% with dY^T X too (bench/operands_bench.ts,
+ * docs/benchmarks.md). Unaligned operands (a vocabulary of 1558) stay in
+ * their buffers; GPUs always read buffers.
  *
  * Split-K for the weight gradient (`matmulDyTXSplitK`): its reduction runs
  * over M = B·T rows (2048-8192), while its output [N, K] can be a handful of
