@@ -60,15 +60,23 @@ function bufferOf(b: Binding): { buffer: GPUBuffer; offset: number } {
     : { buffer: b.buffer, offset: b.offset ?? 0 };
 }
 
-function rowWgsl(V: number, vec: 1 | 4, inPlace: boolean, WG: number): string {
+function rowWgsl(V: number, vec: 1 | 4, inPlace: boolean, WG: number, dStride: number): string {
   const T = vec === 4 ? "vec4<f32>" : "f32";
   const lanes = V / vec;
+  // dlogits rows are dStride elements apart; the lanes past V are padding, written as zeros.
+  const dLanes = dStride / vec;
+  const pad = dLanes > lanes
+    ? `for (var c = LANES + t; c < D_LANES; c += WG) { ${
+      inPlace ? "logits" : "dlogits"
+    }[dbase + c] = T(0.0); }`
+    : "";
   // L is where logits are read, D where dlogits go (the same array in place).
   const D = inPlace ? "logits" : "dlogits";
   return `${LINEAR_WORKGROUP_WGSL}
 alias T = ${T};
 const V: u32 = ${V}u;
 const LANES: u32 = ${lanes}u;
+const D_LANES: u32 = ${dLanes}u;
 const WG: u32 = ${WG}u;
 const LOWEST: f32 = -3.0e38;  // finite, so exp(LOWEST - m) is 0, never NaN
 struct Params { n: u32 }
@@ -93,10 +101,11 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let row = linear_workgroup(wid, nwg);
   if (row >= p.n) { return; }
   let base = row * LANES;
+  let dbase = row * D_LANES;
   if (t == 0u) { row_mask = mask[row]; }
   let mk = workgroupUniformLoad(&row_mask);
   if (mk == 0.0) {
-    for (var c = t; c < LANES; c += WG) { ${D}[base + c] = T(0.0); }
+    for (var c = t; c < D_LANES; c += WG) { ${D}[dbase + c] = T(0.0); }
     if (t == 0u) { rowLoss[row] = 0.0; }
     return;
   }
@@ -136,8 +145,9 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   for (var c = t; c < LANES; c += WG) {
     var d = exp(logits[base + c] - lse) * coef;
     ${vec === 4 ? "if (tgt / 4u == c) { d[tgt % 4u] -= coef; }" : "if (tgt == c) { d -= coef; }"}
-    ${D}[base + c] = d;
+    ${D}[dbase + c] = d;
   }
+  ${pad}
 }`;
 }
 
@@ -186,10 +196,17 @@ export async function crossEntropy(
     loss: Binding;
     N: number;
     V: number;
+    /**
+     * Elements between rows of dlogits (default V; not in place): padded
+     * rows, their columns V.. written as zeros (the head's backward matmuls
+     * read rows a multiple of 4 wide).
+     */
+    dlogitsStride?: number;
     options?: CrossEntropyOptions;
   },
 ): Promise<Dispatch[]> {
   const { N, V } = args;
+  const dStride = args.dlogitsStride ?? V;
   if (!Number.isInteger(N) || N < 0) throw new RangeError(`crossEntropy: bad N ${N}`);
   if (!Number.isInteger(V) || V < 1) throw new RangeError(`crossEntropy: bad V ${V}`);
   let vec: 1 | 4 = V % 4 === 0 ? 4 : 1;
@@ -205,12 +222,18 @@ export async function crossEntropy(
   if (inPlace && a.offset !== d.offset) {
     throw new RangeError("crossEntropy: dlogits overlaps logits at another offset");
   }
+  if (!Number.isInteger(dStride) || dStride < V || (inPlace && dStride !== V)) {
+    throw new RangeError(
+      `crossEntropy: dlogitsStride ${dStride} must be an integer >= V (${V}), and V in place`,
+    );
+  }
+  if (vec === 4 && dStride % 4 !== 0) vec = 1;
   const tuning = args.options?.tuning ?? (gpu.adapterSummary.isFallback ? "fallback" : "gpu");
   const wg = tuning === "gpu" ? 256 : 8;
   const u = gpu.createUniform(new Uint32Array([N]), "cross-entropy params");
   const rowPipeline = await gpu.pipeline(
-    `cross-entropy-V${V}-v${vec}-wg${wg}-${inPlace ? "inplace" : "out"}`,
-    rowWgsl(V, vec, inPlace, wg),
+    `cross-entropy-V${V}-v${vec}-wg${wg}-${inPlace ? "inplace" : "out"}-d${dStride}`,
+    rowWgsl(V, vec, inPlace, wg, dStride),
   );
   const rowBindings: Binding[] = [
     u,

@@ -193,6 +193,13 @@ interface Problem {
   L: number;
   a: Contig;
   b: Contig;
+  /**
+   * Elements between consecutive rows of A (its contiguous dimension's
+   * extent in memory): L ("red") or R ("out") unless the rows are padded;
+   * padding must hold zeros (vec4 loads and whole reduction steps may read
+   * it).
+   */
+  lda: number;
 }
 
 /** Everything a generated kernel depends on (its pipeline cache key). */
@@ -221,12 +228,18 @@ interface KernelSpec {
   lanes: number;
   /** CPU-driver designs: A and B read from textures (vec4 loads only; see `texelFetchWgsl`). */
   tex: boolean;
+  /**
+   * CPU-driver designs: steps of 4 over a reduction that is not a multiple
+   * of 4 (A's padded rows supply zeros past L; B, read across its rows, has
+   * its row index clamped to L - 1).
+   */
+  clampL: boolean;
 }
 
 function key(s: KernelSpec): string {
   const acc = s.accumulate ? "acc" : "set";
   return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.bm}x${s.bn}-` +
-    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.tex ? "-tex" : ""}`;
+    `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.tex ? "-tex" : ""}${s.clampL ? "-clampL" : ""}`;
 }
 
 /**
@@ -279,7 +292,7 @@ ${texelFetchWgsl()}`
 @group(0) @binding(2) var<storage, read> B: array<${tb}>;`;
   return `${LINEAR_WORKGROUP_WGSL}
 struct Dims {
-  R: u32, C: u32, L: u32, colTiles: u32, tiles: u32, sliceLen: u32, slices: u32, p0: u32,
+  R: u32, C: u32, L: u32, colTiles: u32, tiles: u32, sliceLen: u32, slices: u32, lda: u32,
 }
 @group(0) @binding(0) var<uniform> dims: Dims;
 ${operands}
@@ -330,6 +343,8 @@ interface TiledOperand {
   /** Tile rows of this operand (BM for A, BN for B) and the matrix bound. */
   D: number;
   dim: string;
+  /** Elements between its rows in memory. */
+  stride: string;
   base: string;
   /** This thread's coordinate along the operand's tile rows (ty for A, tx for B). */
   t: string;
@@ -373,7 +388,7 @@ function tiledOperandIO(o: TiledOperand): {
       setup.push(`let ${x}row${p} = (lid + ${p * 256}u) / ${perRow}u;`);
       if (p === 0) setup.push(`let ${x}lo = (lid % ${perRow}u) * ${o.v}u;`);
       const row = `${x}row${p}`;
-      const g = `(${base} + ${row}) * dims.L + LL + ${x}lo`;
+      const g = `(${base} + ${row}) * ${o.stride} + LL + ${x}lo`;
       loads.push({
         idx: o.v === 4 ? `(${g}) / 4u` : g,
         ok: `${base} + ${row} < ${dim} && LL + ${x}lo < lEnd`,
@@ -391,7 +406,7 @@ function tiledOperandIO(o: TiledOperand): {
       setup.push(`let ${x}lk${p} = (lid + ${p * 256}u) / ${perL}u;`);
       if (p === 0) setup.push(`let ${x}rr = (lid % ${perL}u) * ${o.v}u;`);
       const lk = `${x}lk${p}`;
-      const g = `(LL + ${lk}) * ${dim} + ${base} + ${x}rr`;
+      const g = `(LL + ${lk}) * ${o.stride} + ${base} + ${x}rr`;
       loads.push({
         idx: o.v === 4 ? `(${g}) / 4u` : g,
         ok: `LL + ${lk} < lEnd && ${base} + ${x}rr < ${dim}`,
@@ -478,6 +493,7 @@ function tiledWgsl(s: KernelSpec): string {
     v: s.va,
     D: BM,
     dim: "dims.R",
+    stride: "dims.lda",
     base: "r0",
     t: "ty",
   };
@@ -488,6 +504,7 @@ function tiledWgsl(s: KernelSpec): string {
     v: s.vb,
     D: BN,
     dim: "dims.C",
+    stride: s.b === "red" ? "dims.L" : "dims.C",
     base: "c0",
     t: "tx",
   };
@@ -635,18 +652,22 @@ function directLoads(
   n: number,
   step: 1 | 4,
   tex: boolean,
+  clampL: boolean,
 ): IterationLoads {
   const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
+  const stride = operand === "A" ? "dims.lda" : contig === "red" ? "dims.L" : `dims.${dim}`;
+  // The row of reduction offset q: clamped into the matrix where a step may pass L.
+  const lrow = (q: number) => clampL ? `min(L_ + ${q}u, dims.L - 1u)` : `(L_ + ${q}u)`;
   const raw: [string, string][] = [];
   const unpack: string[] = [];
   if (contig === "red") {
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        raw.push([`v${name}${i}`, vec4At(tex, operand, `(${r} * dims.L + L_) / 4u`)]);
+        raw.push([`v${name}${i}`, vec4At(tex, operand, `(${r} * ${stride} + L_) / 4u`)]);
         for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
-        raw.push([`${name}${i}_0`, `${operand}[${r} * dims.L + L_]`]);
+        raw.push([`${name}${i}_0`, `${operand}[${r} * ${stride} + L_]`]);
       }
     }
     return { raw, unpack };
@@ -654,10 +675,10 @@ function directLoads(
   for (let q = 0; q < step; q++) {
     if (vec === 4) {
       for (let g = 0; g < n / 4; g++) {
-        const r = `min(${first} + ${4 * g}u, dims.${dim} - 4u)`;
+        const r = `min(${first} + ${4 * g}u, ${stride} - 4u)`;
         raw.push([
           `v${name}${g}_${q}`,
-          vec4At(tex, operand, `((L_ + ${q}u) * dims.${dim} + ${r}) / 4u`),
+          vec4At(tex, operand, `(${lrow(q)} * ${stride} + ${r}) / 4u`),
         ]);
         for (let p = 0; p < 4; p++) {
           unpack.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
@@ -667,7 +688,7 @@ function directLoads(
       for (let i = 0; i < n; i++) {
         raw.push([
           `${name}${i}_${q}`,
-          `${operand}[(L_ + ${q}u) * dims.${dim} + min(${first} + ${i}u, dims.${dim} - 1u)]`,
+          `${operand}[${lrow(q)} * ${stride} + min(${first} + ${i}u, dims.${dim} - 1u)]`,
         ]);
       }
     }
@@ -691,12 +712,12 @@ function fallbackWgsl(s: KernelSpec): string {
   const chunkRows = s.a === "out" && s.va === 4 ? 4 : 1;
 
   // Loads of B for this invocation's columns c0 + lane*TN + j.
-  const loadB = directLoads("B", s.b, s.vb, TN, step, s.tex);
+  const loadB = directLoads("B", s.b, s.vb, TN, step, s.tex, s.clampL);
 
   // Loads of A: either every row by every lane (plain), or one chunk per lane
   // handed round the subgroup.
   const loadA = (broadcast: boolean): IterationLoads => {
-    if (!broadcast) return directLoads("A", s.a, s.va, TM, step, s.tex);
+    if (!broadcast) return directLoads("A", s.a, s.va, TM, step, s.tex, false);
     const raw: [string, string][] = [];
     const unpack: string[] = [];
     // Chunk c of this lane covers rows r0 + (lane + S*c)*chunkRows ..+chunkRows.
@@ -707,15 +728,17 @@ function fallbackWgsl(s: KernelSpec): string {
         const r = `min(${row}, dims.R - 1u)`;
         raw.push([
           `ca${c}`,
-          s.va === 4 ? vec4At(s.tex, "A", `(${r} * dims.L + L_) / 4u`) : `A[${r} * dims.L + L_]`,
+          s.va === 4
+            ? vec4At(s.tex, "A", `(${r} * dims.lda + L_) / 4u`)
+            : `A[${r} * dims.lda + L_]`,
         ]);
       } else {
         for (let q = 0; q < step; q++) {
           raw.push([
             `ca${c}_${q}`,
             s.va === 4
-              ? vec4At(s.tex, "A", `((L_ + ${q}u) * dims.R + min(${row}, dims.R - 4u)) / 4u`)
-              : `A[(L_ + ${q}u) * dims.R + min(${row}, dims.R - 1u)]`,
+              ? vec4At(s.tex, "A", `((L_ + ${q}u) * dims.lda + min(${row}, dims.lda - 4u)) / 4u`)
+              : `A[(L_ + ${q}u) * dims.lda + min(${row}, dims.R - 1u)]`,
           ]);
         }
       }
@@ -792,7 +815,7 @@ function fallbackWgsl(s: KernelSpec): string {
   };
 
   // Index of A(r, l) and B(c, l) in their scalar views, for the slow path.
-  const aIndex = s.a === "red" ? "r * dims.L + l" : "l * dims.R + r";
+  const aIndex = s.a === "red" ? "r * dims.lda + l" : "l * dims.lda + r";
   const bIndex = s.b === "red" ? "c * dims.L + l" : "l * dims.C + c";
   const aLoad = s.va === 4
     ? `${vec4At(s.tex, "A", `(${aIndex}) / 4u`)}[(${aIndex}) % 4u]`
@@ -949,16 +972,30 @@ async function chooseSpec(
   // vec4 loads along an operand's contiguous dimension need that dimension to
   // be a multiple of 4 (so rows start 16-byte aligned and no vec4 straddles an
   // edge).
-  const contigLen = (c: Contig, outLen: number) => c === "red" ? pr.L : outLen;
-  const vecOk = (c: Contig, outLen: number) => opts?.vec !== 1 && contigLen(c, outLen) % 4 === 0;
-  const va: 1 | 4 = vecOk(pr.a, pr.R) ? 4 : 1;
-  const vb: 1 | 4 = vecOk(pr.b, pr.C) ? 4 : 1;
-  const step: 1 | 4 = opts?.vec !== 1 && pr.L % 4 === 0 ? 4 : 1;
+  // A's rows are lda apart (its contiguous extent, or padded); B's are not padded.
+  const va: 1 | 4 = opts?.vec !== 1 && pr.lda % 4 === 0 ? 4 : 1;
+  const vb: 1 | 4 = opts?.vec !== 1 && (pr.b === "red" ? pr.L : pr.C) % 4 === 0 ? 4 : 1;
+  // Steps of 4 over the reduction where L % 4 == 0, or where A is read along
+  // it with padded rows (zeros past L) and B across its rows (clamped).
+  const clampStep = pr.L % 4 !== 0 && pr.a === "red" && va === 4 && pr.b === "out";
+  const step: 1 | 4 = opts?.vec !== 1 && (pr.L % 4 === 0 || clampStep) ? 4 : 1;
   const vo: 1 | 4 = opts?.vec !== 1 && pr.C % 4 === 0 ? 4 : 1;
   // Below 2^18 multiply-adds a call takes well under a millisecond whatever
   // the tile; what counts there is the pipeline's compile time (model tests).
   const small = pr.R * pr.C * pr.L <= SMALL_PROBLEM;
-  const base = { a: pr.a, b: pr.b, va, vb, vo, accumulate, step, bm: 0, bn: 0, tex: false };
+  const base = {
+    a: pr.a,
+    b: pr.b,
+    va,
+    vb,
+    vo,
+    accumulate,
+    step,
+    bm: 0,
+    bn: 0,
+    tex: false,
+    clampL: false,
+  };
   // Operands from textures (CPU-driver designs): only with vec4 loads of both
   // (texels hold 4 consecutive elements of the contiguous dimension). Auto:
   // every form beyond the small problems, where compile time dominates
@@ -1029,6 +1066,7 @@ async function chooseSpec(
         tn,
         lanes: 8,
         tex: fallbackTex,
+        clampL: step === 4 && pr.L % 4 !== 0,
       };
     }
     case "fallbackSubgroup": {
@@ -1051,6 +1089,7 @@ async function chooseSpec(
         tn,
         lanes,
         tex: fallbackTex,
+        clampL: step === 4 && pr.L % 4 !== 0,
       };
     }
     default:
@@ -1072,6 +1111,22 @@ function checkRegisterTile(
         `at most 4096 outputs`,
     );
   }
+}
+
+/** Elements A spans in memory: its rows of `lda` (the last one whole, padding included). */
+function aElements(pr: Problem): number {
+  return (pr.a === "red" ? pr.R : pr.L) * pr.lda;
+}
+
+/** A's row stride: `stride` when given (at least the contiguous extent `natural`), else that. */
+function strideOf(op: string, stride: number | undefined, natural: number): number {
+  if (stride === undefined) return natural;
+  if (!Number.isInteger(stride) || stride < natural) {
+    throw new RangeError(
+      `${op}: dyStride must be an integer of at least ${natural}, got ${stride}`,
+    );
+  }
+  return stride;
 }
 
 function checkDims(op: string, dims: Record<string, number>): void {
@@ -1247,7 +1302,7 @@ function operandTextures(
   forced: boolean,
 ): { copy: TextureCopy; lease: Owned }[] {
   const operands: ["A" | "B", Binding, string, number][] = [
-    ["A", bufs.a, bufs.names[0], pr.R * pr.L],
+    ["A", bufs.a, bufs.names[0], aElements(pr)],
     ["B", bufs.b, bufs.names[1], pr.C * pr.L],
   ];
   for (const [, b, name, elements] of operands) {
@@ -1281,7 +1336,10 @@ async function matmulDispatches(
   sharedPartials?: GPUBuffer,
 ): Promise<Dispatch[]> {
   checkDims(label, { R: pr.R, C: pr.C, L: pr.L });
-  checkBinding(label, bufs.names[0], bufs.a, pr.R * pr.L);
+  if (aElements(pr) >= 2 ** 32) {
+    throw new RangeError(`${label}: an operand has 2^32 elements or more (u32 indexing)`);
+  }
+  checkBinding(label, bufs.names[0], bufs.a, aElements(pr));
   checkBinding(label, bufs.names[1], bufs.b, pr.C * pr.L);
   checkBinding(label, bufs.names[2], bufs.out, pr.R * pr.C);
   let spec = await chooseSpec(gpu, pr, accumulate, opts);
@@ -1296,7 +1354,7 @@ async function matmulDispatches(
   const wgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
   const pipeline = await gpu.pipeline(key(spec), wgsl);
   const dims = gpu.createUniform(
-    new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, 0]),
+    new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, pr.lda]),
     `${label} dims`,
   );
   const design = spec.design === "tiled"
@@ -1387,7 +1445,7 @@ export async function matmulXWt(
   const [d] = await matmulDispatches(
     gpu,
     `matmul xWt M=${M} K=${K} N=${N}`,
-    { R: M, C: N, L: K, a: "red", b: "red" },
+    { R: M, C: N, L: K, a: "red", b: "red", lda: K },
     { a: args.x, b: args.w, out: args.y, names: ["x", "w", "y"] },
     args.accumulate ?? false,
     args.options,
@@ -1411,13 +1469,17 @@ export async function matmulDyW(
     K: number;
     accumulate?: boolean;
     options?: MatmulOptions;
+    /** Elements between rows of dy (default N); the padding must hold zeros. */
+    dyStride?: number;
   },
 ): Promise<Dispatch> {
   const { M, N, K } = args;
   const [d] = await matmulDispatches(
     gpu,
-    `matmul dyW M=${M} N=${N} K=${K}`,
-    { R: M, C: K, L: N, a: "red", b: "out" },
+    `matmul dyW M=${M} N=${N} K=${K}${
+      args.dyStride === undefined ? "" : ` dyStride=${args.dyStride}`
+    }`,
+    { R: M, C: K, L: N, a: "red", b: "out", lda: strideOf("matmulDyW", args.dyStride, N) },
     { a: args.dy, b: args.w, out: args.dx, names: ["dy", "w", "dx"] },
     args.accumulate ?? false,
     args.options,
@@ -1430,6 +1492,12 @@ export async function matmulDyW(
 export interface MatmulDyTXArgs {
   /** `[M, N]`, the gradient of the layer's output. */
   dy: Binding;
+  /**
+   * Elements between rows of dy (default N): a padded row (a multiple of 4
+   * wide) keeps vec4 loads and operand textures for an odd N. The padding
+   * must hold zeros.
+   */
+  dyStride?: number;
   /** `[M, K]`, the layer's input. */
   x: Binding;
   /** `[N, K]`, the weight gradient (overwritten, or added to with `accumulate`). */
@@ -1486,7 +1554,14 @@ export async function matmulDyTXSplitK(gpu: Gpu, args: MatmulDyTXArgs): Promise<
  * must hold.
  */
 export async function splitKPartialsBytes(gpu: Gpu, args: MatmulDyTXArgs): Promise<number> {
-  const pr: Problem = { R: args.N, C: args.K, L: args.M, a: "out", b: "out" };
+  const pr: Problem = {
+    R: args.N,
+    C: args.K,
+    L: args.M,
+    a: "out",
+    b: "out",
+    lda: strideOf("matmulDyTX", args.dyStride, args.N),
+  };
   const spec = await chooseSpec(gpu, pr, args.accumulate ?? false, args.options);
   const [rowsPerTile, colsPerTile] = tileShape(spec);
   const tiles = Math.ceil(pr.R / rowsPerTile) * Math.ceil(pr.C / colsPerTile);
@@ -1498,8 +1573,10 @@ function dyTXDispatches(gpu: Gpu, args: MatmulDyTXArgs, allowSplit: boolean): Pr
   const { M, N, K } = args;
   return matmulDispatches(
     gpu,
-    `matmul dyTx M=${M} N=${N} K=${K}`,
-    { R: N, C: K, L: M, a: "out", b: "out" },
+    `matmul dyTx M=${M} N=${N} K=${K}${
+      args.dyStride === undefined ? "" : ` dyStride=${args.dyStride}`
+    }`,
+    { R: N, C: K, L: M, a: "out", b: "out", lda: strideOf(`matmul dyTx`, args.dyStride, N) },
     { a: args.dy, b: args.x, out: args.dw, names: ["dy", "x", "dw"] },
     args.accumulate ?? false,
     args.options,

@@ -75,6 +75,13 @@ export interface PreferenceSpec {
   xFinal: GPUBuffer;
   /** The logits chunk `[chunkRows, V]`. */
   logits: GPUBuffer;
+  /**
+   * Where the head's backward reads d logits: `logits` itself, or (CPU
+   * drivers, V not a multiple of 4) rows padded to `dLogitsStride`.
+   */
+  dLogits: GPUBuffer;
+  /** Elements between rows of `dLogits` (V unless padded). */
+  dLogitsStride: number;
   chunkRows: number;
   /** The training head's chunks: logits = xf_c W^T, and its backward. */
   headChunks: readonly { logits: Dispatch; backward: Dispatch[] }[];
@@ -133,14 +140,20 @@ export async function buildPreferencePlan(
       size: f32(R * width),
     });
     const lg: Binding = { buffer: spec.logits, offset: 0, size: f32(R * V) };
-    const ce = async (mask: Binding, rowLoss: Binding) =>
+    // The weighted cross-entropy's gradient goes where the head's backward
+    // reads it (`dLogits`, rows `dLogitsStride` apart); the other two only
+    // need their row losses and write their gradients in place.
+    const ce = async (mask: Binding, rowLoss: Binding, gradient = false) =>
       mine(
         await crossEntropy(gpu, {
           logits: lg,
           targets: rows(spec.targets),
           mask,
           scale: spec.one,
-          dlogits: lg,
+          dlogits: gradient
+            ? { buffer: spec.dLogits, offset: 0, size: f32(R * spec.dLogitsStride) }
+            : lg,
+          dlogitsStride: gradient ? spec.dLogitsStride : undefined,
           rowLoss,
           loss: discard,
           N: R,
@@ -162,7 +175,7 @@ export async function buildPreferencePlan(
     plan.policyHead.push(h.logits, ...await ce(rows(spec.mask), rows(policyRowLoss)));
     plan.headBackward.push(
       h.logits,
-      ...await ce(rows(weights), { buffer: chunkRowLoss, offset: 0, size: f32(R) }),
+      ...await ce(rows(weights), { buffer: chunkRowLoss, offset: 0, size: f32(R) }, true),
       ...h.backward,
     );
   }

@@ -487,9 +487,17 @@ export class TrainingModel {
     const linear = (x: Binding, w: Binding, y: Binding, K: number, out: number) =>
       matmulXWt(gpu, { x, w, y, M: N, K, N: out, options });
     const linearDw = (dy: GPUBuffer, x: GPUBuffer, dw: Binding, out: number, K: number) =>
-      frozen
-        ? Promise.resolve([])
-        : matmulDyTXSplitK(gpu, { dy, x, dw, M: N, N: out, K, accumulate: true, partials });
+      frozen ? Promise.resolve([]) : matmulDyTXSplitK(gpu, {
+        dy,
+        x,
+        dw,
+        M: N,
+        N: out,
+        K,
+        accumulate: true,
+        partials,
+        options,
+      });
     // RMSNorm's backward is a dx dispatch then a dw dispatch; a frozen base keeps only dx.
     const normBackward = async (args: Parameters<typeof rmsnormBackward>[1]) => {
       const d = await rmsnormBackward(gpu, args);
@@ -555,6 +563,16 @@ export class TrainingModel {
     // ---- Head and loss, in row chunks; each chunk's backward follows its
     // forward so one logits chunk serves all. d xf lands in dH.
     const logits = this.#buffer(f32(chunkRows * V), `logits chunk [${chunkRows}, V]`);
+    // d logits: in place, or where V is not a multiple of 4 on CPU drivers,
+    // in rows padded to one (zeros after V), so that the head's backward
+    // matmuls still read their operands as vec4s from textures.
+    const Vd = gpu.adapterSummary.isFallback && options.operands !== "storage"
+      ? Math.ceil(V / 4) * 4
+      : V;
+    const dLogits = Vd === V
+      ? logits
+      : this.#buffer(f32(chunkRows * Vd), `d logits chunk [${chunkRows}, ${Vd}] (padded rows)`);
+    const dyStride = Vd === V ? undefined : Vd;
     const rowLoss = this.#buffer(f32(chunkRows), `row loss chunk [${chunkRows}]`);
     for (let r0 = 0; r0 < N; r0 += chunkRows) {
       const R = Math.min(chunkRows, N - r0);
@@ -564,6 +582,7 @@ export class TrainingModel {
         size: f32(R * width),
       });
       const lg: Binding = { buffer: logits, offset: 0, size: f32(R * V) };
+      const dlg: Binding = { buffer: dLogits, offset: 0, size: f32(R * Vd) };
       const rl: Binding = { buffer: rowLoss, offset: 0, size: f32(R) };
       const xf = rowsOf(xFinal, H);
       const ce = (scale: GPUBuffer, loss: GPUBuffer) =>
@@ -572,7 +591,8 @@ export class TrainingModel {
           targets: rowsOf(this.#targets, 1),
           mask: rowsOf(this.#mask, 1),
           scale,
-          dlogits: lg,
+          dlogits: dlg,
+          dlogitsStride: dyStride,
           rowLoss: rl,
           loss,
           N: R,
@@ -584,7 +604,8 @@ export class TrainingModel {
         lossEval: await ce(this.#one, this.#evalLoss),
         backward: [
           ...frozen ? [] : await matmulDyTXSplitK(gpu, {
-            dy: lg,
+            dy: dlg,
+            dyStride,
             x: xf,
             dw: G.head,
             M: R,
@@ -592,9 +613,11 @@ export class TrainingModel {
             K: H,
             accumulate: true,
             partials,
+            options,
           }),
           await matmulDyW(gpu, {
-            dy: lg,
+            dy: dlg,
+            dyStride,
             w: P.head,
             dx: rowsOf(dH, H),
             M: R,
@@ -751,6 +774,8 @@ export class TrainingModel {
         referenceWeights: bindLayout(this.#layout, this.#reference),
         xFinal,
         logits,
+        dLogits,
+        dLogitsStride: Vd,
         chunkRows,
         headChunks: this.#headChunks,
         targets: this.#targets,

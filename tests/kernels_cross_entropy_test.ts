@@ -2,7 +2,8 @@
  * Fused cross-entropy (kernels/cross_entropy.ts) against the float64
  * reference: V = 11, 100, 6400 and 2048 + 7 (scalar and vec4 lanes, fewer
  * elements than threads and many per thread), masks with zeros and fractional
- * weights, scale = 1 / sum(mask), in place and into a separate buffer.
+ * weights, scale = 1 / sum(mask), in place and into a separate buffer, the
+ * latter also with padded rows (`dlogitsStride`: the padding must come out 0).
  *
  * Tolerances, from the f32 arithmetic (logits ~ N(0, 2^2), so |z| < ~10):
  * - lse: a sum of V terms <= 1 merged by a tree, relative error ~ log2(V)
@@ -30,6 +31,8 @@ interface Case {
   V: number;
   inPlace: boolean;
   vec?: 1 | 4;
+  /** dlogits row stride (padded rows). */
+  stride?: number;
 }
 
 const cases: Case[] = [
@@ -40,6 +43,9 @@ const cases: Case[] = [
   { N: 7, V: 6400, inPlace: true },
   { N: 33, V: 6400, inPlace: false },
   { N: 7, V: 2048 + 7, inPlace: true },
+  { N: 7, V: 11, inPlace: false, stride: 12 },
+  { N: 33, V: 100, inPlace: false, stride: 108 },
+  { N: 9, V: 2048 + 7, inPlace: false, stride: 2048 + 8 },
 ];
 
 // Each case in both layouts: 256 threads per row (GPU) and 8 (CPU drivers).
@@ -49,7 +55,9 @@ for (
   ) => [{ ...c, tuning: "gpu" as const }, { ...c, tuning: "fallback" as const }])
 ) {
   const { N, V, inPlace } = c;
-  const name = `N=${N} V=${V}${inPlace ? " in place" : ""}${c.vec ? " scalar" : ""} ${c.tuning}`;
+  const S = c.stride ?? V;
+  const name = `N=${N} V=${V}${inPlace ? " in place" : ""}${c.vec ? " scalar" : ""}` +
+    `${c.stride ? ` stride ${S}` : ""} ${c.tuning}`;
   gpuTest(`cross-entropy matches the reference: ${name}`, async () => {
     const rng = new Rng(N * 7919 + V);
     const logits = new Float32Array(N * V).map(() => 2 * rng.normal()); // [N, V]
@@ -62,7 +70,10 @@ for (
     for (const m of mask) count += m;
     const scale = new Float32Array([1 / count]);
     const logitsBuf = gpu.createBuffer(logits, "logits");
-    const dlogitsBuf = inPlace ? logitsBuf : gpu.createBuffer(N * V * 4, "dlogits");
+    // Garbage first: every element, padding included, must be written.
+    const dlogitsBuf = inPlace
+      ? logitsBuf
+      : gpu.createBuffer(new Float32Array(N * S).fill(NaN), "dlogits");
     const rowLossBuf = gpu.createBuffer(N * 4, "rowLoss");
     const lossBuf = gpu.createBuffer(new Float32Array([0.5]), "loss"); // the kernel adds to it
     const ds = await crossEntropy(gpu, {
@@ -75,6 +86,7 @@ for (
       loss: lossBuf,
       N,
       V,
+      dlogitsStride: c.stride,
       options: { vec: c.vec, tuning: c.tuning },
     });
     submitPass(gpu, ds);
@@ -86,7 +98,13 @@ for (
     assertClose(rowLoss, fwd.rowLoss.map((l, i) => l * mask[i]), { atol: 2e-5, rtol: 1e-5 });
     const loss = (await gpu.readF32(lossBuf))[0];
     assertClose([loss], [0.5 + fwd.loss], { atol: 2e-5, rtol: 1e-6 }, "loss");
-    const dz = await gpu.readF32(dlogitsBuf);
+    const dzPadded = await gpu.readF32(dlogitsBuf, 0, N * S);
+    const dz = new Float32Array(N * V);
+    for (let i = 0; i < N; i++) {
+      dz.set(dzPadded.subarray(i * S, i * S + V), i * V);
+      const pad = dzPadded.subarray(i * S + V, (i + 1) * S);
+      assert(pad.every((v) => Object.is(v, 0)), `row ${i}: padding written as zeros`);
+    }
     const maxCoef = Math.max(...mask) * scale[0];
     assertClose(
       dz,
@@ -105,7 +123,7 @@ for (
     submitPass(gpu, ds);
     assertEquals(await gpu.readF32(rowLossBuf), rowLoss, "rowLoss bits");
     assertEquals((await gpu.readF32(lossBuf))[0], loss, "loss bits");
-    assertEquals(await gpu.readF32(dlogitsBuf), dz, "dlogits bits");
+    assertEquals(await gpu.readF32(dlogitsBuf, 0, N * S), dzPadded, "dlogits bits");
   });
 }
 

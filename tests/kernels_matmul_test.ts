@@ -649,3 +649,87 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "matmul dY W and dY^T X with padded dy rows (dyStride), every design, textures too",
+  ...GPU_TEST,
+  fn: async () => {
+    // dy [M, N] stored in rows of `stride` with zeros after N: an odd N (the
+    // logits of an odd vocabulary) padded to a multiple of 4 keeps vec4
+    // loads, steps of 4 over a reduction that is not a multiple of 4 (dY W),
+    // and operand textures.
+    const cases: [number, number, number, number][] = [
+      [40, 30, 21, 32], // M, N, K, stride: odd N, odd K
+      [96, 130, 36, 132], // N % 4 == 2
+      [512, 1558, 128, 1560], // the tiny model's logits chunk, smaller
+    ];
+    let seed = 900;
+    const variants: [MatmulVariant, MatmulOptions][] = [
+      ["auto", {}],
+      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { operands: "storage" }]),
+      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { operands: "textures" }]),
+      ["tiled64", {}],
+    ];
+    for (const [M, N, K, stride] of cases) {
+      const rng = new Rng(seed++);
+      const dy = randomF32(rng, M * N);
+      const padded = new Float32Array(M * stride);
+      for (let m = 0; m < M; m++) padded.set(dy.subarray(m * N, (m + 1) * N), m * stride);
+      const w = randomF32(rng, N * K);
+      const x = randomF32(rng, M * K);
+      const dy64 = Float64Array.from(dy);
+      const expectedDx = ref.matmulDyW(dy64, Float64Array.from(w), M, N, K);
+      const expectedDw = ref.matmulDyTX(dy64, Float64Array.from(x), M, N, K);
+      const bufs = {
+        dy: gpu.createBuffer(padded),
+        w: gpu.createBuffer(w),
+        x: gpu.createBuffer(x),
+        dx: gpu.createBuffer(M * K * 4),
+        dw: gpu.createBuffer(N * K * 4),
+      };
+      try {
+        for (const [variant, extra] of variants) {
+          if (extra.operands === "textures" && K % 4 !== 0) continue; // textures need K % 4 == 0
+          const options = { variant, ...extra };
+          const ds = [
+            await matmulDyW(gpu, { ...bufs, M, N, K, dyStride: stride, options }),
+            ...await matmulDyTXSplitK(gpu, { ...bufs, M, N, K, dyStride: stride, options }),
+          ];
+          await submitPassAndWait(gpu, ds);
+          const what = `M=${M} N=${N} K=${K} stride ${stride} ${variant} ${extra.operands ?? ""}`;
+          assertClose(
+            await gpu.readF32(bufs.dx, 0, M * K),
+            expectedDx,
+            tolerance(N),
+            `dY W ${what} [${ds[0].label}]`,
+          );
+          assertClose(
+            await gpu.readF32(bufs.dw, 0, N * K),
+            expectedDw,
+            tolerance(M),
+            `dY^T X ${what} [${ds[1].label}]`,
+          );
+          if (extra.operands === "textures") {
+            assert(ds.every((d) => d.copies || d.label.includes("reduce")), "textures used");
+          }
+          releaseDispatches(ds);
+        }
+      } finally {
+        for (const b of Object.values(bufs)) b.destroy();
+      }
+    }
+    // A stride below the row is refused.
+    const b = gpu.createBuffer(64);
+    try {
+      let message = "";
+      try {
+        await matmulDyW(gpu, { dy: b, w: b, dx: b, M: 2, N: 4, K: 2, dyStride: 3 });
+      } catch (e) {
+        message = (e as Error).message;
+      }
+      assert(/dyStride must be an integer of at least 4/.test(message), message);
+    } finally {
+      b.destroy();
+    }
+  },
+});
