@@ -27,7 +27,10 @@
  * trainer's non-finite-loss check stops the run rather than training on a
  * wrong gradient (the data pipeline checks ids first).
  *
- * vec4 lanes when V % 4 == 0 (6400 is), else scalars.
+ * vec4 lanes when V % 4 == 0 (6400 is), else scalars. dlogits may be
+ * written in rows padded beyond V (`dlogitsStride`, zeros after V): the
+ * training model does so on CPU drivers for an odd V, so that the head's
+ * backward matmuls can read d logits as vec4s from textures.
  * Cost per call (f32): reads logits twice and writes dlogits: 12NV bytes
  * (8NV when the second read hits cache), about 6NV FLOP and 2NV exps (one
  * per element per sweep) plus one per lane in sweep one for the rescale.

@@ -67,18 +67,21 @@
  * On llvmpipe a storage-buffer load costs about 23 ns per invocation whether
  * or not its address is the same in every lane (a loop over the lanes with
  * bounds checks), a `textureLoad` of an rgba32f texel about 4.5 ns
- * (bench/load_path_bench.ts). So where every contiguous dimension and the
- * reduction are multiples of 4, each operand is copied into an rgba32float
- * texture right before the kernel (`Dispatch.copies`: copyBufferToTexture,
- * about 0.2 ms per MiB there, outside the compute pass) and the kernel reads
- * texel t where it would read vec4 t of the buffer: the texture holds the
- * buffer range as it is, OPERAND_TEXTURE_WIDTH texels to a row, so every
- * index form carries over. Textures are shared per operand slot and height by
- * all calls on a device (each refills its own before it runs). Whole tiny
- * training steps took 24-28% less time with X W^T and dY W reading textures
- * and another 10% with dY^T X too (bench/operands_bench.ts,
- * docs/benchmarks.md). Unaligned operands (a vocabulary of 1558) stay in
- * their buffers; GPUs always read buffers.
+ * (bench/load_path_bench.ts). So where the rows of both operands are a
+ * multiple of 4 wide, each operand is copied into an rgba32float texture
+ * right before the kernel (`Dispatch.copies`: copyBufferToTexture, about 0.2
+ * ms per MiB there, outside the compute pass) and the kernel reads texel t
+ * where it would read vec4 t of the buffer: the texture holds the buffer
+ * range as it is, OPERAND_TEXTURE_WIDTH texels to a row, so every index form
+ * carries over and the sums run in the same order (bitwise the same
+ * results). Textures are shared per operand slot and height by all calls on
+ * a device (each refills its own before it runs). An odd-width dY may come in
+ * rows padded with zeros (`dyStride`; the training model pads d logits for a
+ * vocabulary of 1558), which also lets dY W step 4 at a time over an odd
+ * reduction (W's row index clamped). Measured in whole training steps
+ * (bench/operands_bench.ts, docs/benchmarks.md, 2026-12-03): tiny 44% and
+ * minimind2-small 53% less time than with every operand read from storage.
+ * GPUs always read buffers.
  *
  * Split-K for the weight gradient (`matmulDyTXSplitK`): its reduction runs
  * over M = B·T rows (2048-8192), while its output [N, K] can be a handful of
@@ -998,9 +1001,8 @@ async function chooseSpec(
   };
   // Operands from textures (CPU-driver designs): only with vec4 loads of both
   // (texels hold 4 consecutive elements of the contiguous dimension). Auto:
-  // every form beyond the small problems, where compile time dominates
-  // (whole tiny steps measured 28% and then 10% more less time with X W^T
-  // and dY W and then dY^T X from textures; docs/benchmarks.md).
+  // every form beyond the small problems, where compile time dominates (see
+  // the module comment for what it measured).
   const operands = opts?.operands ?? "auto";
   const texOk = va === 4 && vb === 4 && step === 4;
   const fallbackTex = operands === "textures" || (operands === "auto" && texOk && !small);

@@ -8,7 +8,10 @@
  * than 65535 workgroups. The tiled design's four tile shapes on shapes that
  * mix interior and edge workgroups and end the reduction in a partial step;
  * split-K dY^T X with forced and chosen slice counts, slices that do not
- * divide the reduction, overwrite and accumulate; determinism.
+ * divide the reduction, overwrite and accumulate; determinism. The CPU
+ * designs with their operands from textures (forced, and as auto chooses),
+ * textures shared by calls recorded together, dy in padded rows (dyStride),
+ * and the errors where textures cannot be used.
  *
  * Tolerance. Inputs are exact float32 values (standard normal) that the
  * reference widens to float64, so only the kernel's float32 summation counts.
