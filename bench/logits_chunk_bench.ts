@@ -10,41 +10,21 @@
  *   deno run -A bench/logits_chunk_bench.ts [--preset tiny] [--batch 16] [--seq 128]
  *       [--rounds 6] [--mib 1,2,4,8,16]
  */
-import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { AdamW } from "../optim/adamw.ts";
-import { presetConfig } from "../model/config.ts";
 import { logitsChunkRows } from "../model/plan.ts";
 import { Rng } from "../util/random.ts";
 import { interleavedSteps, median } from "./harness.ts";
-import type { Batch } from "../data/batch.ts";
+import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
 
-const { values } = parseArgs({
-  options: {
-    preset: { type: "string", default: "tiny" },
-    batch: { type: "string", default: "16" },
-    seq: { type: "string", default: "128" },
-    rounds: { type: "string", default: "6" },
-    mib: { type: "string", default: "1,2,4,8,16" },
-  },
-});
-const config = presetConfig(values.preset);
-const B = Number(values.batch), T = Number(values.seq), rounds = Number(values.rounds);
+const { preset, config, B, T, rounds, values } = parseStepShape(6, { mib: "1,2,4,8,16" });
 const budgets = values.mib.split(",").map((s) => Number(s) * 2 ** 20);
 const V = config.vocab_size, N = B * T;
 
 const gpu = await Gpu.request();
-const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
 const rng = new Rng(2);
-const batch = (): Batch => {
-  const ids = new Int32Array(N), targets = new Int32Array(N);
-  for (let i = 0; i < N; i++) {
-    ids[i] = rng.nextInt(V);
-    targets[i] = rng.nextInt(V);
-  }
-  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
-};
+const batch = () => randomBatch(rng, B, T, V);
 
 interface Arm {
   bytes: number;
@@ -63,7 +43,7 @@ for (const bytes of budgets) {
     seed: 1,
     logitsChunkRows: rows,
   });
-  const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
+  const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
   arms.push({ bytes, rows, chunks: Math.ceil(N / rows), model, optimizer, times: [] });
 }
 const step = async (a: Arm) => {
@@ -81,7 +61,7 @@ const times = await interleavedSteps(
 );
 arms.forEach((a, i) => a.times = times[i]);
 console.log(
-  `${values.preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
+  `${preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
     `load average ${Deno.loadavg()[0].toFixed(1)} at the end`,
 );
 console.log("budget MiB | rows/chunk | chunks | min ms | median ms");

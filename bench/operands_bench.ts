@@ -11,25 +11,14 @@
  *
  *   deno run -A bench/operands_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 6]
  */
-import { parseArgs } from "node:util";
 import { Gpu } from "../kernels/runtime.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { AdamW } from "../optim/adamw.ts";
-import { presetConfig } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
 import { interleavedSteps, median } from "./harness.ts";
-import type { Batch } from "../data/batch.ts";
+import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
 
-const { values } = parseArgs({
-  options: {
-    preset: { type: "string", default: "tiny" },
-    batch: { type: "string", default: "16" },
-    seq: { type: "string", default: "128" },
-    rounds: { type: "string", default: "6" },
-  },
-});
-const config = presetConfig(values.preset);
-const B = Number(values.batch), T = Number(values.seq), rounds = Number(values.rounds);
+const { preset, config, B, T, rounds } = parseStepShape(6);
 const V = config.vocab_size, N = B * T;
 
 const gpu = await Gpu.request();
@@ -37,17 +26,8 @@ if (!gpu.adapterSummary.isFallback) {
   console.log(`${gpu.adapterSummary.name} is not a CPU driver: its matmuls never read textures`);
   Deno.exit(0);
 }
-const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
 /** Batch `i` of the run, the same for every arm. */
-const batchAt = (i: number): Batch => {
-  const rng = new Rng(1000 + i);
-  const ids = new Int32Array(N), targets = new Int32Array(N);
-  for (let k = 0; k < N; k++) {
-    ids[k] = rng.nextInt(V);
-    targets[k] = rng.nextInt(V);
-  }
-  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
-};
+const batchAt = (i: number) => randomBatch(new Rng(1000 + i), B, T, V);
 
 const arms = [];
 for (const operands of ["storage", "auto"] as const) {
@@ -57,7 +37,7 @@ for (const operands of ["storage", "auto"] as const) {
     seed: 1,
     matmulOperands: operands,
   });
-  const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
+  const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
   const losses: number[] = [];
   let steps = 0;
   const step = async () => {
@@ -74,7 +54,7 @@ for (const operands of ["storage", "auto"] as const) {
 }
 const times = await interleavedSteps(arms, rounds, (n) => new Rng(rounds + n).nextInt(n));
 console.log(
-  `${values.preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
+  `${preset} B=${B} T=${T} V=${V} on ${gpu.adapterSummary.name}; ${rounds} rounds, ` +
     `load average ${Deno.loadavg()[0].toFixed(1)} at the end`,
 );
 console.log("operands | min ms | median ms | tokens/s (min) | loss after each step");

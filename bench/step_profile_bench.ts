@@ -9,24 +9,13 @@
  *
  *   deno run -A bench/step_profile_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 3]
  */
-import { parseArgs } from "node:util";
 import { Gpu, profileDispatches } from "../kernels/runtime.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { AdamW } from "../optim/adamw.ts";
-import { presetConfig } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
+import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
 
-const { values } = parseArgs({
-  options: {
-    preset: { type: "string", default: "tiny" },
-    batch: { type: "string", default: "16" },
-    seq: { type: "string", default: "128" },
-    rounds: { type: "string", default: "3" },
-  },
-});
-const config = presetConfig(values.preset);
-const B = Number(values.batch), T = Number(values.seq), rounds = Number(values.rounds);
-const N = B * T, V = config.vocab_size;
+const { preset, config, B, T, rounds } = parseStepShape(3);
 
 const gpu = await Gpu.request();
 if (!gpu.features.timestampQuery) {
@@ -34,17 +23,8 @@ if (!gpu.features.timestampQuery) {
   Deno.exit(0);
 }
 const model = await TrainingModel.create(gpu, config, { batchSize: B, seqLen: T, seed: 1 });
-const optimizer = await AdamW.create(gpu, model.trainable(), {
-  beta1: 0.9,
-  beta2: 0.95,
-  eps: 1e-8,
-  weightDecay: 0.1,
-  gradClip: 1,
-});
-const rng = new Rng(2);
-const ids = new Int32Array(N).map(() => rng.nextInt(V));
-const targets = new Int32Array(N).map(() => rng.nextInt(V));
-model.forwardBackward([{ ids, targets, mask: new Float32Array(N).fill(1), B, T }]);
+const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
+model.forwardBackward([randomBatch(new Rng(2), B, T, config.vocab_size)]);
 optimizer.step(1e-4);
 await gpu.finish();
 
@@ -59,7 +39,7 @@ for (let r = 0; r < rounds + 1; r++) {
 }
 const sum = [...totals.values()].reduce((a, b) => a + b, 0);
 console.log(
-  `${values.preset} B=${B} T=${T} on ${gpu.adapterSummary.name}: ${dispatches.length} dispatches, ` +
+  `${preset} B=${B} T=${T} on ${gpu.adapterSummary.name}: ${dispatches.length} dispatches, ` +
     `${(sum / rounds).toFixed(0)} ms of kernel time per step (mean of ${rounds} rounds)`,
 );
 for (const [k, ms] of [...totals].sort((a, b) => b[1] - a[1])) {

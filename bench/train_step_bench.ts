@@ -28,20 +28,9 @@ import { type BenchRow, median, rates } from "./harness.ts";
 import { TrainingModel } from "../model/train_model.ts";
 import { AdamW } from "../optim/adamw.ts";
 import { ADAMW_HYPER_FLOATS } from "../kernels/adamw.ts";
-import type { Batch } from "../data/batch.ts";
+import { BENCH_ADAMW, randomBatch } from "./step_setup.ts";
 import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
-
-function randomBatch(rng: Rng, B: number, T: number, V: number): Batch {
-  const N = B * T;
-  const ids = new Int32Array(N);
-  const targets = new Int32Array(N);
-  for (let i = 0; i < N; i++) {
-    ids[i] = rng.nextInt(V);
-    targets[i] = rng.nextInt(V);
-  }
-  return { ids, targets, mask: new Float32Array(N).fill(1), B, T };
-}
 
 /**
  * The training steps timed: on CPU drivers the shapes of the side-by-side
@@ -85,12 +74,11 @@ export async function benchTrainStep(
   opts: { quick: boolean; peakFlops?: number },
 ): Promise<BenchRow[]> {
   const cases = trainStepCases(gpu, opts.quick);
-  const hyper = { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradClip: 1 };
   const rows: BenchRow[] = [];
   for (const c of cases) {
     const config = presetConfig(c.preset);
     const model = await TrainingModel.create(gpu, config, { batchSize: c.B, seqLen: c.T, seed: 1 });
-    const optimizer = await AdamW.create(gpu, model.trainable(), hyper);
+    const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
     try {
       const rng = new Rng(2);
       const N = c.B * c.T;

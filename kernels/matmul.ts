@@ -1006,6 +1006,8 @@ async function chooseSpec(
   const operands = opts?.operands ?? "auto";
   const texOk = va === 4 && vb === 4 && step === 4;
   const fallbackTex = operands === "textures" || (operands === "auto" && texOk && !small);
+  // The CPU designs' operand path and reduction stepping.
+  const cpuBase = { ...base, tex: fallbackTex, clampL: step === 4 && pr.L % 4 !== 0 };
   if (operands === "textures" && !texOk) {
     throw new Error(
       `matmul: operands from textures need the contiguous dimensions of both operands and ` +
@@ -1061,14 +1063,12 @@ async function chooseSpec(
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, 1, base);
       return {
-        ...base,
+        ...cpuBase,
         vo: tn % 4 ? 1 : vo,
         design: "fallback",
         tm,
         tn,
         lanes: 8,
-        tex: fallbackTex,
-        clampL: step === 4 && pr.L % 4 !== 0,
       };
     }
     case "fallbackSubgroup": {
@@ -1084,14 +1084,12 @@ async function chooseSpec(
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, lanes * chunkRows, base);
       return {
-        ...base,
+        ...cpuBase,
         vo: tn % 4 ? 1 : vo,
         design: "fallbackSubgroup",
         tm,
         tn,
         lanes,
-        tex: fallbackTex,
-        clampL: step === 4 && pr.L % 4 !== 0,
       };
     }
     default:
