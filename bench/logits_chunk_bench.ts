@@ -11,12 +11,12 @@
  *       [--rounds 6] [--mib 1,2,4,8,16]
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { TrainingModel } from "../model/train_model.ts";
-import { AdamW } from "../optim/adamw.ts";
+import type { TrainingModel } from "../model/train_model.ts";
+import type { AdamW } from "../optim/adamw.ts";
 import { logitsChunkRows } from "../model/plan.ts";
 import { Rng } from "../util/random.ts";
 import { interleavedSteps, median } from "./harness.ts";
-import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
+import { parseStepShape, randomBatch, stepModel } from "./step_setup.ts";
 
 const { preset, config, B, T, rounds, values } = parseStepShape(6, { mib: "1,2,4,8,16" });
 const budgets = values.mib.split(",").map((s) => Number(s) * 2 ** 20);
@@ -37,13 +37,7 @@ interface Arm {
 const arms: Arm[] = [];
 for (const bytes of budgets) {
   const rows = logitsChunkRows(gpu.limits, V, N, undefined, bytes);
-  const model = await TrainingModel.create(gpu, config, {
-    batchSize: B,
-    seqLen: T,
-    seed: 1,
-    logitsChunkRows: rows,
-  });
-  const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
+  const { model, optimizer } = await stepModel(gpu, config, B, T, { logitsChunkRows: rows });
   arms.push({ bytes, rows, chunks: Math.ceil(N / rows), model, optimizer, times: [] });
 }
 const step = async (a: Arm) => {

@@ -12,11 +12,9 @@
  *   deno run -A bench/operands_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 6]
  */
 import { Gpu } from "../kernels/runtime.ts";
-import { TrainingModel } from "../model/train_model.ts";
-import { AdamW } from "../optim/adamw.ts";
 import { Rng } from "../util/random.ts";
 import { interleavedSteps, median } from "./harness.ts";
-import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
+import { parseStepShape, randomBatch, stepModel } from "./step_setup.ts";
 
 const { preset, config, B, T, rounds } = parseStepShape(6);
 const V = config.vocab_size, N = B * T;
@@ -31,13 +29,7 @@ const batchAt = (i: number) => randomBatch(new Rng(1000 + i), B, T, V);
 
 const arms = [];
 for (const operands of ["storage", "auto"] as const) {
-  const model = await TrainingModel.create(gpu, config, {
-    batchSize: B,
-    seqLen: T,
-    seed: 1,
-    matmulOperands: operands,
-  });
-  const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
+  const { model, optimizer } = await stepModel(gpu, config, B, T, { matmulOperands: operands });
   const losses: number[] = [];
   let steps = 0;
   const step = async () => {

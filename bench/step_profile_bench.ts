@@ -10,10 +10,8 @@
  *   deno run -A bench/step_profile_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 3]
  */
 import { Gpu, profileDispatches } from "../kernels/runtime.ts";
-import { TrainingModel } from "../model/train_model.ts";
-import { AdamW } from "../optim/adamw.ts";
 import { Rng } from "../util/random.ts";
-import { BENCH_ADAMW, parseStepShape, randomBatch } from "./step_setup.ts";
+import { parseStepShape, randomBatch, stepModel } from "./step_setup.ts";
 
 const { preset, config, B, T, rounds } = parseStepShape(3);
 
@@ -22,8 +20,7 @@ if (!gpu.features.timestampQuery) {
   console.log(`${gpu.adapterSummary.name} has no timestamp-query: nothing to profile`);
   Deno.exit(0);
 }
-const model = await TrainingModel.create(gpu, config, { batchSize: B, seqLen: T, seed: 1 });
-const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
+const { model, optimizer } = await stepModel(gpu, config, B, T);
 model.forwardBackward([randomBatch(new Rng(2), B, T, config.vocab_size)]);
 optimizer.step(1e-4);
 await gpu.finish();

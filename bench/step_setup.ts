@@ -7,8 +7,10 @@
  */
 import { parseArgs } from "node:util";
 import type { Batch } from "../data/batch.ts";
+import type { Gpu } from "../kernels/runtime.ts";
 import { type ModelConfig, presetConfig } from "../model/config.ts";
-import type { AdamWHyperparameters } from "../optim/adamw.ts";
+import { TrainingModel, type TrainingModelOptions } from "../model/train_model.ts";
+import { AdamW, type AdamWHyperparameters } from "../optim/adamw.ts";
 import type { Rng } from "../util/random.ts";
 
 /** The AdamW settings of every step benchmark (the trainer's defaults). */
@@ -67,4 +69,24 @@ export function parseStepShape(rounds: number, extra: Record<string, string> = {
     rounds: Number(values.rounds),
     values,
   };
+}
+
+/**
+ * A training model of `config` for `B` x `T` batches (seed 1, the default
+ * initialization; `options` adds to that) and its AdamW optimizer.
+ */
+export async function stepModel(
+  gpu: Gpu,
+  config: ModelConfig,
+  B: number,
+  T: number,
+  options: Partial<TrainingModelOptions> = {},
+): Promise<{ model: TrainingModel; optimizer: AdamW }> {
+  const model = await TrainingModel.create(gpu, config, {
+    batchSize: B,
+    seqLen: T,
+    seed: 1,
+    ...options,
+  });
+  return { model, optimizer: await AdamW.create(gpu, model.trainable(), BENCH_ADAMW) };
 }

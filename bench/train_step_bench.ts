@@ -25,10 +25,8 @@
  */
 import { Gpu } from "../kernels/runtime.ts";
 import { type BenchRow, median, rates } from "./harness.ts";
-import { TrainingModel } from "../model/train_model.ts";
-import { AdamW } from "../optim/adamw.ts";
 import { ADAMW_HYPER_FLOATS } from "../kernels/adamw.ts";
-import { BENCH_ADAMW, randomBatch } from "./step_setup.ts";
+import { randomBatch, stepModel } from "./step_setup.ts";
 import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
 
@@ -77,8 +75,7 @@ export async function benchTrainStep(
   const rows: BenchRow[] = [];
   for (const c of cases) {
     const config = presetConfig(c.preset);
-    const model = await TrainingModel.create(gpu, config, { batchSize: c.B, seqLen: c.T, seed: 1 });
-    const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW);
+    const { model, optimizer } = await stepModel(gpu, config, c.B, c.T);
     try {
       const rng = new Rng(2);
       const N = c.B * c.T;

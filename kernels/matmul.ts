@@ -1062,14 +1062,7 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? tm0;
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, 1, base);
-      return {
-        ...cpuBase,
-        vo: tn % 4 ? 1 : vo,
-        design: "fallback",
-        tm,
-        tn,
-        lanes: 8,
-      };
+      return { ...cpuBase, vo: tn % 4 ? 1 : vo, design: "fallback", tm, tn, lanes: 8 };
     }
     case "fallbackSubgroup": {
       const lanes = opts?.subgroupLanes ?? sgSize;
@@ -1083,14 +1076,7 @@ async function chooseSpec(
       const tm = opts?.registerTile?.rows ?? Math.max(tm0, lanes * chunkRows);
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, lanes * chunkRows, base);
-      return {
-        ...cpuBase,
-        vo: tn % 4 ? 1 : vo,
-        design: "fallbackSubgroup",
-        tm,
-        tn,
-        lanes,
-      };
+      return { ...cpuBase, vo: tn % 4 ? 1 : vo, design: "fallbackSubgroup", tm, tn, lanes };
     }
     default:
       throw new Error(`matmul: unknown variant ${variant}`);
