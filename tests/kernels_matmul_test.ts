@@ -23,7 +23,7 @@
  * when accumulating into O(1) values. A real mistake (a missing term, a wrong
  * row or column, a stale tile) is off by O(1).
  */
-import { assert, assertClose, assertEquals } from "./assert.ts";
+import { assert, assertClose, assertEquals, assertRejects } from "./assert.ts";
 import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
 import { type Dispatch, Gpu, ownedBytes, releaseDispatches } from "../kernels/runtime.ts";
 import {
@@ -540,15 +540,6 @@ Deno.test({
     });
     assert(!plain.copies, plain.label);
 
-    const rejects = async (what: string, run: () => Promise<unknown>, pattern: RegExp) => {
-      let message = "";
-      try {
-        await run();
-      } catch (e) {
-        message = (e as Error).message;
-      }
-      assert(pattern.test(message), `${what}: expected ${pattern}, got "${message}"`);
-    };
     const b = gpu.createBuffer(64 * 64 * 4);
     // A buffer that cannot be copied from: auto reads it, forced textures throw.
     const noCopy = gpu.device.createBuffer({ size: 64 * 64 * 4, usage: GPUBufferUsage.STORAGE });
@@ -556,13 +547,12 @@ Deno.test({
       const args = { x: noCopy, w: b, y: b, M: 64, K: 64, N: 64 };
       const d = await matmulXWt(gpu, { ...args, options: { variant: "fallback" } });
       assert(!d.copies, `no COPY_SRC: the buffers are read (${d.label})`);
-      await rejects(
-        "no COPY_SRC",
+      await assertRejects(
         () => matmulXWt(gpu, { ...args, options: { variant: "fallback", operands: "textures" } }),
-        /cannot be copied from/,
+        Error,
+        "cannot be copied from",
       );
-      await rejects(
-        "K not a multiple of 4",
+      await assertRejects(
         () =>
           matmulXWt(gpu, {
             x: b,
@@ -573,13 +563,14 @@ Deno.test({
             N: 8,
             options: { variant: "fallback", operands: "textures" },
           }),
-        /multiples of 4/,
+        Error,
+        "multiples of 4",
       );
-      await rejects(
-        "tiled design",
+      await assertRejects(
         () =>
           matmulXWt(gpu, { ...args, x: b, options: { variant: "tiled64", operands: "textures" } }),
-        /CPU-driver designs/,
+        Error,
+        "CPU-driver designs",
       );
       releaseDispatches([d]);
     } finally {
@@ -724,13 +715,11 @@ Deno.test({
     // A stride below the row is refused.
     const b = gpu.createBuffer(64);
     try {
-      let message = "";
-      try {
-        await matmulDyW(gpu, { dy: b, w: b, dx: b, M: 2, N: 4, K: 2, dyStride: 3 });
-      } catch (e) {
-        message = (e as Error).message;
-      }
-      assert(/dyStride must be an integer of at least 4/.test(message), message);
+      await assertRejects(
+        () => matmulDyW(gpu, { dy: b, w: b, dx: b, M: 2, N: 4, K: 2, dyStride: 3 }),
+        RangeError,
+        "dyStride must be an integer of at least 4",
+      );
     } finally {
       b.destroy();
     }
