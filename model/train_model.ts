@@ -137,10 +137,11 @@ export interface TrainingModelOptions {
    */
   reference?: Map<string, Float32Array>;
   /**
-   * Where the linear layers' X W^T and dY W read their operands on CPU
-   * drivers (`MatmulOptions.operands`): `auto` (the default) copies them into
-   * textures where they qualify, `storage` never does. For benchmarks and
-   * tests; the results agree to float32 rounding.
+   * Where the linear layers' matmuls (X W^T, dY W, dY^T X) read their
+   * operands on CPU drivers (`MatmulOptions.operands`): `auto` (the default)
+   * copies them into textures where they qualify and pads the head's d logits
+   * rows for an odd vocabulary; `storage` does neither. For benchmarks; the
+   * sums run in the same order either way, so the results are the same.
    */
   matmulOperands?: "auto" | "storage";
 }
