@@ -29,7 +29,7 @@ const batchAt = (i: number) => randomBatch(new Rng(1000 + i), B, T, V);
 
 const arms = [];
 for (const operands of ["storage", "auto"] as const) {
-  const { model, optimizer } = await stepModel(gpu, config, B, T, { matmulOperands: operands });
+  const { model, optimizer } = await stepModel(gpu, config, B, T, { reads: operands });
   const losses: number[] = [];
   let steps = 0;
   const step = async () => {

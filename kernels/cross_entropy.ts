@@ -38,6 +38,7 @@
  * @module
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 /**
  * Work layout: "gpu" (256 threads per row) or "fallback" for CPU drivers
@@ -52,6 +53,11 @@ export interface CrossEntropyOptions {
   vec?: 1 | 4;
   /** Default: "fallback" when `gpu.adapterSummary.isFallback`, else "gpu". */
   tuning?: CrossEntropyTuning;
+  /**
+   * Where logits and the mask are read (kernels/texels.ts); default `auto`:
+   * textures on CPU drivers. In place, logits stay in their buffer.
+   */
+  reads?: ReadPath;
 }
 
 /** Threads of the one-workgroup loss sum (a fixed shape: part of the summation order). */
@@ -234,10 +240,6 @@ export async function crossEntropy(
   const tuning = args.options?.tuning ?? (gpu.adapterSummary.isFallback ? "fallback" : "gpu");
   const wg = tuning === "gpu" ? 256 : 8;
   const u = gpu.createUniform(new Uint32Array([N]), "cross-entropy params");
-  const rowPipeline = await gpu.pipeline(
-    `cross-entropy-V${V}-v${vec}-wg${wg}-${inPlace ? "inplace" : "out"}-d${dStride}`,
-    rowWgsl(V, vec, inPlace, wg, dStride),
-  );
   const rowBindings: Binding[] = [
     u,
     args.logits,
@@ -249,13 +251,16 @@ export async function crossEntropy(
   if (!inPlace) rowBindings.push(args.dlogits);
   const lossPipeline = await gpu.pipeline("cross-entropy-loss-sum", lossWgsl);
   return [
-    {
+    await kernelDispatch(gpu, {
       label: `cross-entropy rows N=${N} V=${V}`,
-      pipeline: rowPipeline,
-      bindGroup: gpu.bindGroup(rowPipeline, rowBindings, "cross-entropy rows"),
+      key: `cross-entropy-V${V}-v${vec}-wg${wg}-${inPlace ? "inplace" : "out"}-d${dStride}`,
+      wgsl: rowWgsl(V, vec, inPlace, wg, dStride),
+      bindings: rowBindings,
       workgroups: N,
       owned: [u],
-    },
+      textureReads: inPlace ? { mask: N } : { logits: N * V, mask: N },
+      reads: args.options?.reads,
+    }),
     {
       label: `cross-entropy loss sum N=${N}`,
       pipeline: lossPipeline,

@@ -71,8 +71,8 @@
  * multiple of 4 wide, each operand is copied into an rgba32float texture
  * right before the kernel (`Dispatch.copies`: copyBufferToTexture, about 0.2
  * ms per MiB there, outside the compute pass) and the kernel reads texel t
- * where it would read vec4 t of the buffer: the texture holds the buffer
- * range as it is, OPERAND_TEXTURE_WIDTH texels to a row, so every index form
+ * where it would read vec4 t of the buffer (kernels/texels.ts rewrites the
+ * kernel): the texture holds the buffer range as it is, so every index form
  * carries over and the sums run in the same order (bitwise the same
  * results). Textures are shared per operand slot and height by all calls on
  * a device (each refills its own before it runs). An odd-width dY may come in
@@ -137,8 +137,11 @@ import {
   isBroadcastSubgroupSize,
   LINEAR_WORKGROUP_WGSL,
   type Owned,
-  type TextureCopy,
 } from "./runtime.ts";
+import { texelObstacle, texelReads, type TexelSource, texelSources } from "./texels.ts";
+
+/** Width in texels of the operand textures (see kernels/texels.ts). */
+export { TEXEL_ROW as OPERAND_TEXTURE_WIDTH } from "./texels.ts";
 /** Which kernel design runs; `auto` picks by adapter and grid (see the module comment). */
 export type MatmulVariant =
   | "auto"
@@ -229,7 +232,7 @@ interface KernelSpec {
   tm: number;
   tn: number;
   lanes: number;
-  /** CPU-driver designs: A and B read from textures (vec4 loads only; see `texelFetchWgsl`). */
+  /** CPU-driver designs: A and B read from textures (vec4 loads only; `texelReads` rewrites the kernel). */
   tex: boolean;
   /**
    * CPU-driver designs: steps of 4 over a reduction that is not a multiple
@@ -245,34 +248,9 @@ function key(s: KernelSpec): string {
     `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.tex ? "-tex" : ""}${s.clampL ? "-clampL" : ""}`;
 }
 
-/**
- * Width in texels of an operand texture: a power of two (the texel's column
- * and row are a mask and a shift of its index) whose rows are a multiple of
- * 256 bytes (as `copyBufferToTexture` needs), within WebGPU's minimum
- * `maxTextureDimension2D` of 8192.
- */
-export const OPERAND_TEXTURE_WIDTH = 2048;
-const TEXTURE_WIDTH_LOG2 = Math.log2(OPERAND_TEXTURE_WIDTH);
-
-/**
- * An operand texture holds the operand's buffer range as it is: the vec4 at
- * index t (elements 4t..4t+3 of the range) is the texel at column
- * t mod W and row t div W. So a kernel reads texel t where it would read
- * vec4 t of the buffer; every index form of the storage design carries over.
- */
-function texelFetchWgsl(): string {
-  return ["A", "B"].map((X) =>
-    `fn texel${X}(t: u32) -> vec4f {
-  return textureLoad(${X}, vec2u(t & ${
-      OPERAND_TEXTURE_WIDTH - 1
-    }u, t >> ${TEXTURE_WIDTH_LOG2}u), 0);
-}`
-  ).join("\n");
-}
-
-/** The vec4 at vec4 index `i` of operand `X`: a storage read, or a texel fetch with `tex`. */
-function vec4At(tex: boolean, X: "A" | "B", i: string): string {
-  return tex ? `texel${X}(${i})` : `${X}[${i}]`;
+/** The vec4 at vec4 index `i` of operand `X` (a texel fetch once `texelReads` rewrites the kernel). */
+function vec4At(X: "A" | "B", i: string): string {
+  return `${X}[${i}]`;
 }
 
 // ---------------------------------------------------------------------------
@@ -287,11 +265,7 @@ function vec4At(tex: boolean, X: "A" | "B", i: string): string {
 function header(s: KernelSpec): string {
   const ta = s.va === 4 ? "vec4f" : "f32";
   const tb = s.vb === 4 ? "vec4f" : "f32";
-  const operands = s.tex
-    ? `@group(0) @binding(1) var A: texture_2d<f32>;
-@group(0) @binding(2) var B: texture_2d<f32>;
-${texelFetchWgsl()}`
-    : `@group(0) @binding(1) var<storage, read> A: array<${ta}>;
+  const operands = `@group(0) @binding(1) var<storage, read> A: array<${ta}>;
 @group(0) @binding(2) var<storage, read> B: array<${tb}>;`;
   return `${LINEAR_WORKGROUP_WGSL}
 struct Dims {
@@ -654,7 +628,6 @@ function directLoads(
   vec: 1 | 4,
   n: number,
   step: 1 | 4,
-  tex: boolean,
   clampL: boolean,
 ): IterationLoads {
   const [name, first, dim] = operand === "A" ? ["a", "r0", "R"] : ["b", "cb", "C"];
@@ -667,7 +640,7 @@ function directLoads(
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        raw.push([`v${name}${i}`, vec4At(tex, operand, `(${r} * ${stride} + L_) / 4u`)]);
+        raw.push([`v${name}${i}`, vec4At(operand, `(${r} * ${stride} + L_) / 4u`)]);
         for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
         raw.push([`${name}${i}_0`, `${operand}[${r} * ${stride} + L_]`]);
@@ -681,7 +654,7 @@ function directLoads(
         const r = `min(${first} + ${4 * g}u, ${stride} - 4u)`;
         raw.push([
           `v${name}${g}_${q}`,
-          vec4At(tex, operand, `(${lrow(q)} * ${stride} + ${r}) / 4u`),
+          vec4At(operand, `(${lrow(q)} * ${stride} + ${r}) / 4u`),
         ]);
         for (let p = 0; p < 4; p++) {
           unpack.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
@@ -715,12 +688,12 @@ function fallbackWgsl(s: KernelSpec): string {
   const chunkRows = s.a === "out" && s.va === 4 ? 4 : 1;
 
   // Loads of B for this invocation's columns c0 + lane*TN + j.
-  const loadB = directLoads("B", s.b, s.vb, TN, step, s.tex, s.clampL);
+  const loadB = directLoads("B", s.b, s.vb, TN, step, s.clampL);
 
   // Loads of A: either every row by every lane (plain), or one chunk per lane
   // handed round the subgroup.
   const loadA = (broadcast: boolean): IterationLoads => {
-    if (!broadcast) return directLoads("A", s.a, s.va, TM, step, s.tex, false);
+    if (!broadcast) return directLoads("A", s.a, s.va, TM, step, false);
     const raw: [string, string][] = [];
     const unpack: string[] = [];
     // Chunk c of this lane covers rows r0 + (lane + S*c)*chunkRows ..+chunkRows.
@@ -731,16 +704,14 @@ function fallbackWgsl(s: KernelSpec): string {
         const r = `min(${row}, dims.R - 1u)`;
         raw.push([
           `ca${c}`,
-          s.va === 4
-            ? vec4At(s.tex, "A", `(${r} * dims.lda + L_) / 4u`)
-            : `A[${r} * dims.lda + L_]`,
+          s.va === 4 ? vec4At("A", `(${r} * dims.lda + L_) / 4u`) : `A[${r} * dims.lda + L_]`,
         ]);
       } else {
         for (let q = 0; q < step; q++) {
           raw.push([
             `ca${c}_${q}`,
             s.va === 4
-              ? vec4At(s.tex, "A", `((L_ + ${q}u) * dims.lda + min(${row}, dims.lda - 4u)) / 4u`)
+              ? vec4At("A", `((L_ + ${q}u) * dims.lda + min(${row}, dims.lda - 4u)) / 4u`)
               : `A[(L_ + ${q}u) * dims.lda + min(${row}, dims.R - 1u)]`,
           ]);
         }
@@ -821,10 +792,10 @@ function fallbackWgsl(s: KernelSpec): string {
   const aIndex = s.a === "red" ? "r * dims.lda + l" : "l * dims.lda + r";
   const bIndex = s.b === "red" ? "c * dims.L + l" : "l * dims.C + c";
   const aLoad = s.va === 4
-    ? `${vec4At(s.tex, "A", `(${aIndex}) / 4u`)}[(${aIndex}) % 4u]`
+    ? `${vec4At("A", `(${aIndex}) / 4u`)}[(${aIndex}) % 4u]`
     : `A[${aIndex}]`;
   const bLoad = s.vb === 4
-    ? `${vec4At(s.tex, "B", `(${bIndex}) / 4u`)}[(${bIndex}) % 4u]`
+    ? `${vec4At("B", `(${bIndex}) / 4u`)}[(${bIndex}) % 4u]`
     : `B[${bIndex}]`;
 
   if (!sub) {
@@ -1204,81 +1175,11 @@ function chooseSlices(
   return S <= 1 ? one : { slices: S, sliceLen };
 }
 
-/** An operand texture of one shape, shared by the dispatches that lease it. */
-interface PooledTexture {
-  texture: GPUTexture;
-  leases: number;
-}
-
-/** Each device's operand textures, by operand slot and height. */
-const texturePools = new WeakMap<Gpu, Map<string, PooledTexture>>();
-
-/**
- * A lease on the device's operand texture for slot `slot` ("A" or "B") of
- * `height` rows, created on first use. Every matmul that reads an operand of
- * that height from that slot shares one texture: each refills it right before
- * it runs (its `copies`), so sharing is safe, and a model's many layers cost
- * one texture per shape. The texture goes when its last lease is released;
- * only the lease that created it counts its bytes.
- */
-function leaseTexture(gpu: Gpu, slot: "A" | "B", height: number): [GPUTexture, Owned] {
-  let pool = texturePools.get(gpu);
-  if (!pool) texturePools.set(gpu, pool = new Map());
-  const key = `${slot}:${height}`;
-  let entry = pool.get(key);
-  const created = !entry;
-  if (!entry) {
-    entry = {
-      texture: gpu.device.createTexture({
-        label: `matmul operand ${slot} texture [${height}, ${OPERAND_TEXTURE_WIDTH}] rgba32f`,
-        size: [OPERAND_TEXTURE_WIDTH, height],
-        format: "rgba32float",
-        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
-      }),
-      leases: 0,
-    };
-    pool.set(key, entry);
-  }
-  entry.leases++;
-  const held = entry;
-  let released = false;
-  return [held.texture, {
-    size: created ? OPERAND_TEXTURE_WIDTH * height * 16 : 0,
-    destroy() {
-      if (released) return;
-      released = true;
-      if (--held.leases === 0) {
-        held.texture.destroy();
-        if (pool.get(key) === held) pool.delete(key);
-      }
-    },
-  }];
-}
-
-/**
- * Whether, and why not, the operands of a call can be read from textures on
- * this device: see `operandTextures`. `null` when they can.
- */
-function textureObstacle(gpu: Gpu, name: string, b: Binding, elements: number): string | null {
-  const buffer = b instanceof GPUBuffer ? b : b.buffer;
-  const offset = b instanceof GPUBuffer ? 0 : b.offset ?? 0;
-  const height = Math.ceil(elements / 4 / OPERAND_TEXTURE_WIDTH);
-  const max = gpu.limits.maxTextureDimension2D;
-  if (elements === 0) return `${name} is empty`;
-  if (!(buffer.usage & GPUBufferUsage.COPY_SRC)) return `${name}'s buffer cannot be copied from`;
-  if (offset % 16 !== 0) return `${name} starts at byte ${offset}, not a multiple of 16`;
-  if (OPERAND_TEXTURE_WIDTH > max || height > max) {
-    return `${name} needs a ${OPERAND_TEXTURE_WIDTH} x ${height} texture (this device: at most ${max})`;
-  }
-  return null;
-}
-
 /**
  * The textures a call reads its operands from, with the copies that fill
- * them, or none where an operand cannot go into one (then the call reads the
- * buffers; with `forced`, that throws): its buffer lacks COPY_SRC, its range
- * does not start on a texel (16 bytes), or it needs more rows than the
- * device's `maxTextureDimension2D`.
+ * them (slots 0 and 1 of the shared pool, see kernels/texels.ts), or none
+ * where an operand cannot go into one (then the call reads the buffers; with
+ * `forced`, that throws): see `texelObstacle`.
  */
 function operandTextures(
   gpu: Gpu,
@@ -1286,24 +1187,18 @@ function operandTextures(
   pr: Problem,
   bufs: { a: Binding; b: Binding; names: [string, string, string] },
   forced: boolean,
-): { copy: TextureCopy; lease: Owned }[] {
-  const operands: ["A" | "B", Binding, string, number][] = [
-    ["A", bufs.a, bufs.names[0], aElements(pr)],
-    ["B", bufs.b, bufs.names[1], pr.C * pr.L],
+): TexelSource[] {
+  const reads = [
+    { binding: bufs.a, name: bufs.names[0], elements: aElements(pr) },
+    { binding: bufs.b, name: bufs.names[1], elements: pr.C * pr.L },
   ];
-  for (const [, b, name, elements] of operands) {
-    const why = textureObstacle(gpu, name, b, elements);
+  for (const { binding, name, elements } of reads) {
+    const why = texelObstacle(gpu, name, binding, elements);
     if (why === null) continue;
     if (forced) throw new Error(`${label}: operands from textures: ${why}`);
     return [];
   }
-  return operands.map(([slot, b, , elements]) => {
-    const texels = elements / 4;
-    const [texture, lease] = leaseTexture(gpu, slot, Math.ceil(texels / OPERAND_TEXTURE_WIDTH));
-    const buffer = b instanceof GPUBuffer ? b : b.buffer;
-    const offset = b instanceof GPUBuffer ? 0 : b.offset ?? 0;
-    return { copy: { buffer, offset, texels, texture }, lease };
-  });
+  return texelSources(gpu, reads);
 }
 
 /**
@@ -1337,7 +1232,8 @@ async function matmulDispatches(
   const { slices, sliceLen } = chooseSlices(gpu, pr, spec, tiles, opts, allowSplit);
   // Slices write their partials; the reduction does the accumulating.
   if (slices > 1) spec = { ...spec, accumulate: false };
-  const wgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
+  const storageWgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
+  const wgsl = spec.tex ? texelReads(storageWgsl, ["A", "B"]) : storageWgsl;
   const pipeline = await gpu.pipeline(key(spec), wgsl);
   const dims = gpu.createUniform(
     new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, pr.lda]),
@@ -1367,8 +1263,8 @@ async function matmulDispatches(
         layout: pipeline.getBindGroupLayout(0),
         entries: [
           { binding: 0, resource: { buffer: dims } },
-          { binding: 1, resource: a.copy.texture.createView() },
-          { binding: 2, resource: b.copy.texture.createView() },
+          { binding: 1, resource: a.texture.createView() },
+          { binding: 2, resource: b.texture.createView() },
           { binding: 3, resource: bindingResource(out) },
         ],
       }),

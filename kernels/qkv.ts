@@ -24,6 +24,7 @@
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
 import { ropeTable } from "./rope.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 /** Shape of a split or merge: N rows, head counts, head dimension, optional RoPE. */
 export interface QkvShape {
@@ -37,6 +38,8 @@ export interface QkvShape {
   hd: number;
   /** Rotate q and k: rows are `[B, T]`, row n at position n mod T. */
   rope?: { T: number; theta: number };
+  /** Where the inputs are read (kernels/texels.ts); default `auto`: textures on CPU drivers. */
+  reads?: ReadPath;
 }
 
 const WG = 64;
@@ -122,7 +125,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 }`;
 }
 
-async function qkvDispatch(
+function qkvDispatch(
   gpu: Gpu,
   direction: "split" | "merge",
   buffers: { qkv: Binding; q: Binding; k: Binding; v: Binding },
@@ -139,20 +142,27 @@ async function qkvDispatch(
   if (rope && (!Number.isInteger(T) || T < 1 || s.N % T !== 0)) {
     throw new RangeError(`${direction}Qkv: rows ${s.N} are not whole sequences of T = ${T}`);
   }
-  const pipeline = await gpu.pipeline(`qkv ${direction} rope=${rope}`, wgsl(direction, rope));
   const params = gpu.createUniform(
     new Uint32Array([s.nH, s.nKV, half, T, count]),
     `qkv ${direction} params`,
   );
   const bindings = [params, buffers.qkv, buffers.q, buffers.k, buffers.v];
   if (s.rope) bindings.push(ropeTable(gpu, T, s.hd, s.rope.theta));
-  return {
+  const qFloats = s.N * s.nH * s.hd;
+  const kvFloats = s.N * s.nKV * s.hd;
+  const table = rope ? { table: T * s.hd } : {};
+  return kernelDispatch(gpu, {
     label: `qkv ${direction}${rope ? " + rope" : ""} N=${s.N}`,
-    pipeline,
-    bindGroup: gpu.bindGroup(pipeline, bindings),
+    key: `qkv ${direction} rope=${rope}`,
+    wgsl: wgsl(direction, rope),
+    bindings,
     workgroups: Math.ceil(count / WG),
     owned: [params],
-  };
+    textureReads: direction === "split"
+      ? { qkv: qFloats + 2 * kvFloats, ...table }
+      : { q: qFloats, k: kvFloats, v: kvFloats, ...table },
+    reads: s.reads,
+  });
 }
 
 /** q, k, v (overwritten) from the fused projection `qkv`, RoPE on q and k when `rope` is given. */

@@ -40,6 +40,7 @@
  * @module
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 /** How a row of H is spread over a workgroup. */
 interface RowShape {
@@ -68,6 +69,8 @@ export interface RmsnormOptions {
   vec?: 1 | 4;
   /** Default: "fallback" when `gpu.adapterSummary.isFallback`, else "gpu". */
   tuning?: RmsnormTuning;
+  /** Where the read-only inputs are read (kernels/texels.ts); default `auto`: textures on CPU drivers. */
+  reads?: ReadPath;
 }
 
 function tuningOf(gpu: Gpu, opts?: RmsnormOptions): RmsnormTuning {
@@ -284,7 +287,7 @@ export function addRmsnormForward(
 }
 
 /** Both forwards: the fused residual add when `delta` is given (bound last). */
-async function forward(
+function forward(
   gpu: Gpu,
   args: RmsnormForwardArgs,
   delta: Binding | undefined,
@@ -293,15 +296,20 @@ async function forward(
   checkRows(N, H);
   const s = rowShape(H, tuningOf(gpu, args.options), args.options);
   const fused = delta !== undefined;
-  const pipeline = await gpu.pipeline(
-    `rmsnorm-${fused ? "add-" : ""}fwd-H${H}-v${s.vec}-wg${s.wg}`,
-    forwardWgsl(s, H, fused),
-  );
   const name = fused ? "add+rmsnorm forward" : "rmsnorm forward";
   const u = params(gpu, N, args.eps);
   const bindings = [u, args.x, args.w, args.y, args.rstd];
-  const bindGroup = gpu.bindGroup(pipeline, fused ? [...bindings, delta] : bindings, name);
-  return { label: `${name} N=${N} H=${H}`, pipeline, bindGroup, workgroups: N, owned: [u] };
+  return kernelDispatch(gpu, {
+    label: `${name} N=${N} H=${H}`,
+    key: `rmsnorm-${fused ? "add-" : ""}fwd-H${H}-v${s.vec}-wg${s.wg}`,
+    wgsl: forwardWgsl(s, H, fused),
+    bindings: fused ? [...bindings, delta] : bindings,
+    workgroups: N,
+    owned: [u],
+    // The fused add writes x back: only delta and w can come from textures.
+    textureReads: fused ? { delta: N * H, w: H } : { x: N * H, w: H },
+    reads: args.options?.reads,
+  });
 }
 
 /**
@@ -343,22 +351,21 @@ export async function rmsnormBackward(
   const chunks = Math.ceil(N / rpc);
   const partials = gpu.createBuffer(Math.max(1, chunks) * H * 4, "rmsnorm dw partials [H, chunks]");
   const u = params(gpu, N, 0, chunks, rpc);
-  const p1 = await gpu.pipeline(
-    `rmsnorm-bwd-H${H}-v${s.vec}-wg${s.wg}-acc${args.accumulateDx ? 1 : 0}`,
-    backwardWgsl(s, H, args.accumulateDx),
-  );
   const p2 = await gpu.pipeline("rmsnorm-dw-reduce", dwReduceWgsl);
   const dwBinding: Binding = args.dw instanceof GPUBuffer
     ? { buffer: args.dw, size: H * 4 }
     : { ...args.dw, size: H * 4 };
   return [
-    {
+    await kernelDispatch(gpu, {
       label: `rmsnorm backward dx N=${N} H=${H}`,
-      pipeline: p1,
-      bindGroup: gpu.bindGroup(p1, [u, args.dy, args.x, args.w, args.rstd, args.dx, partials]),
+      key: `rmsnorm-bwd-H${H}-v${s.vec}-wg${s.wg}-acc${args.accumulateDx ? 1 : 0}`,
+      wgsl: backwardWgsl(s, H, args.accumulateDx),
+      bindings: [u, args.dy, args.x, args.w, args.rstd, args.dx, partials],
       workgroups: chunks,
       owned: [u, partials],
-    },
+      textureReads: { dy: N * H, x: N * H, w: H, rstd: N },
+      reads: args.options?.reads,
+    }),
     {
       label: `rmsnorm backward dw H=${H}`,
       pipeline: p2,

@@ -91,7 +91,8 @@ export function ropeTable(gpu: Gpu, T: number, hd: number, theta: number, pos0 =
   let buf = perGpu.get(key);
   if (!buf) {
     const half = hd / 2;
-    const data = new Float32Array(T * half * 2);
+    // Whole texels (16 bytes), so that kernels can read it from a texture (kernels/texels.ts).
+    const data = new Float32Array(Math.ceil((T * half * 2) / 4) * 4);
     for (let t = 0; t < T; t++) {
       const p = pos0 + t;
       for (let i = 0; i < half; i++) {

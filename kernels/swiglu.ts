@@ -21,6 +21,7 @@
  * @module
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 const WG = 256;
 
@@ -82,6 +83,8 @@ function backwardWgsl(vec: 1 | 4): string {
 export interface SwigluOptions {
   /** Force scalar (1) or vec4 (4) lanes; vec4 needs I % 4 == 0. Default: vec4 when it can. */
   vec?: 1 | 4;
+  /** Where gate|up and dh are read (kernels/texels.ts); default `auto`: textures on CPU drivers. */
+  reads?: ReadPath;
 }
 
 /**
@@ -98,7 +101,7 @@ export function swigluForward(
   gpu: Gpu,
   args: { gateUp: Binding; h: Binding; N: number; I: number; options?: SwigluOptions },
 ): Promise<Dispatch> {
-  return laneDispatch(gpu, "forward", args.N, args.I, args.options?.vec, [args.gateUp, args.h]);
+  return laneDispatch(gpu, "forward", args.N, args.I, args.options, [args.gateUp, args.h]);
 }
 
 /** SwiGLU backward: `dGateUp` `[N, 2I]` (overwritten, the fused layout) from dh `[N, I]` and gateUp. */
@@ -113,23 +116,24 @@ export function swigluBackward(
     options?: SwigluOptions;
   },
 ): Promise<Dispatch> {
-  return laneDispatch(gpu, "backward", args.N, args.I, args.options?.vec, [
+  return laneDispatch(gpu, "backward", args.N, args.I, args.options, [
     args.dh,
     args.gateUp,
     args.dGateUp,
   ]);
 }
 
-/** One lane per vec4 when I % 4 == 0 (or as `force` says), else per element. */
-async function laneDispatch(
+/** One lane per vec4 when I % 4 == 0 (or as `options.vec` says), else per element. */
+function laneDispatch(
   gpu: Gpu,
   direction: "forward" | "backward",
   N: number,
   I: number,
-  force: 1 | 4 | undefined,
+  options: SwigluOptions | undefined,
   buffers: Binding[],
 ): Promise<Dispatch> {
   checkShape(N, I);
+  const force = options?.vec;
   let vec: 1 | 4 = I % 4 === 0 ? 4 : 1;
   if (force !== undefined) {
     if (force === 4 && I % 4 !== 0) throw new RangeError("swiglu: vec4 needs I % 4 == 0");
@@ -138,14 +142,15 @@ async function laneDispatch(
   const width = I / vec;
   const count = N * width;
   const u = gpu.createUniform(new Uint32Array([count, Math.max(1, width)]), "swiglu params");
-  const pipeline = direction === "forward"
-    ? await gpu.pipeline(`swiglu-fwd-v${vec}`, forwardWgsl(vec))
-    : await gpu.pipeline(`swiglu-bwd-v${vec}`, backwardWgsl(vec));
-  return {
+  const forward = direction === "forward";
+  return kernelDispatch(gpu, {
     label: `swiglu ${direction} N=${N} I=${I}`,
-    pipeline,
-    bindGroup: gpu.bindGroup(pipeline, [u, ...buffers], `swiglu ${direction}`),
+    key: `swiglu-${forward ? "fwd" : "bwd"}-v${vec}`,
+    wgsl: forward ? forwardWgsl(vec) : backwardWgsl(vec),
+    bindings: [u, ...buffers],
     workgroups: Math.ceil(count / WG),
     owned: [u],
-  };
+    textureReads: forward ? { gateUp: N * 2 * I } : { dh: N * I, gateUp: N * 2 * I },
+    reads: options?.reads,
+  });
 }

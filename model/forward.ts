@@ -33,6 +33,7 @@ import { embeddingForward } from "../kernels/embedding.ts";
 import { addRmsnormForward, rmsnormForward } from "../kernels/rmsnorm.ts";
 import { swigluForward } from "../kernels/swiglu.ts";
 import { splitQkv } from "../kernels/qkv.ts";
+import type { ReadPath } from "../kernels/texels.ts";
 import { headDim, type ModelConfig } from "./config.ts";
 import type { FloatRange, ParamLayout } from "./layout.ts";
 
@@ -132,6 +133,11 @@ export interface DecoderForwardSpec {
    * are whole `[B, T]` sequences), or none (then `attention` rotates).
    */
   ropeInSplit?: { T: number; theta: number };
+  /**
+   * Where the norms, the q|k|v split and SwiGLU read their inputs
+   * (kernels/texels.ts); default `auto`: textures on CPU drivers.
+   */
+  reads?: ReadPath;
   /** Attention of layer l: from q, k, v (after QK-norm, and RoPE if split applied it) to `attn`. */
   attention(l: number, buffers: LayerBuffers): Promise<Dispatch[]>;
   /**
@@ -162,6 +168,8 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
   const I = c.intermediate_size;
   const L = c.num_hidden_layers;
   const eps = c.rms_norm_eps;
+  const reads = spec.reads;
+  const options = { reads };
   const first = spec.layer(0);
   const after = async (
     l: number,
@@ -179,12 +187,13 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
       N,
       H,
       eps,
+      options,
     }),
   ];
   for (let l = 0; l < L; l++) {
     const a = spec.layer(l);
     const W = w.layers[l];
-    const heads = { N, nH, nKV, hd };
+    const heads = { N, nH, nKV, hd, reads };
     out.push(
       await spec.linear(a.h1, W.qkv, a.qkv, H, qDim + 2 * kvDim),
       ...await after(l, "qkv", a.h1, a.qkv),
@@ -210,6 +219,7 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
           N: N * nH,
           H: hd,
           eps,
+          options,
         }),
         await rmsnormForward(gpu, {
           x: a.kProj!,
@@ -219,6 +229,7 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
           N: N * nKV,
           H: hd,
           eps,
+          options,
         }),
       );
     }
@@ -237,10 +248,11 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
         N,
         H,
         eps,
+        options,
       }),
       await spec.linear(a.h2, W.gateUp, a.gateUp, H, 2 * I),
       ...await after(l, "gateUp", a.h2, a.gateUp),
-      await swigluForward(gpu, { gateUp: a.gateUp, h: a.act, N, I }),
+      await swigluForward(gpu, { gateUp: a.gateUp, h: a.act, N, I, options }),
       // next = act Wd^T, then += xMid with the next norm (or the final norm) fused.
       await spec.linear(a.act, W.down, a.next, I, H),
       ...await after(l, "down", a.act, a.next),
@@ -253,6 +265,7 @@ export async function decoderForward(gpu: Gpu, spec: DecoderForwardSpec): Promis
         N,
         H,
         eps,
+        options,
       }),
     );
   }

@@ -137,13 +137,15 @@ export interface TrainingModelOptions {
    */
   reference?: Map<string, Float32Array>;
   /**
-   * Where the linear layers' matmuls (X W^T, dY W, dY^T X) read their
-   * operands on CPU drivers (`MatmulOptions.operands`): `auto` (the default)
-   * copies them into textures where they qualify and pads the head's d logits
-   * rows for an odd vocabulary; `storage` does neither. For benchmarks; the
-   * sums run in the same order either way, so the results are the same.
+   * Where the kernels read their inputs on CPU drivers (kernels/texels.ts,
+   * `MatmulOptions.operands`): `auto` (the default) copies them into textures
+   * where they qualify, keeps d logits apart from the logits (so that
+   * cross-entropy reads the logits from a texture) and pads its rows for an
+   * odd vocabulary (so that the head's backward matmuls read it as vec4s);
+   * `storage` does none of that. For benchmarks; the sums run in the same
+   * order either way, so the results are the same.
    */
-  matmulOperands?: "auto" | "storage";
+  reads?: "auto" | "storage";
 }
 
 /** The parameters and gradients as the optimizer sees them: two flat buffers and their layout. */
@@ -293,7 +295,7 @@ export class TrainingModel {
       if (opts.lora) model.#allocateAdapter(opts.lora, opts.adapter, opts.seed ?? 0);
       if (opts.reference) model.#allocateReference(opts.reference);
       model.#seed = opts.seed ?? 0;
-      await model.#build(opts.logitsChunkRows, { operands: opts.matmulOperands });
+      await model.#build(opts.logitsChunkRows, opts.reads ?? "auto");
     } catch (e) {
       model.destroy();
       throw e;
@@ -363,7 +365,7 @@ export class TrainingModel {
     return this.#lora?.layout;
   }
 
-  async #build(requestedChunkRows: number | undefined, options: MatmulOptions): Promise<void> {
+  async #build(requestedChunkRows: number | undefined, reads: "auto" | "storage"): Promise<void> {
     const gpu = this.#gpu;
     const c = this.config;
     const B = this.batchSize;
@@ -381,6 +383,10 @@ export class TrainingModel {
     const theta = c.rope_theta;
     const qk = c.qk_norm;
     const f32 = (n: number) => n * 4;
+    // Every kernel's read path (kernels/texels.ts); the matmuls call it `operands`.
+    const options: MatmulOptions = { operands: reads };
+    const kernelOptions = { reads };
+    const texelReads = gpu.adapterSummary.isFallback && reads === "auto";
     const P = bindLayout(this.#layout, this.#params);
     // With a frozen base there are no weight gradients: every dispatch that
     // would write one is left out (`frozen` below), so nothing writes through
@@ -501,7 +507,7 @@ export class TrainingModel {
       });
     // RMSNorm's backward is a dx dispatch then a dw dispatch; a frozen base keeps only dx.
     const normBackward = async (args: Parameters<typeof rmsnormBackward>[1]) => {
-      const d = await rmsnormBackward(gpu, args);
+      const d = await rmsnormBackward(gpu, { ...args, options: kernelOptions });
       if (!frozen) return d;
       releaseDispatches(d.slice(1));
       return d.slice(0, 1);
@@ -543,6 +549,7 @@ export class TrainingModel {
           nH,
           nKV,
           hd,
+          reads,
         }),
       ];
     };
@@ -557,6 +564,7 @@ export class TrainingModel {
         linear,
         afterLinear: adapters && lora ? (l, proj, x, y) => lora.forward(l, proj, x, y) : undefined,
         ropeInSplit: qk ? undefined : { T, theta },
+        reads,
         attention,
       });
     this.#forward = await forwardWith(P, true);
@@ -564,15 +572,14 @@ export class TrainingModel {
     // ---- Head and loss, in row chunks; each chunk's backward follows its
     // forward so one logits chunk serves all. d xf lands in dH.
     const logits = this.#buffer(f32(chunkRows * V), `logits chunk [${chunkRows}, V]`);
-    // d logits: in place, or where V is not a multiple of 4 on CPU drivers,
-    // in rows padded to one (zeros after V), so that the head's backward
-    // matmuls still read their operands as vec4s from textures.
-    const Vd = gpu.adapterSummary.isFallback && options.operands !== "storage"
-      ? Math.ceil(V / 4) * 4
-      : V;
-    const dLogits = Vd === V
-      ? logits
-      : this.#buffer(f32(chunkRows * Vd), `d logits chunk [${chunkRows}, ${Vd}] (padded rows)`);
+    // d logits: in place, or where inputs come from textures (CPU drivers)
+    // in a buffer of its own, so that cross-entropy reads the logits from a
+    // texture, in rows padded to a multiple of 4 (zeros after V), so that the
+    // head's backward matmuls read it as vec4s from textures too.
+    const Vd = texelReads ? Math.ceil(V / 4) * 4 : V;
+    const dLogits = texelReads
+      ? this.#buffer(f32(chunkRows * Vd), `d logits chunk [${chunkRows}, ${Vd}]`)
+      : logits;
     const dyStride = Vd === V ? undefined : Vd;
     const rowLoss = this.#buffer(f32(chunkRows), `row loss chunk [${chunkRows}]`);
     for (let r0 = 0; r0 < N; r0 += chunkRows) {
@@ -598,6 +605,7 @@ export class TrainingModel {
           loss,
           N: R,
           V,
+          options: kernelOptions,
         });
       this.#headChunks.push({
         logits: await matmulXWt(gpu, { x: xf, w: P.head, y: lg, M: R, K: H, N: V, options }),
@@ -653,12 +661,19 @@ export class TrainingModel {
       bwd.push(
         // MLP, y = act Wd^T: act is rebuilt, consumed by dWd, and its buffer
         // then takes d act = dy Wd.
-        await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I }),
+        await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I, options: kernelOptions }),
         ...await linearDw(dResid, mlpScratch, dW.down, H, I),
         ...await loraWeights(l, "down", dResid, mlpScratch),
         await linearDx(dResid, W.down, mlpScratch, H, I),
         ...await loraInput(l, "down", mlpScratch),
-        await swigluBackward(gpu, { dh: mlpScratch, gateUp: a.gateUp, dGateUp, N, I }),
+        await swigluBackward(gpu, {
+          dh: mlpScratch,
+          gateUp: a.gateUp,
+          dGateUp,
+          N,
+          I,
+          options: kernelOptions,
+        }),
         // gate|up = h2 [Wg; Wu]^T: one weight gradient, and d h2 = d(gate|up) [Wg; Wu].
         ...await linearDw(dGateUp, a.h2, dW.gateUp, 2 * I, H),
         ...await loraWeights(l, "gateUp", dGateUp, a.h2),
@@ -695,6 +710,7 @@ export class TrainingModel {
           nH,
           nKV,
           hd,
+          reads,
         }),
       );
       if (qk) {
@@ -737,6 +753,7 @@ export class TrainingModel {
           dk: dkProj,
           dv,
           rope: qk ? undefined : { T, theta },
+          reads,
         }),
         // q|k|v = h1 [Wq; Wk; Wv]^T: one weight gradient, and d h1 = d(q|k|v) [Wq; Wk; Wv].
         ...await linearDw(qkvScratch, a.h1, dW.qkv, qkvDim, H),

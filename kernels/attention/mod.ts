@@ -65,6 +65,7 @@
  * @module
  */
 import { type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "../runtime.ts";
+import { kernelDispatch, type ReadPath } from "../texels.ts";
 import { attentionTiles, tiledDkvWgsl, tiledDqWgsl, tiledForwardWgsl, tileKey } from "./tiled.ts";
 import { ROWS, rowsDkvWgsl, rowsDqWgsl, rowsForwardWgsl, rowsLanes } from "./rows.ts";
 
@@ -110,6 +111,8 @@ export interface AttentionForwardArgs {
   design?: AttentionDesign;
   /** "rows" design: false leaves out the subgroup path (tests of the plain path). Default true. */
   subgroups?: boolean;
+  /** Where q, k and v are read (kernels/texels.ts); default `auto`: textures on CPU drivers. */
+  reads?: ReadPath;
 }
 
 /** Arguments of `attentionBackward`: gradients dq `[B,T,nH,hd]`, dk, dv `[B,T,nKV,hd]` are overwritten. */
@@ -146,6 +149,8 @@ export interface AttentionBackwardArgs {
   design?: AttentionDesign;
   /** "rows" design: false leaves out the subgroup path. Default true. */
   subgroups?: boolean;
+  /** Where q, k, v, dOut, out, lse and D are read (kernels/texels.ts); default `auto`. */
+  reads?: ReadPath;
 }
 
 /**
@@ -224,18 +229,18 @@ export async function attentionForward(gpu: Gpu, args: AttentionForwardArgs): Pr
       `attentionForward: need 1 <= Tq, 1 <= Tk <= kvStride, 0 <= qPos0 (Tq=${Tq} Tk=${Tk} kvStride=${kvStride} qPos0=${qPos0})`,
     );
   }
-  let pipeline: GPUComputePipeline;
+  let key: string;
+  let wgsl: string;
   let rowsPerWorkgroup: number;
   if (designOf(gpu, hd, args.design) === "rows") {
     const S = await rowsLanes(gpu, args.subgroups ?? true);
-    pipeline = await gpu.pipeline(`attention forward rows hd=${hd} S=${S}`, rowsForwardWgsl(hd, S));
+    key = `attention forward rows hd=${hd} S=${S}`;
+    wgsl = rowsForwardWgsl(hd, S);
     rowsPerWorkgroup = S || ROWS;
   } else {
     const tiles = attentionTiles("forward", hd, gpu.limits.maxComputeWorkgroupStorageSize);
-    pipeline = await gpu.pipeline(
-      `attention forward tiled hd=${hd} ${tileKey(tiles)}`,
-      tiledForwardWgsl(tiles, hd),
-    );
+    key = `attention forward tiled hd=${hd} ${tileKey(tiles)}`;
+    wgsl = tiledForwardWgsl(tiles, hd);
     rowsPerWorkgroup = tiles.BR;
   }
   const nqb = Math.ceil(Tq / rowsPerWorkgroup);
@@ -244,13 +249,17 @@ export async function attentionForward(gpu: Gpu, args: AttentionForwardArgs): Pr
     new Uint32Array([Tq, Tk, qPos0, kvStride, nH, nKV, nH / nKV, nqb, count]),
     "attention forward params",
   );
-  return {
+  const kvElements = B * kvStride * nKV * hd;
+  return kernelDispatch(gpu, {
     label: "attention forward",
-    pipeline,
-    bindGroup: gpu.bindGroup(pipeline, [args.q, args.k, args.v, args.out, args.lse, params]),
+    key,
+    wgsl,
+    bindings: [args.q, args.k, args.v, args.out, args.lse, params],
     workgroups: count,
     owned: [params],
-  };
+    textureReads: { q: B * Tq * nH * hd, k: kvElements, v: kvElements },
+    reads: args.reads,
+  });
 }
 
 /**
@@ -264,74 +273,87 @@ export async function attentionBackward(
 ): Promise<Dispatch[]> {
   const { B, T, nH, nKV, hd } = args;
   checkShape("attentionBackward", { B, T, nH, nKV, hd });
-  let dkvPipe: GPUComputePipeline;
-  let dqPipe: GPUComputePipeline;
-  let dkvRows: number;
-  let dqRows: number;
+  let dkv: { key: string; wgsl: string; rows: number };
+  let dq: { key: string; wgsl: string; rows: number };
   if (designOf(gpu, hd, args.design) === "rows") {
     const S = await rowsLanes(gpu, args.subgroups ?? true);
-    [dkvPipe, dqPipe] = await Promise.all([
-      gpu.pipeline(`attention backward dkv rows hd=${hd} S=${S}`, rowsDkvWgsl(hd, S)),
-      gpu.pipeline(`attention backward dq rows hd=${hd} S=${S}`, rowsDqWgsl(hd, S)),
-    ]);
-    dkvRows = dqRows = S || ROWS;
+    dkv = { key: `attention backward dkv rows hd=${hd} S=${S}`, wgsl: rowsDkvWgsl(hd, S), rows: 0 };
+    dq = { key: `attention backward dq rows hd=${hd} S=${S}`, wgsl: rowsDqWgsl(hd, S), rows: 0 };
+    dkv.rows = dq.rows = S || ROWS;
   } else {
     const maxBytes = gpu.limits.maxComputeWorkgroupStorageSize;
     const dkvTiles = attentionTiles("dkv", hd, maxBytes);
     const dqTiles = attentionTiles("dq", hd, maxBytes);
-    [dkvPipe, dqPipe] = await Promise.all([
-      gpu.pipeline(
-        `attention backward dkv tiled hd=${hd} ${tileKey(dkvTiles)}`,
-        tiledDkvWgsl(dkvTiles, hd),
-      ),
-      gpu.pipeline(
-        `attention backward dq tiled hd=${hd} ${tileKey(dqTiles)}`,
-        tiledDqWgsl(dqTiles, hd),
-      ),
-    ]);
-    dkvRows = dkvTiles.BR;
-    dqRows = dqTiles.BR;
+    dkv = {
+      key: `attention backward dkv tiled hd=${hd} ${tileKey(dkvTiles)}`,
+      wgsl: tiledDkvWgsl(dkvTiles, hd),
+      rows: dkvTiles.BR,
+    };
+    dq = {
+      key: `attention backward dq tiled hd=${hd} ${tileKey(dqTiles)}`,
+      wgsl: tiledDqWgsl(dqTiles, hd),
+      rows: dqTiles.BR,
+    };
   }
   const vec = hd % 4 === 0 ? 4 : 1;
-  const dPipe = await gpu.pipeline(`attention backward D vec${vec}`, dWgsl(vec));
   const rows = B * T * nH;
   const D = gpu.createBuffer(rows * 4, "attention D [B, nH, T]");
   const dParams = gpu.createUniform(new Uint32Array([T, nH, hd, rows]), "attention D params");
   const group = nH / nKV;
-  const nkb = Math.ceil(T / dkvRows);
+  const nkb = Math.ceil(T / dkv.rows);
   const dkvCount = B * nKV * nkb;
   const dkvParams = gpu.createUniform(
     new Uint32Array([T, nH, nKV, group, nkb, dkvCount]),
     "attention dkv params",
   );
-  const nqb = Math.ceil(T / dqRows);
+  const nqb = Math.ceil(T / dq.rows);
   const dqCount = B * nH * nqb;
   const dqParams = gpu.createUniform(
     new Uint32Array([T, nH, nKV, group, nqb, dqCount]),
     "attention dq params",
   );
   const inputs = [args.q, args.k, args.v, args.dOut, args.lse, D];
+  const qElements = B * T * nH * hd;
+  const kvElements = B * T * nKV * hd;
+  // Every input of the dK/dV and dQ kernels.
+  const backwardReads = {
+    q: qElements,
+    k: kvElements,
+    v: kvElements,
+    dOut: qElements,
+    lse: rows,
+    Dg: rows,
+  };
   return [
-    {
+    await kernelDispatch(gpu, {
       label: "attention backward D",
-      pipeline: dPipe,
-      bindGroup: gpu.bindGroup(dPipe, [args.dOut, args.out, D, dParams]),
+      key: `attention backward D vec${vec}`,
+      wgsl: dWgsl(vec),
+      bindings: [args.dOut, args.out, D, dParams],
       workgroups: Math.ceil(rows / D_WORKGROUP),
       owned: [D, dParams],
-    },
-    {
+      textureReads: { dOut: qElements, out: qElements },
+      reads: args.reads,
+    }),
+    await kernelDispatch(gpu, {
       label: "attention backward dK dV",
-      pipeline: dkvPipe,
-      bindGroup: gpu.bindGroup(dkvPipe, [...inputs, dkvParams, args.dk, args.dv]),
+      key: dkv.key,
+      wgsl: dkv.wgsl,
+      bindings: [...inputs, dkvParams, args.dk, args.dv],
       workgroups: dkvCount,
       owned: [dkvParams],
-    },
-    {
+      textureReads: backwardReads,
+      reads: args.reads,
+    }),
+    await kernelDispatch(gpu, {
       label: "attention backward dQ",
-      pipeline: dqPipe,
-      bindGroup: gpu.bindGroup(dqPipe, [...inputs, dqParams, args.dq]),
+      key: dq.key,
+      wgsl: dq.wgsl,
+      bindings: [...inputs, dqParams, args.dq],
       workgroups: dqCount,
       owned: [dqParams],
-    },
+      textureReads: backwardReads,
+      reads: args.reads,
+    }),
   ];
 }

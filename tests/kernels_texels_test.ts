@@ -1,0 +1,384 @@
+/**
+ * Inputs read through textures (kernels/texels.ts): the WGSL rewrite, the
+ * choice `auto` makes, the refusals of a forced `textures`, and for every
+ * kernel that takes the path, its outputs with inputs from textures against
+ * the same kernel reading storage buffers, bit for bit, on shapes that are
+ * not multiples of any tile or of the texture's row (the texture form only
+ * changes where a value is fetched from, never the arithmetic, so equality is
+ * exact; the storage form is checked against the float64 reference in each
+ * kernel's own test file). Input buffers are sized to whole texels (16 bytes)
+ * so that odd lengths can be forced through textures too.
+ */
+import {
+  assert,
+  assertEquals,
+  assertRejects,
+  assertStringIncludes,
+  assertThrows,
+} from "./assert.ts";
+import { GPU_TEST, gpuTest, randomF32, submitPass } from "./helpers.ts";
+import { type Dispatch, Gpu, ownedBytes, releaseDispatches } from "../kernels/runtime.ts";
+import {
+  kernelDispatch,
+  type ReadPath,
+  TEXEL_READ_MIN,
+  TEXEL_ROW,
+  texelReads,
+} from "../kernels/texels.ts";
+import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
+import { addRmsnormForward, rmsnormBackward, rmsnormForward } from "../kernels/rmsnorm.ts";
+import { mergeQkv, splitQkv } from "../kernels/qkv.ts";
+import { crossEntropy } from "../kernels/cross_entropy.ts";
+import {
+  attentionBackward,
+  type AttentionDesign,
+  attentionForward,
+} from "../kernels/attention/mod.ts";
+import { Rng } from "../util/random.ts";
+
+const gpu = await Gpu.request();
+
+Deno.test("texelReads: declarations become textures and reads become fetches", () => {
+  const wgsl = `alias T = vec4<f32>;
+@group(0) @binding(1) var<storage, read> x: array<T>;
+@group(0) @binding(2) var<storage, read> s: array<f32>;
+@group(0) @binding(3) var<storage, read> t2: array<vec2f>;
+@group(0) @binding(4) var<storage, read_write> y: array<T>;
+fn f(i: u32) -> T { return x[i + u32(s[u32(x[i].x)])] + vec4f(t2[i], sx[0], 0.0); }`;
+  // "sx" is another identifier; s's read nests a read of x.
+  const out = texelReads(wgsl.replace("sx[0]", "y[0].x"), ["t2", "s", "x"]);
+  assertStringIncludes(out, "@group(0) @binding(1) var x_tex: texture_2d<f32>;");
+  assertStringIncludes(out, "@group(0) @binding(2) var s_tex: texture_2d<f32>;");
+  assertStringIncludes(out, "@group(0) @binding(3) var t2_tex: texture_2d<f32>;");
+  assertStringIncludes(out, "fn x_at(_t: u32) -> vec4f");
+  assertStringIncludes(out, "fn s_at(_e: u32) -> f32");
+  assertStringIncludes(out, "fn t2_at(_e: u32) -> vec2f");
+  assertStringIncludes(out, `_t & ${TEXEL_ROW - 1}u`);
+  assertStringIncludes(out, "x_at(i + u32(s_at(u32(x_at(i).x))))");
+  assertStringIncludes(out, "t2_at(i)");
+  assertStringIncludes(out, "var<storage, read_write> y: array<T>;");
+  assertStringIncludes(out, "y[0].x");
+  assert(!/\bx\[|\bs\[/.test(out), "every read of x and s rewritten");
+});
+
+Deno.test("texelReads: refuses what it cannot rewrite", () => {
+  const decl = "@group(0) @binding(0) var<storage, read> a: array<f32>;\n";
+  assertThrows(
+    () => texelReads("@group(0) @binding(0) var<storage, read_write> a: array<f32>;", ["a"]),
+    Error,
+    "not a read-only storage array",
+  );
+  assertThrows(
+    () => texelReads("@group(0) @binding(0) var<storage, read> a: array<u32>;", ["a"]),
+    Error,
+    "holds u32",
+  );
+  assertThrows(
+    () => texelReads(`${decl}fn f() -> u32 { return arrayLength(&a); }`, ["a"]),
+    Error,
+    "other than by indexing",
+  );
+  assertThrows(() => texelReads(`${decl}fn a_at() {}`, ["a"]), Error, "a_at exists");
+  assertThrows(
+    () => texelReads(`${decl}fn f() -> f32 { return a[0; }`, ["a"]),
+    Error,
+    "unbalanced",
+  );
+});
+
+/** A storage buffer holding `data`, sized to whole texels (16 bytes). */
+function texelBuffer(data: Float32Array | number, label: string): GPUBuffer {
+  const n = typeof data === "number" ? data : data.length;
+  const padded = new Float32Array(Math.ceil(n / 4) * 4);
+  if (typeof data !== "number") padded.set(data);
+  return gpu.createBuffer(padded, label);
+}
+
+const copyKernel = (vec: boolean) => `
+@group(0) @binding(0) var<storage, read> x: array<${vec ? "vec4f" : "f32"}>;
+@group(0) @binding(1) var<storage, read_write> y: array<${vec ? "vec4f" : "f32"}>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3u) {
+  if (g.x < arrayLength(&y)) { y[g.x] = x[g.x]; }
+}`;
+
+gpuTest(
+  "kernelDispatch: auto, storage and forced textures; refusals; shared textures",
+  async () => {
+    const n = TEXEL_READ_MIN * 4 + 2 * TEXEL_ROW * 4 + 12; // past two texture rows, odd tail
+    const x = randomF32(new Rng(4), n);
+    const xb = texelBuffer(x, "x");
+    const run = async (
+      reads: ReadPath,
+      vec: boolean,
+      count = n,
+    ): Promise<[Dispatch, Float32Array]> => {
+      const yb = gpu.createBuffer(count * 4, "y");
+      const d = await kernelDispatch(gpu, {
+        label: "copy",
+        key: `texels test copy vec=${vec}`,
+        wgsl: copyKernel(vec),
+        bindings: [xb, yb],
+        workgroups: Math.ceil(count / (vec ? 4 : 1) / 64),
+        textureReads: { x: count },
+        reads,
+      });
+      submitPass(gpu, d);
+      const y = await gpu.readF32(yb);
+      yb.destroy();
+      return [d, y];
+    };
+    for (const vec of [false, true]) {
+      const [stored, y0] = await run("storage", vec);
+      assertEquals(stored.copies, undefined, "storage: no copies");
+      assertEquals(y0, x.subarray(0, n));
+      const [forced, y1] = await run("textures", vec);
+      assertEquals(forced.copies?.length, 1, "textures: one copy");
+      assertEquals(y1, x.subarray(0, n), `vec=${vec}: every element through the texture`);
+      const [auto] = await run("auto", vec);
+      assertEquals(auto.copies?.length ?? 0, gpu.adapterSummary.isFallback ? 1 : 0, "auto");
+      // Below the minimum, auto keeps the buffer.
+      const [small] = await run("auto", vec, 64);
+      assertEquals(small.copies, undefined, "auto: a small read stays in storage");
+      // Dispatches reading the same height at the same position share one
+      // texture: the lease that created it counts its bytes, the others none.
+      const height = Math.ceil(n / 4 / TEXEL_ROW);
+      assert(ownedBytes([forced]) >= TEXEL_ROW * height * 16, "forced counts its texture");
+      if (gpu.adapterSummary.isFallback) assertEquals(ownedBytes([auto]), 0, "auto shares it");
+      releaseDispatches([stored, forced, auto, small]);
+    }
+    // Forced textures where they cannot go: a range that does not start on a texel,
+    // a buffer without COPY_SRC.
+    const yb = gpu.createBuffer(64, "y");
+    await assertRejects(
+      () =>
+        kernelDispatch(gpu, {
+          label: "copy",
+          key: "texels test copy vec=false",
+          wgsl: copyKernel(false),
+          bindings: [{ buffer: xb, offset: 4, size: 64 }, yb],
+          workgroups: 1,
+          textureReads: { x: 16 },
+          reads: "textures",
+        }),
+      Error,
+      "not a multiple of 16",
+    );
+    const noCopy = gpu.device.createBuffer({ size: 64, usage: GPUBufferUsage.STORAGE });
+    await assertRejects(
+      () =>
+        kernelDispatch(gpu, {
+          label: "copy",
+          key: "texels test copy vec=false",
+          wgsl: copyKernel(false),
+          bindings: [noCopy, yb],
+          workgroups: 1,
+          textureReads: { x: 16 },
+          reads: "textures",
+        }),
+      Error,
+      "cannot be copied from",
+    );
+    for (const b of [xb, yb, noCopy]) b.destroy();
+  },
+);
+
+/**
+ * Runs `build` once reading storage and once reading textures, on fresh
+ * buffers from the same data each time, and asserts that every output is
+ * bitwise the same; also that the textures run did copy its inputs.
+ */
+async function sameBothWays(
+  what: string,
+  build: (reads: ReadPath) => Promise<{ dispatches: Dispatch[]; outputs: GPUBuffer[] }>,
+): Promise<void> {
+  const results: Float32Array[][] = [];
+  for (const reads of ["storage", "textures"] as const) {
+    const { dispatches, outputs } = await build(reads);
+    const copies = dispatches.reduce((n, d) => n + (d.copies?.length ?? 0), 0);
+    assertEquals(copies > 0, reads === "textures", `${what} ${reads}: copies`);
+    submitPass(gpu, dispatches);
+    results.push(await Promise.all(outputs.map((b) => gpu.readF32(b))));
+    releaseDispatches(dispatches);
+    for (const b of outputs) b.destroy();
+  }
+  results[0].forEach((a, i) => assertEquals(results[1][i], a, `${what}: output ${i}`));
+}
+
+gpuTest("swiglu reads textures: the same bits as storage", async () => {
+  for (const [N, I] of [[3, 910], [37, 96], [5, 2051]]) {
+    const rng = new Rng(N * I);
+    const gu = randomF32(rng, 2 * N * I, 3);
+    const dh = randomF32(rng, N * I);
+    await sameBothWays(`swiglu N=${N} I=${I}`, async (reads) => {
+      const gateUp = texelBuffer(gu, "gate|up");
+      const dhB = texelBuffer(dh, "dh");
+      const h = gpu.createBuffer(N * I * 4, "h");
+      const dGateUp = gpu.createBuffer(2 * N * I * 4, "d gate|up");
+      const options = { reads };
+      return {
+        dispatches: [
+          await swigluForward(gpu, { gateUp, h, N, I, options }),
+          await swigluBackward(gpu, { dh: dhB, gateUp, dGateUp, N, I, options }),
+        ],
+        outputs: [h, dGateUp, gateUp, dhB],
+      };
+    });
+  }
+});
+
+gpuTest("rmsnorm reads textures: forward, fused add and backward give the same bits", async () => {
+  for (const [N, H] of [[33, 128], [7, 130], [65, 36]]) {
+    const rng = new Rng(N + H);
+    const x = randomF32(rng, N * H, 2);
+    const w = randomF32(rng, H, 1, 1);
+    const delta = randomF32(rng, N * H);
+    const dy = randomF32(rng, N * H);
+    const dx0 = randomF32(rng, N * H);
+    await sameBothWays(`rmsnorm N=${N} H=${H}`, async (reads) => {
+      const options = { reads };
+      const xb = texelBuffer(x, "x");
+      const x2 = texelBuffer(x, "x (fused add)");
+      const wb = texelBuffer(w, "w");
+      const db = texelBuffer(delta, "delta");
+      const dyb = texelBuffer(dy, "dy");
+      const y = gpu.createBuffer(N * H * 4, "y");
+      const y2 = gpu.createBuffer(N * H * 4, "y (fused add)");
+      const rstd = texelBuffer(N, "rstd");
+      const rstd2 = gpu.createBuffer(N * 4, "rstd (fused add)");
+      const dx = gpu.createBuffer(dx0, "dx (accumulated into)");
+      const dw = gpu.createBuffer(w, "dw (accumulated into)");
+      const args = { w: wb, N, H, eps: 1e-5, options };
+      return {
+        dispatches: [
+          await rmsnormForward(gpu, { ...args, x: xb, y, rstd }),
+          await addRmsnormForward(gpu, { ...args, x: x2, delta: db, y: y2, rstd: rstd2 }),
+          ...await rmsnormBackward(gpu, {
+            dy: dyb,
+            x: xb,
+            w: wb,
+            rstd,
+            dx,
+            dw,
+            N,
+            H,
+            accumulateDx: true,
+            options,
+          }),
+        ],
+        outputs: [y, rstd, x2, y2, rstd2, dx, dw, xb, wb, db, dyb],
+      };
+    });
+  }
+});
+
+gpuTest("q|k|v split and merge read textures: the same bits, with and without RoPE", async () => {
+  const B = 3, T = 11, nH = 4, nKV = 2, hd = 18;
+  const N = B * T;
+  const rng = new Rng(7);
+  const qkv = randomF32(rng, N * (nH + 2 * nKV) * hd);
+  const dq = randomF32(rng, N * nH * hd);
+  const dk = randomF32(rng, N * nKV * hd);
+  const dv = randomF32(rng, N * nKV * hd);
+  for (const rope of [undefined, { T, theta: 1e4 }]) {
+    await sameBothWays(`qkv rope=${!!rope}`, async (reads) => {
+      const shape = { N, nH, nKV, hd, rope, reads };
+      const qkvB = texelBuffer(qkv, "qkv");
+      const [q, k, v] = [nH, nKV, nKV].map((h) => gpu.createBuffer(N * h * hd * 4, "q/k/v"));
+      const [dqB, dkB, dvB] = [dq, dk, dv].map((a) => texelBuffer(a, "dq/dk/dv"));
+      const dqkv = gpu.createBuffer(qkv.length * 4, "d qkv");
+      return {
+        dispatches: [
+          await splitQkv(gpu, { ...shape, qkv: qkvB, q, k, v }),
+          await mergeQkv(gpu, { ...shape, dqkv, dq: dqB, dk: dkB, dv: dvB }),
+        ],
+        outputs: [q, k, v, dqkv, qkvB, dqB, dkB, dvB],
+      };
+    });
+  }
+});
+
+gpuTest(
+  "cross-entropy reads textures: the same bits, scalar and vec4 lanes, padded rows",
+  async () => {
+    for (const [N, V, stride] of [[9, 1558, 1560], [5, 2055, 2055], [6, 400, 400]]) {
+      const rng = new Rng(N * V);
+      const logits = randomF32(rng, N * V, 2);
+      const targets = new Uint32Array(N).map(() => rng.nextInt(V));
+      const mask = new Float32Array(N).map((_, i) => (i % 3 === 1 ? 0 : 0.5 + i / N));
+      await sameBothWays(`cross-entropy N=${N} V=${V}`, async (reads) => {
+        const lg = texelBuffer(logits, "logits");
+        const dlogits = gpu.createBuffer(N * stride * 4, "d logits");
+        const rowLoss = gpu.createBuffer(N * 4, "row loss");
+        const loss = gpu.createBuffer(4, "loss");
+        return {
+          dispatches: await crossEntropy(gpu, {
+            logits: lg,
+            targets: gpu.createBuffer(targets, "targets"),
+            mask: texelBuffer(mask, "mask"),
+            scale: gpu.createBuffer(new Float32Array([1 / N]), "scale"),
+            dlogits,
+            dlogitsStride: stride,
+            rowLoss,
+            loss,
+            N,
+            V,
+            options: { reads },
+          }),
+          outputs: [dlogits, rowLoss, loss, lg],
+        };
+      });
+    }
+  },
+);
+
+gpuTest("attention reads textures: the same bits, both designs, forward and backward", async () => {
+  const cases: {
+    B: number;
+    T: number;
+    nH: number;
+    nKV: number;
+    hd: number;
+    design: AttentionDesign;
+  }[] = [
+    { B: 2, T: 33, nH: 4, nKV: 2, hd: 32, design: "rows" },
+    { B: 1, T: 70, nH: 2, nKV: 1, hd: 64, design: "rows" },
+    { B: 2, T: 19, nH: 2, nKV: 2, hd: 18, design: "tiled" },
+  ];
+  for (const c of cases) {
+    const { B, T, nH, nKV, hd } = c;
+    const rng = new Rng(T * hd);
+    const [q, k, v, dOut] = [nH, nKV, nKV, nH].map((h) => randomF32(rng, B * T * h * hd));
+    await sameBothWays(`attention ${JSON.stringify(c)}`, async (reads) => {
+      const [qb, kb, vb, dOb] = [q, k, v, dOut].map((a) => texelBuffer(a, "q/k/v/dOut"));
+      const out = texelBuffer(q.length, "out");
+      const lse = texelBuffer(B * nH * T, "lse");
+      const [dq, dk, dv] = [q, k, v].map((a) => gpu.createBuffer(a.length * 4, "dq/dk/dv"));
+      const shape = { ...c, reads };
+      return {
+        dispatches: [
+          await attentionForward(gpu, { ...shape, q: qb, k: kb, v: vb, out, lse }),
+          ...await attentionBackward(gpu, {
+            ...shape,
+            q: qb,
+            k: kb,
+            v: vb,
+            out,
+            lse,
+            dOut: dOb,
+            dq,
+            dk,
+            dv,
+          }),
+        ],
+        outputs: [out, lse, dq, dk, dv, qb, kb, vb, dOb],
+      };
+    });
+  }
+});
+
+Deno.test({
+  name: "texels: destroy the shared device",
+  ...GPU_TEST,
+  fn: () => gpu.destroy(),
+});
