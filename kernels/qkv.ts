@@ -16,9 +16,10 @@
  *   forward  y_i = x_i cos a - x_{i+h} sin a,  y_{i+h} = x_{i+h} cos a + x_i sin a
  *   backward the transpose, R(-a).
  *
- * One invocation per (row, head, pair): it reads and writes two floats, so
- * each call moves every element of qkv once each way: 8 N (nH + 2 nKV) hd
- * bytes, 3 FLOP per rotated element.
+ * One invocation per (row, head, pair), or per 4 pairs as vec4s when
+ * hd/2 % 4 == 0: it reads and writes two floats (vec4s), so each call moves
+ * every element of qkv once each way: 8 N (nH + 2 nKV) hd bytes, 3 FLOP per
+ * rotated element.
  *
  * @module
  */
@@ -44,67 +45,84 @@ export interface QkvShape {
 
 const WG = 64;
 
-function wgsl(direction: "split" | "merge", rope: boolean): string {
-  // Pair (e0, e1) of head `slot` in row `n` of qkv; q/k/v index it by their own layout.
+/**
+ * One invocation per (row, head, group of G pairs): G = 4 with vec4 lanes
+ * (half % 4 == 0: pairs i..i+3 and their partners are one vec4 each, and
+ * their table entries two), else 1. The arithmetic per element is the same.
+ */
+function wgsl(direction: "split" | "merge", rope: boolean, vec: 1 | 4): string {
+  const T = vec === 4 ? "vec4f" : "f32";
   const io = direction === "split"
-    ? `@group(0) @binding(1) var<storage, read> qkv: array<f32>;
-@group(0) @binding(2) var<storage, read_write> q: array<f32>;
-@group(0) @binding(3) var<storage, read_write> k: array<f32>;
-@group(0) @binding(4) var<storage, read_write> v: array<f32>;`
-    : `@group(0) @binding(1) var<storage, read_write> qkv: array<f32>;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> k: array<f32>;
-@group(0) @binding(4) var<storage, read> v: array<f32>;`;
+    ? `@group(0) @binding(1) var<storage, read> qkv: array<${T}>;
+@group(0) @binding(2) var<storage, read_write> q: array<${T}>;
+@group(0) @binding(3) var<storage, read_write> k: array<${T}>;
+@group(0) @binding(4) var<storage, read_write> v: array<${T}>;`
+    : `@group(0) @binding(1) var<storage, read_write> qkv: array<${T}>;
+@group(0) @binding(2) var<storage, read> q: array<${T}>;
+@group(0) @binding(3) var<storage, read> k: array<${T}>;
+@group(0) @binding(4) var<storage, read> v: array<${T}>;`;
+  // [T, half] (cos, sin) pairs; as vec4s, two pairs each.
   const table = rope
-    ? "@group(0) @binding(5) var<storage, read> table: array<vec2f>; // [T, half] (cos, sin)"
+    ? `@group(0) @binding(5) var<storage, read> table: array<${vec === 4 ? "vec4f" : "vec2f"}>;`
     : "";
+  // The angles of this invocation's pairs: cos in c, sin in sn.
+  const angles = vec === 4
+    ? `let at = ((n % p.T) * p.half + i * 4u) / 2u;
+    let t0 = table[at];
+    let t1 = table[at + 1u];
+    let c = vec4f(t0.x, t0.z, t1.x, t1.z);
+    let sn = vec4f(t0.y, t0.w, t1.y, t1.w);`
+    : `let cs = table[(n % p.T) * p.half + i];
+    let c = cs.x;
+    let sn = cs.y;`;
   // The rotation: forward R(a) on the way out of qkv, R(-a) on the way back.
   const sign = direction === "split" ? "1.0" : "-1.0";
   const turn = rope
     ? `if (slot < p.nH + p.nKV) {
-    let cs = table[(n % p.T) * p.half + i];
-    let s = cs.y * ${sign};
-    let a = x1 * cs.x - x2 * s;
-    let b = x2 * cs.x + x1 * s;
+    ${angles}
+    let s = sn * ${sign};
+    let a = x1 * c - x2 * s;
+    let b = x2 * c + x1 * s;
     x1 = a;
     x2 = b;
   }`
     : "";
+  // In units of the lane type: hd, the partner offset.
   const move = direction === "split"
     ? `var x1 = qkv[src];
-  var x2 = qkv[src + p.half];
+  var x2 = qkv[src + hh];
   ${turn}
   if (slot < p.nH) {
     let d = (n * p.nH + slot) * hd + i;
     q[d] = x1;
-    q[d + p.half] = x2;
+    q[d + hh] = x2;
   } else if (slot < p.nH + p.nKV) {
     let d = (n * p.nKV + slot - p.nH) * hd + i;
     k[d] = x1;
-    k[d + p.half] = x2;
+    k[d + hh] = x2;
   } else {
     let d = (n * p.nKV + slot - p.nH - p.nKV) * hd + i;
     v[d] = x1;
-    v[d + p.half] = x2;
+    v[d + hh] = x2;
   }`
-    : `var x1: f32;
-  var x2: f32;
+    : `var x1: ${T};
+  var x2: ${T};
   if (slot < p.nH) {
     let d = (n * p.nH + slot) * hd + i;
     x1 = q[d];
-    x2 = q[d + p.half];
+    x2 = q[d + hh];
   } else if (slot < p.nH + p.nKV) {
     let d = (n * p.nKV + slot - p.nH) * hd + i;
     x1 = k[d];
-    x2 = k[d + p.half];
+    x2 = k[d + hh];
   } else {
     let d = (n * p.nKV + slot - p.nH - p.nKV) * hd + i;
     x1 = v[d];
-    x2 = v[d + p.half];
+    x2 = v[d + hh];
   }
   ${turn}
   qkv[src] = x1;
-  qkv[src + p.half] = x2;`;
+  qkv[src + hh] = x2;`;
   return `${LINEAR_WORKGROUP_WGSL}
 struct Params { nH: u32, nKV: u32, half: u32, T: u32, count: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -116,10 +134,11 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let e = linear_workgroup(wid, nwg) * ${WG}u + lid;
   if (e >= p.count) { return; }
   let heads = p.nH + 2u * p.nKV;
-  let hd = 2u * p.half;
-  let i = e % p.half;
-  let slot = (e / p.half) % heads;
-  let n = e / (p.half * heads);
+  let hh = p.half / ${vec}u;
+  let hd = 2u * hh;
+  let i = e % hh;
+  let slot = (e / hh) % heads;
+  let n = e / (hh * heads);
   let src = (n * heads + slot) * hd + i;
   ${move}
 }`;
@@ -136,7 +155,8 @@ function qkvDispatch(
   }
   if (s.hd % 2 !== 0) throw new RangeError(`${direction}Qkv: head_dim ${s.hd} must be even`);
   const half = s.hd / 2;
-  const count = s.N * (s.nH + 2 * s.nKV) * half;
+  const vec = half % 4 === 0 ? 4 : 1;
+  const count = s.N * (s.nH + 2 * s.nKV) * half / vec;
   const rope = s.rope !== undefined;
   const T = s.rope?.T ?? 1;
   if (rope && (!Number.isInteger(T) || T < 1 || s.N % T !== 0)) {
@@ -153,8 +173,8 @@ function qkvDispatch(
   const table = rope ? { table: T * s.hd } : {};
   return kernelDispatch(gpu, {
     label: `qkv ${direction}${rope ? " + rope" : ""} N=${s.N}`,
-    key: `qkv ${direction} rope=${rope}`,
-    wgsl: wgsl(direction, rope),
+    key: `qkv ${direction} rope=${rope} vec${vec}`,
+    wgsl: wgsl(direction, rope, vec),
     bindings,
     workgroups: Math.ceil(count / WG),
     owned: [params],

@@ -31,15 +31,16 @@ function columns(a: Float32Array, rows: number, stride: number, from: number, wi
   return out;
 }
 
-// B=2, T=5 (rows not a multiple of any workgroup), 3 query and 1 kv head of hd 6.
-for (const rope of [false, true]) {
-  gpuTest(`split and merge q|k|v (rope=${rope})`, async () => {
-    const [B, T, nH, nKV, hd, theta] = [2, 5, 3, 1, 6, 1e4];
+// B=2, T=5 (rows not a multiple of any workgroup), 3 query and 1 kv head of
+// hd 6 (scalar lanes: hd/2 is odd), 8 and 40 (vec4 lanes: hd/2 % 4 == 0).
+for (const [rope, hd] of [[false, 6], [true, 6], [false, 8], [true, 8], [true, 40]] as const) {
+  gpuTest(`split and merge q|k|v (rope=${rope}, hd=${hd})`, async () => {
+    const [B, T, nH, nKV, theta] = [2, 5, 3, 1, 1e4];
     const N = B * T;
     const qDim = nH * hd;
     const kvDim = nKV * hd;
     const W = qDim + 2 * kvDim;
-    const rng = new Rng(rope ? 1 : 2);
+    const rng = new Rng((rope ? 1 : 2) + hd);
     const qkv = randomF32(rng, N * W);
     const shape = { N, nH, nKV, hd, rope: rope ? { T, theta } : undefined };
     const [qkvBuf, q, k, v] = [

@@ -273,15 +273,17 @@ gpuTest("rmsnorm reads textures: forward, fused add and backward give the same b
 });
 
 gpuTest("q|k|v split and merge read textures: the same bits, with and without RoPE", async () => {
-  const B = 3, T = 11, nH = 4, nKV = 2, hd = 18;
+  const B = 3, T = 11, nH = 4, nKV = 2;
   const N = B * T;
-  const rng = new Rng(7);
-  const qkv = randomF32(rng, N * (nH + 2 * nKV) * hd);
-  const dq = randomF32(rng, N * nH * hd);
-  const dk = randomF32(rng, N * nKV * hd);
-  const dv = randomF32(rng, N * nKV * hd);
-  for (const rope of [undefined, { T, theta: 1e4 }]) {
-    await sameBothWays(`qkv rope=${!!rope}`, async (reads) => {
+  const turn = { T, theta: 1e4 };
+  // hd 18: scalar lanes (hd/2 odd); 16: vec4 lanes.
+  for (const [hd, rope] of [[18, undefined], [18, turn], [16, turn]] as const) {
+    const rng = new Rng(7 + hd);
+    const qkv = randomF32(rng, N * (nH + 2 * nKV) * hd);
+    const dq = randomF32(rng, N * nH * hd);
+    const dk = randomF32(rng, N * nKV * hd);
+    const dv = randomF32(rng, N * nKV * hd);
+    await sameBothWays(`qkv hd=${hd} rope=${!!rope}`, async (reads) => {
       const shape = { N, nH, nKV, hd, rope, reads };
       const qkvB = texelBuffer(qkv, "qkv");
       const [q, k, v] = [nH, nKV, nKV].map((h) => gpu.createBuffer(N * h * hd * 4, "q/k/v"));
