@@ -55,7 +55,7 @@
  *   values (the same for every lane of a workgroup) are loaded once, spread
  *   over the lanes, and handed round with `subgroupBroadcast` (an extract and a
  *   splat on llvmpipe), so one load serves all S lanes; B values are each
- *   lane's own. Register tiles: 32 x 8 (X W^T, dY W), 64 x 8 (dY^T X);
+ *   lane's own. Register tile: 64 x 8 for every form;
  *   problems of at most `SMALL_PROBLEM` multiply-adds use one row chunk x 4
  *   columns (8 x 4 without subgroups) since there compile time dominates. The
  *   subgroup size S is measured once per device by a probe kernel and is the
@@ -1038,12 +1038,14 @@ async function chooseSpec(
     case "fallbackSubgroup": {
       const lanes = opts?.subgroupLanes ?? sgSize;
       const chunkRows = pr.a === "out" && va === 4 ? 4 : 1;
-      // Measured on llvmpipe: 32 x 8 when A is read along l (X W^T, dY W);
-      // 64 x 8 for dY^T X, where more reuse per load makes up for rows that
-      // change every reduction step (64 x 16 is ~15% faster still but takes
-      // ~9 s to compile with accumulation, cold). Small problems: one chunk
-      // of rows by 4 columns (fast to compile).
-      const [tm0, tn0] = small ? [0, 4] : pr.a === "out" ? [64, 8] : [32, 8];
+      // Measured on llvmpipe: 64 x 8 for every form. With operands from
+      // textures (loads ~5x cheaper than storage), X W^T and dY W went from
+      // 32 x 8 to 64 x 8: 10-20% faster at the tiny and minimind2-small
+      // shapes (2026-12-03, docs/benchmarks.md). Larger tiles gain a little
+      // more but compile for tens of seconds cold (three 128 x 8 kernels: 53
+      // s, against 15 s at 64 x 8 and 5.5 s at 32 x 8). Small problems: one
+      // chunk of rows by 4 columns (fast to compile).
+      const [tm0, tn0] = small ? [0, 4] : [64, 8];
       const tm = opts?.registerTile?.rows ?? Math.max(tm0, lanes * chunkRows);
       const tn = opts?.registerTile?.cols ?? tn0;
       checkRegisterTile(tm, tn, lanes * chunkRows, base);
