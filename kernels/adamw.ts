@@ -23,11 +23,16 @@
  * @module
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 const WG = 256;
 
-/** The float count of the buffer `adamwHyper` fills (`hyper` must hold at least this). */
-export const ADAMW_HYPER_FLOATS = 10;
+/**
+ * The float count of the buffer `adamwHyper` fills (`hyper` must hold at
+ * least this): ten settings, padded to whole vec4s (the kernel reads them as
+ * three vec4 loads).
+ */
+export const ADAMW_HYPER_FLOATS = 12;
 
 /** The hyper-parameters of one AdamW step; `step` counts from 1. */
 export interface AdamWHyperParams {
@@ -80,6 +85,8 @@ export function adamwHyper(o: AdamWHyperParams): Float32Array {
     1 - o.beta1,
     1 - o.beta2,
     o.gradClip ?? 0,
+    0,
+    0,
   ]);
 }
 
@@ -93,24 +100,28 @@ struct Params { count: u32 }  // lanes (vec4 or scalars)
 @group(0) @binding(3) var<storage, read_write> m: array<${T}>;
 @group(0) @binding(4) var<storage, read_write> v: array<${T}>;
 // [lr, beta1, beta2, eps, weightDecay, 1 - beta1^t, 1 - beta2^t, 1 - beta1, 1 - beta2, gradClip]
-@group(0) @binding(5) var<storage, read> hyper: array<f32, ${ADAMW_HYPER_FLOATS}>;
+// as vec4s (three loads, not ten; padded to whole vec4s).
+@group(0) @binding(5) var<storage, read> hyper: array<vec4f>;
 @group(0) @binding(6) var<storage, read> gradScale: array<f32>;
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
         @builtin(local_invocation_index) lid: u32) {
   let i = linear_workgroup(wid, nwg) * ${WG}u + lid;
   if (i >= u.count) { return; }
-  let lr = hyper[0];
-  let b1 = hyper[1];
-  let b2 = hyper[2];
+  let h0 = hyper[0];
+  let h1 = hyper[1];
+  let h2 = hyper[2];
+  let lr = h0.x;
+  let b1 = h0.y;
+  let b2 = h0.z;
   let g = grad[i] * gradScale[0];
   var p = param[i];
-  ${decay ? "p -= lr * hyper[4] * p;" : ""}
-  let mi = b1 * m[i] + hyper[7] * g;
-  let vi = b2 * v[i] + hyper[8] * g * g;
+  ${decay ? "p -= lr * h1.x * p;" : ""}
+  let mi = b1 * m[i] + h1.w * g;
+  let vi = b2 * v[i] + h2.x * g * g;
   m[i] = mi;
   v[i] = vi;
-  param[i] = p - lr * (mi / hyper[5]) / (sqrt(vi / hyper[6]) + hyper[3]);
+  param[i] = p - lr * (mi / h1.y) / (sqrt(vi / h1.z) + h0.w);
 }`;
 }
 
@@ -118,6 +129,12 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
 export interface AdamWOptions {
   /** Force scalar (1) or vec4 (4) lanes; vec4 needs n % 4 == 0. Default: vec4 when it can. */
   vec?: 1 | 4;
+  /**
+   * Where grad, hyper and gradScale are read (kernels/texels.ts); default
+   * `auto`: textures on CPU drivers. param, m and v are updated in place and
+   * read from their buffers.
+   */
+  reads?: ReadPath;
 }
 
 /**
@@ -132,7 +149,7 @@ export interface AdamWOptions {
  * gpu.write(hyper, adamwHyper({ lr, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, step }));
  * ```
  */
-export async function adamw(
+export function adamw(
   gpu: Gpu,
   args: {
     param: Binding;
@@ -154,23 +171,18 @@ export async function adamw(
     vec = args.options.vec;
   }
   const count = n / vec;
-  const pipeline = await gpu.pipeline(
-    `adamw-v${vec}-${args.decay ? "decay" : "nodecay"}`,
-    adamwWgsl(vec, args.decay),
-  );
   const u = gpu.createUniform(new Uint32Array([count]), "adamw params");
   const hyper: Binding = args.hyper instanceof GPUBuffer
     ? { buffer: args.hyper, size: ADAMW_HYPER_FLOATS * 4 }
     : { ...args.hyper, size: ADAMW_HYPER_FLOATS * 4 };
-  return {
+  return kernelDispatch(gpu, {
     label: `adamw n=${n}${args.decay ? " decay" : ""}`,
-    pipeline,
-    bindGroup: gpu.bindGroup(
-      pipeline,
-      [u, args.param, args.grad, args.m, args.v, hyper, args.gradScale],
-      "adamw",
-    ),
+    key: `adamw-v${vec}-${args.decay ? "decay" : "nodecay"}`,
+    wgsl: adamwWgsl(vec, args.decay),
+    bindings: [u, args.param, args.grad, args.m, args.v, hyper, args.gradScale],
     workgroups: Math.ceil(count / WG),
     owned: [u],
-  };
+    textureReads: { grad: n, hyper: ADAMW_HYPER_FLOATS, gradScale: 1 },
+    reads: args.options?.reads,
+  });
 }

@@ -23,6 +23,7 @@
  * @module
  */
 import { type Binding, type Dispatch, type Gpu, LINEAR_WORKGROUP_WGSL } from "./runtime.ts";
+import { kernelDispatch, type ReadPath } from "./texels.ts";
 
 /** Entries per stage-one block (and per partial), whatever the tuning. */
 const BLOCK = 4096;
@@ -128,12 +129,12 @@ export async function gradNormSquared(
     total: Binding;
     /** Default: "fallback" when `gpu.adapterSummary.isFallback`, else "gpu". */
     tuning?: GradNormTuning;
+    /** Where the gradients are read (kernels/texels.ts); default `auto`. */
+    reads?: ReadPath;
   },
 ): Promise<Dispatch[]> {
   const tuning = args.tuning ?? (gpu.adapterSummary.isFallback ? "fallback" : "gpu");
   const wg = tuning === "gpu" ? 256 : 8;
-  const vec4 = await gpu.pipeline(`grad-norm-block-v4-wg${wg}`, blockWgsl(4, wg));
-  const scalar = await gpu.pipeline(`grad-norm-block-v1-wg${wg}`, blockWgsl(1, wg));
   const final = await gpu.pipeline("grad-norm-final", finalWgsl);
   const dispatches: Dispatch[] = [];
   let offset = 0;
@@ -143,18 +144,23 @@ export async function gradNormSquared(
       throw new RangeError(`gradNormSquared: tensor ${k} has a bad size ${t.n}`);
     }
     if (t.n === 0) continue;
-    const useVec4 = t.n % 4 === 0;
-    const pipeline = useVec4 ? vec4 : scalar;
+    const vec = t.n % 4 === 0 ? 4 : 1;
     const u = gpu.createUniform(new Uint32Array([t.n, offset]), "grad-norm params");
     const g: Binding = { buffer: t.buffer, offset: first * 4, size: t.n * 4 };
     const blocks = Math.ceil(t.n / BLOCK);
-    dispatches.push({
-      label: `grad-norm block sums tensor ${k} n=${t.n}`,
-      pipeline,
-      bindGroup: gpu.bindGroup(pipeline, [u, g, args.partials]),
-      workgroups: blocks,
-      owned: [u],
-    });
+    dispatches.push(
+      await kernelDispatch(gpu, {
+        label: `grad-norm block sums tensor ${k} n=${t.n}`,
+        key: `grad-norm-block-v${vec}-wg${wg}`,
+        wgsl: blockWgsl(vec, wg),
+        bindings: [u, g, args.partials],
+        workgroups: blocks,
+        owned: [u],
+        // The gradients, from a texture on CPU drivers (kernels/texels.ts).
+        textureReads: { g: t.n },
+        reads: args.reads,
+      }),
+    );
     offset += blocks;
   }
   const u = gpu.createUniform(new Uint32Array([offset]), "grad-norm final params");

@@ -158,7 +158,8 @@ export class AdamW {
     this.#v = this.#buffer(t.floats * 4, `adam v [${t.floats}]`);
     this.#hyper = this.#buffer(ADAMW_HYPER_FLOATS * 4, "adamw hyper");
     this.#normSq = this.#buffer(4, "grad norm squared");
-    this.#clip = this.#buffer(4, "grad clip scale");
+    // One whole texel (16 bytes), so that AdamW can read it from a texture on CPU drivers.
+    this.#clip = this.#buffer(16, "grad clip scale");
     // Pieces of the runs that one binding can hold (aligned, so any device binds them).
     const limits = gpu.limits;
     const most = Math.floor(

@@ -29,6 +29,8 @@ import { swigluBackward, swigluForward } from "../kernels/swiglu.ts";
 import { addRmsnormForward, rmsnormBackward, rmsnormForward } from "../kernels/rmsnorm.ts";
 import { mergeQkv, splitQkv } from "../kernels/qkv.ts";
 import { crossEntropy } from "../kernels/cross_entropy.ts";
+import { adamw, adamwHyper } from "../kernels/adamw.ts";
+import { gradNormPartialsSize, gradNormSquared } from "../kernels/grad_norm.ts";
 import {
   attentionBackward,
   type AttentionDesign,
@@ -377,6 +379,62 @@ gpuTest("attention reads textures: the same bits, both designs, forward and back
       };
     });
   }
+});
+
+gpuTest("adamw reads grad and its settings from textures: the same bits", async () => {
+  for (const [n, decay] of [[4099, true], [33 * 130, false]] as const) {
+    const rng = new Rng(n);
+    const [p, g, m, v] = [1, 1, 0.1, 0.01].map((scale) => randomF32(rng, n, scale));
+    for (let i = 0; i < n; i++) v[i] = Math.abs(v[i]);
+    const hyper = adamwHyper({
+      lr: 1e-3,
+      beta1: 0.9,
+      beta2: 0.95,
+      eps: 1e-8,
+      weightDecay: 0.1,
+      step: 3,
+    });
+    await sameBothWays(`adamw n=${n}`, async (reads) => {
+      const [pb, mb, vb] = [p, m, v].map((a) => gpu.createBuffer(a, "param/m/v"));
+      const gb = texelBuffer(g, "grad");
+      return {
+        dispatches: [
+          await adamw(gpu, {
+            param: pb,
+            grad: gb,
+            m: mb,
+            v: vb,
+            n,
+            decay,
+            hyper: gpu.createBuffer(hyper, "hyper"),
+            gradScale: texelBuffer(new Float32Array([0.75]), "grad scale"),
+            options: { reads },
+          }),
+        ],
+        outputs: [pb, mb, vb, gb],
+      };
+    });
+  }
+});
+
+gpuTest("grad norm reads the gradients from textures: the same bits", async () => {
+  const sizes = [4100 * 4, 776, 20001]; // tensors start 32-byte aligned, as bindings must
+  const g = randomF32(new Rng(11), sizes.reduce((a, b) => a + b, 0));
+  await sameBothWays("grad norm", async (reads) => {
+    const buffer = texelBuffer(g, "grads");
+    let offset = 0;
+    const tensors = sizes.map((n) => {
+      const t = { buffer, offset, n };
+      offset += n;
+      return t;
+    });
+    const partials = gpu.createBuffer(gradNormPartialsSize(tensors) * 4, "partials");
+    const total = gpu.createBuffer(4, "total");
+    return {
+      dispatches: await gradNormSquared(gpu, { tensors, partials, total, reads }),
+      outputs: [total, partials, buffer],
+    };
+  });
 });
 
 Deno.test({
