@@ -236,7 +236,12 @@ export async function crossEntropy(
       `crossEntropy: dlogitsStride ${dStride} must be an integer >= V (${V}), and V in place`,
     );
   }
-  if (vec === 4 && dStride % 4 !== 0) vec = 1;
+  if (vec === 4 && dStride % 4 !== 0) {
+    if (args.options?.vec === 4) {
+      throw new RangeError(`crossEntropy: vec4 needs dlogitsStride % 4 == 0 (got ${dStride})`);
+    }
+    vec = 1;
+  }
   const tuning = args.options?.tuning ?? (gpu.adapterSummary.isFallback ? "fallback" : "gpu");
   const wg = tuning === "gpu" ? 256 : 8;
   const u = gpu.createUniform(new Uint32Array([N]), "cross-entropy params");

@@ -137,25 +137,36 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   let row = linear_workgroup(wid, nwg);
   if (row >= p.n) { return; }
   let base = row * LANES;
+  // Each thread's lanes c = t + k WG (k < PER), kept in registers between
+  // the two sweeps (unrolled: constant indices), so x is read once.
   var ss = 0.0;
-  for (var c = t; c < LANES; c += WG) {
+  ${
+    Array.from({ length: s.per }, (_, k) =>
+      `let c${k} = t + ${k * s.wg}u;
+  var v${k} = T(0.0);
+  if (c${k} < LANES) {
     ${
-    fusedAdd
-      ? "let v = x[base + c] + delta[base + c];\n    x[base + c] = v;"
-      : "let v = x[base + c];"
-  }
-    ss += sq(v);
+        fusedAdd
+          ? `v${k} = x[base + c${k}] + delta[base + c${k}];
+    x[base + c${k}] = v${k};`
+          : `v${k} = x[base + c${k}];`
+      }
+    ss += sq(v${k});
+  }`).join("\n  ")
   }
   let r = 1.0 / sqrt(workgroup_sum(t, ss) / f32(H) + p.eps);
   if (t == 0u) { rstd[row] = r; }
-  for (var c = t; c < LANES; c += WG) {
-    y[base + c] = x[base + c] * r * w[c];
+  ${
+    Array.from({ length: s.per }, (_, k) =>
+      `if (c${k} < LANES) { y[base + c${k}] = v${k} * r * w[c${k}]; }`).join("\n  ")
   }
 }`;
 }
 
 function backwardWgsl(s: RowShape, H: number, accumulateDx: boolean): string {
   // Per-thread dw accumulators for the lanes c = t + k * WG, k < PER.
+  const each = (f: (k: number) => string, sep = "\n  ") =>
+    Array.from({ length: s.per }, (_, k) => f(k)).join(sep);
   return `${header(s, H)}
 @group(0) @binding(1) var<storage, read> dy: array<T>;
 @group(0) @binding(2) var<storage, read> x: array<T>;
@@ -171,42 +182,52 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   if (chunk >= p.chunks) { return; }
   let row0 = chunk * p.rows_per_chunk;
   let row1 = min(row0 + p.rows_per_chunk, p.n);
-  var acc: array<T, PER>;
-  var g: array<T, PER>;
-  var xh: array<T, PER>;
+  // Unrolled over k (constant indices: registers, not a private array);
+  // w is the same for every row, so it is loaded once.
+  ${
+    each((k) =>
+      `let c${k} = t + ${k * s.wg}u;
+  let in${k} = c${k} < LANES;
+  let w${k} = w[min(c${k}, LANES - 1u)];
+  var acc${k} = T(0.0);`
+    )
+  }
   for (var row = row0; row < row1; row++) {
     let r = rstd[row];
     let base = row * LANES;
     var d = 0.0;
-    for (var k = 0u; k < PER; k++) {
-      let c = t + k * WG;
-      if (c < LANES) {
-        let dyv = dy[base + c];
-        xh[k] = x[base + c] * r;
-        g[k] = dyv * w[c];
-        d += hsum(g[k] * xh[k]);
-        acc[k] += dyv * xh[k];
-      }
-    }
+    ${
+    each((k) =>
+      `var g${k} = T(0.0);
+    var xh${k} = T(0.0);
+    if (in${k}) {
+      let dyv = dy[base + c${k}];
+      xh${k} = x[base + c${k}] * r;
+      g${k} = dyv * w${k};
+      d += hsum(g${k} * xh${k});
+      acc${k} += dyv * xh${k};
+    }`, "\n    ")
+  }
     let dmean = workgroup_sum(t, d) / f32(H);
-    for (var k = 0u; k < PER; k++) {
-      let c = t + k * WG;
-      if (c < LANES) {
-        let v = r * (g[k] - xh[k] * dmean);
-        dx[base + c] = ${accumulateDx ? "dx[base + c] + v" : "v"};
+    ${
+    each((k) =>
+      `if (in${k}) {
+      let v = r * (g${k} - xh${k} * dmean);
+      dx[base + c${k}] = ${accumulateDx ? `dx[base + c${k}] + v` : "v"};
+    }`, "\n    ")
+  }
+  }
+  ${
+    each((k) =>
+      `if (in${k}) {
+    let a = acc${k};
+    ${
+        s.vec === 4
+          ? `for (var i = 0u; i < 4u; i++) { partials[(c${k} * 4u + i) * p.chunks + chunk] = a[i]; }`
+          : `partials[c${k} * p.chunks + chunk] = a;`
       }
-    }
-  }
-  for (var k = 0u; k < PER; k++) {
-    let c = t + k * WG;
-    if (c < LANES) {
-      let a = acc[k];
-      ${
-    s.vec === 4
-      ? `for (var i = 0u; i < 4u; i++) { partials[(c * 4u + i) * p.chunks + chunk] = a[i]; }`
-      : `partials[c * p.chunks + chunk] = a;`
-  }
-    }
+  }`
+    )
   }
 }`;
 }

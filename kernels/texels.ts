@@ -140,13 +140,14 @@ function rewriteIndexing(text: string, name: string): string {
  * `wgsl` with the read-only storage arrays `names` read from textures (see the
  * module comment): each declaration replaced by a `texture_2d<f32>` named
  * `<name>_tex` at the same binding plus a fetch function `<name>_at`, and every
- * `<name>[e]` by `<name>_at(e)`. Throws where a name is not a read-only
+ * `<name>[e]` by `<name>_at(e)` (line comments are dropped). Throws where a name is not a read-only
  * `array<f32>`, `array<vec2<f32>>` or `array<vec4<f32>>` of group 0, is used other than by
  * indexing (`arrayLength(&x)`, a pointer), or where `<name>_tex` / `<name>_at`
  * already exist.
  */
 export function texelReads(wgsl: string, names: readonly string[]): string {
-  let out = wgsl;
+  // Line comments go first: a name mentioned in one is not a use.
+  let out = wgsl.replace(/\/\/[^\n]*/g, "");
   for (const name of names) {
     const decl = readDecl(out, name);
     if (typeof decl === "string") throw new Error(`texelReads: ${decl}`);

@@ -17,7 +17,7 @@
  * A wrong normalization, a missing mask or a wrong target column is off by
  * O(c m) or more.
  */
-import { assert, assertClose, assertEquals } from "./assert.ts";
+import { assert, assertClose, assertEquals, assertRejects } from "./assert.ts";
 import { GPU_TEST, gpuTest, submitPass } from "./helpers.ts";
 import { Gpu } from "../kernels/runtime.ts";
 import { crossEntropy } from "../kernels/cross_entropy.ts";
@@ -162,6 +162,24 @@ gpuTest("cross-entropy loss adds across micro-batches and flags bad targets", as
   gpu.write(targetsBuf, new Uint32Array([1, 2, 3, 4, 11]));
   submitPass(gpu, ds);
   assert(Number.isNaN((await gpu.readF32(lossBuf))[0]), "bad target gives NaN");
+});
+
+gpuTest("cross-entropy refuses vec4 lanes it cannot use, saying why", async () => {
+  const b = gpu.createBuffer(4 * 8 * 12, "any");
+  const args = { logits: b, targets: b, mask: b, scale: b, rowLoss: b, loss: b, N: 2, V: 8 };
+  await assertRejects(
+    () => crossEntropy(gpu, { ...args, V: 7, dlogits: b, options: { vec: 4 } }),
+    RangeError,
+    "vec4 needs V % 4 == 0",
+  );
+  const d = gpu.createBuffer(4 * 2 * 10, "dlogits");
+  await assertRejects(
+    () => crossEntropy(gpu, { ...args, dlogits: d, dlogitsStride: 10, options: { vec: 4 } }),
+    RangeError,
+    "vec4 needs dlogitsStride % 4 == 0 (got 10)",
+  );
+  b.destroy();
+  d.destroy();
 });
 
 Deno.test({

@@ -45,7 +45,7 @@ Deno.test("texelReads: declarations become textures and reads become fetches", (
 @group(0) @binding(1) var<storage, read> x: array<T>;
 @group(0) @binding(2) var<storage, read> s: array<f32>;
 @group(0) @binding(3) var<storage, read> t2: array<vec2f>;
-@group(0) @binding(4) var<storage, read_write> y: array<T>;
+@group(0) @binding(4) var<storage, read_write> y: array<T>; // y = x, with s and t2
 fn f(i: u32) -> T { return x[i + u32(s[u32(x[i].x)])] + vec4f(t2[i], sx[0], 0.0); }`;
   // "sx" is another identifier; s's read nests a read of x.
   const out = texelReads(wgsl.replace("sx[0]", "y[0].x"), ["t2", "s", "x"]);
