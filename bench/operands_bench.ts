@@ -1,13 +1,14 @@
 /**
- * Where the CPU-driver matmuls read their operands, in whole training steps:
- * one model whose linear layers' matmuls (X W^T, dY W, dY^T X) read storage
- * buffers, one whose operands are copied into textures first where they
- * qualify (the default on CPU drivers: `auto`; the head's d logits then come
- * in padded rows for an odd vocabulary), timed in interleaved, shuffled
- * rounds (see `interleavedSteps`). Both start from the same parameters and
- * see the same batches, and their losses are printed beside the times: the
- * sums run in the same order, so they are the same. This is the measurement
- * behind `MatmulOptions.operands`' default (figures in docs/benchmarks.md).
+ * Where the CPU-driver kernels read their inputs, in whole training steps:
+ * one model (and optimizer) whose kernels read every input from storage
+ * buffers, one whose read-only inputs are copied into textures first where
+ * they qualify (the default on CPU drivers: `auto`, kernels/texels.ts; the
+ * matmuls' operands included, and the head's d logits then come in padded
+ * rows for an odd vocabulary), timed in interleaved, shuffled rounds (see
+ * `interleavedSteps`). Both start from the same parameters and see the same
+ * batches, and their losses are printed beside the times: the sums run in
+ * the same order, so they are the same. This is the measurement behind the
+ * `auto` default (figures in docs/benchmarks.md).
  *
  *   deno run -A bench/operands_bench.ts [--preset tiny] [--batch 16] [--seq 128] [--rounds 6]
  */

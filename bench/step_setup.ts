@@ -88,5 +88,9 @@ export async function stepModel(
     seed: 1,
     ...options,
   });
-  return { model, optimizer: await AdamW.create(gpu, model.trainable(), BENCH_ADAMW) };
+  // The optimizer reads as the model does (operands_bench compares the two paths).
+  const optimizer = await AdamW.create(gpu, model.trainable(), BENCH_ADAMW, {
+    reads: options.reads,
+  });
+  return { model, optimizer };
 }

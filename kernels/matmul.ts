@@ -138,7 +138,7 @@ import {
   LINEAR_WORKGROUP_WGSL,
   type Owned,
 } from "./runtime.ts";
-import { texelObstacle, texelReads, type TexelSource, texelSources } from "./texels.ts";
+import { texelObstacle, texelReads, texelSources } from "./texels.ts";
 
 /** Width in texels of the operand textures (see kernels/texels.ts). */
 export { TEXEL_ROW as OPERAND_TEXTURE_WIDTH } from "./texels.ts";
@@ -1177,30 +1177,36 @@ function chooseSlices(
   return S <= 1 ? one : { slices: S, sliceLen };
 }
 
+/** The two operands' ranges, as `texelSources` takes them (slots 0 and 1 of the shared pool). */
+function operandReads(
+  pr: Problem,
+  bufs: { a: Binding; b: Binding; names: [string, string, string] },
+): { binding: Binding; name: string; elements: number }[] {
+  return [
+    { binding: bufs.a, name: bufs.names[0], elements: aElements(pr) },
+    { binding: bufs.b, name: bufs.names[1], elements: pr.C * pr.L },
+  ];
+}
+
 /**
- * The textures a call reads its operands from, with the copies that fill
- * them (slots 0 and 1 of the shared pool, see kernels/texels.ts), or none
- * where an operand cannot go into one (then the call reads the buffers; with
- * `forced`, that throws): see `texelObstacle`.
+ * Whether both operands of a call can be read from textures (see
+ * `texelObstacle`); where one cannot, the call reads the buffers, or with
+ * `forced` throws, saying why.
  */
-function operandTextures(
+function operandsFitTextures(
   gpu: Gpu,
   label: string,
   pr: Problem,
   bufs: { a: Binding; b: Binding; names: [string, string, string] },
   forced: boolean,
-): TexelSource[] {
-  const reads = [
-    { binding: bufs.a, name: bufs.names[0], elements: aElements(pr) },
-    { binding: bufs.b, name: bufs.names[1], elements: pr.C * pr.L },
-  ];
-  for (const { binding, name, elements } of reads) {
+): boolean {
+  for (const { binding, name, elements } of operandReads(pr, bufs)) {
     const why = texelObstacle(gpu, name, binding, elements);
     if (why === null) continue;
     if (forced) throw new Error(`${label}: operands from textures: ${why}`);
-    return [];
+    return false;
   }
-  return texelSources(gpu, reads);
+  return true;
 }
 
 /**
@@ -1226,8 +1232,9 @@ async function matmulDispatches(
   checkBinding(label, bufs.names[1], bufs.b, pr.C * pr.L);
   checkBinding(label, bufs.names[2], bufs.out, pr.R * pr.C);
   let spec = await chooseSpec(gpu, pr, accumulate, opts);
-  const tex = spec.tex ? operandTextures(gpu, label, pr, bufs, opts?.operands === "textures") : [];
-  if (spec.tex && tex.length === 0) spec = { ...spec, tex: false };
+  if (spec.tex && !operandsFitTextures(gpu, label, pr, bufs, opts?.operands === "textures")) {
+    spec = { ...spec, tex: false };
+  }
   const [rowsPerTile, colsPerTile] = tileShape(spec);
   const colTiles = Math.ceil(pr.C / colsPerTile);
   const tiles = Math.ceil(pr.R / rowsPerTile) * colTiles;
@@ -1237,6 +1244,8 @@ async function matmulDispatches(
   const storageWgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
   const wgsl = spec.tex ? texelReads(storageWgsl, ["A", "B"]) : storageWgsl;
   const pipeline = await gpu.pipeline(key(spec), wgsl);
+  // Leased only once the pipeline exists (a failed compile leaves the pool as it was).
+  const tex = spec.tex ? texelSources(gpu, operandReads(pr, bufs)) : [];
   const dims = gpu.createUniform(
     new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, pr.lda]),
     `${label} dims`,

@@ -77,7 +77,7 @@ export interface PreferenceSpec {
   logits: GPUBuffer;
   /**
    * Where the head's backward reads d logits: `logits` itself, or (CPU
-   * drivers, V not a multiple of 4) rows padded to `dLogitsStride`.
+   * drivers) a buffer of its own, in rows padded to `dLogitsStride`.
    */
   dLogits: GPUBuffer;
   /** Elements between rows of `dLogits` (V unless padded). */
@@ -98,6 +98,8 @@ export interface PreferenceSpec {
   evalStats: GPUBuffer;
   /** Allocates a buffer the training model owns. */
   buffer: (bytes: number, label: string) => GPUBuffer;
+  /** Where the kernels read their inputs (`TrainingModelOptions.reads`); default `auto`. */
+  reads?: "auto" | "storage";
 }
 
 /** Builds every dispatch of the DPO step (see the module comment for the order). */
@@ -158,6 +160,7 @@ export async function buildPreferencePlan(
           loss: discard,
           N: R,
           V,
+          options: { reads: spec.reads },
         }),
       );
     const refLogits = mine(
@@ -168,6 +171,7 @@ export async function buildPreferencePlan(
         M: R,
         K: H,
         N: V,
+        options: { operands: spec.reads },
       }),
     );
     const h = spec.headChunks[c];

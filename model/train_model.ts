@@ -805,6 +805,7 @@ export class TrainingModel {
         evalLoss: this.#evalLoss,
         evalStats: this.#dpoEvalStats,
         buffer: (bytes, label) => this.#buffer(bytes, label),
+        reads,
       });
     }
   }

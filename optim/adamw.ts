@@ -27,6 +27,7 @@ import {
 } from "../kernels/runtime.ts";
 import { adamw, ADAMW_HYPER_FLOATS, adamwHyper } from "../kernels/adamw.ts";
 import { clipScale, gradNormPartialsSize, gradNormSquared } from "../kernels/grad_norm.ts";
+import type { ReadPath } from "../kernels/texels.ts";
 import { UserError } from "../util/errors.ts";
 
 /** Pieces of a run start at multiples of this many floats (256 bytes: any device's offset alignment). */
@@ -106,17 +107,20 @@ export class AdamW {
   #normSq!: GPUBuffer; // [1] sum of squares of all gradients
   #clip!: GPUBuffer; // [1] the clip factor the update multiplies gradients by
   #dispatches: Dispatch[] = [];
+  #reads: ReadPath | undefined;
 
   private constructor(
     gpu: Gpu,
     target: OptimizedParameters,
     hyperparameters: AdamWHyperparameters,
     steps: number,
+    reads: ReadPath | undefined,
   ) {
     this.#gpu = gpu;
     this.#target = target;
     this.#hyperparameters = { ...hyperparameters };
     this.#steps = steps;
+    this.#reads = reads;
   }
 
   /**
@@ -128,14 +132,18 @@ export class AdamW {
     gpu: Gpu,
     target: OptimizedParameters,
     hyperparameters: AdamWHyperparameters,
-    opts: { steps?: number } = {},
+    opts: {
+      steps?: number;
+      /** Where AdamW and the grad norm read the gradients (kernels/texels.ts); default `auto`. */
+      reads?: ReadPath;
+    } = {},
   ): Promise<AdamW> {
     checkHyperparameters(hyperparameters);
     const steps = opts.steps ?? 0;
     if (!Number.isInteger(steps) || steps < 0) {
       throw new UserError(`AdamW: steps already taken must be a whole number, got ${steps}`);
     }
-    const opt = new AdamW(gpu, target, hyperparameters, steps);
+    const opt = new AdamW(gpu, target, hyperparameters, steps, opts.reads);
     try {
       await opt.#build();
     } catch (e) {
@@ -178,7 +186,12 @@ export class AdamW {
     const grads = pieces.map((p) => ({ buffer: t.grads, offset: p.offset, n: p.size }));
     const partials = this.#buffer(gradNormPartialsSize(grads) * 4, "grad norm partials");
     this.#dispatches.push(
-      ...await gradNormSquared(gpu, { tensors: grads, partials, total: this.#normSq }),
+      ...await gradNormSquared(gpu, {
+        tensors: grads,
+        partials,
+        total: this.#normSq,
+        reads: this.#reads,
+      }),
       await clipScale(gpu, { total: this.#normSq, hyper: this.#hyper, scale: this.#clip }),
     );
     const range = (buffer: GPUBuffer, p: { offset: number; size: number }) => ({
@@ -197,6 +210,7 @@ export class AdamW {
           decay: p.decay,
           hyper: this.#hyper,
           gradScale: this.#clip,
+          options: { reads: this.#reads },
         }),
       );
     }

@@ -346,6 +346,8 @@ gpuTest("attention reads textures: the same bits, both designs, forward and back
     { B: 2, T: 33, nH: 4, nKV: 2, hd: 32, design: "rows" },
     { B: 1, T: 70, nH: 2, nKV: 1, hd: 64, design: "rows" },
     { B: 2, T: 19, nH: 2, nKV: 2, hd: 18, design: "tiled" },
+    // B T nH = 7 rows: the internal D buffer must still fill whole texels.
+    { B: 1, T: 7, nH: 1, nKV: 1, hd: 32, design: "rows" },
   ];
   for (const c of cases) {
     const { B, T, nH, nKV, hd } = c;

@@ -297,7 +297,8 @@ export async function attentionBackward(
   }
   const vec = hd % 4 === 0 ? 4 : 1;
   const rows = B * T * nH;
-  const D = gpu.createBuffer(rows * 4, "attention D [B, nH, T]");
+  // Whole texels (16 bytes), so that the backward kernels can read D from a texture.
+  const D = gpu.createBuffer(Math.ceil(rows / 4) * 16, "attention D [B, nH, T]");
   const dParams = gpu.createUniform(new Uint32Array([T, nH, hd, rows]), "attention D params");
   const group = nH / nKV;
   const nkb = Math.ceil(T / dkv.rows);
