@@ -23,7 +23,7 @@
  * table). Recomputing `silu(gate) * up` in the backward is not counted, as
  * MFU does not count recomputation.
  */
-import { Gpu } from "../kernels/runtime.ts";
+import { Gpu, PassRecorder } from "../kernels/runtime.ts";
 import { type BenchRow, median, rates } from "./harness.ts";
 import { ADAMW_HYPER_FLOATS } from "../kernels/adamw.ts";
 import { randomBatch, stepModel } from "./step_setup.ts";
@@ -99,8 +99,18 @@ export async function benchTrainStep(
       // The structure of a step: what is recorded, what crosses from the host, what is held.
       const dispatches = [...model.stepDispatches(), ...optimizer.stepDispatches()];
       extra["dispatches/step"] = dispatches.length;
-      // Operand copies into textures (CPU drivers' matmuls), outside the compute passes.
-      extra["texture copies/step"] = dispatches.reduce((n, d) => n + (d.copies?.length ?? 0), 0);
+      // Input copies into textures (CPU drivers), outside the compute passes: those a step
+      // records (as it does: the model's dispatches, then the optimizer's, each recorder
+      // leaving out copies whose texture holds the range already), counted on an encoder
+      // that is never submitted.
+      let copies = 0;
+      for (const part of [model.stepDispatches(), optimizer.stepDispatches()]) {
+        const recorder = new PassRecorder(gpu, gpu.device.createCommandEncoder());
+        recorder.record(part);
+        recorder.end();
+        copies += recorder.copiesRecorded;
+      }
+      extra["texture copies/step"] = copies;
       extra["host KiB/step"] = (model.batchUploadBytes + ADAMW_HYPER_FLOATS * 4) / 1024;
       extra["GPU MiB"] = (model.gpuBytes + optimizer.gpuBytes) / 2 ** 20;
       rows.push({

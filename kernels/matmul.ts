@@ -1263,6 +1263,7 @@ async function matmulDispatches(
         bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, out], label),
         workgroups: tiles * slices,
         owned: own,
+        writes: [bindingResource(out).buffer],
       };
     }
     const [a, b] = tex;
@@ -1282,6 +1283,7 @@ async function matmulDispatches(
       workgroups: tiles * slices,
       owned: [...own, a.lease, b.lease],
       copies: [a.copy, b.copy],
+      writes: [bindingResource(out).buffer],
     };
   };
   if (slices === 1) return [kernel(bufs.out, [dims])];
@@ -1307,6 +1309,7 @@ async function matmulDispatches(
       bindGroup: gpu.bindGroup(reduce, [params, partials, bufs.out], `${label} split-K reduce`),
       workgroups: Math.ceil(n / vec / 256),
       owned: [params],
+      writes: [bindingResource(bufs.out).buffer],
     },
   ];
 }

@@ -572,6 +572,13 @@ export interface Dispatch {
    * dispatch.
    */
   copies?: TextureCopy[];
+  /**
+   * The buffers it may write (absent: unknown, anything). `PassRecorder`
+   * skips a copy into a texture that already holds the same range, from a
+   * copy recorded earlier with no write to its buffer since; only dispatches
+   * that say what they write let such a copy survive them.
+   */
+  writes?: GPUBuffer[];
 }
 
 /** Destroys what `dispatches` own (see `Dispatch.owned`); the dispatches are dead after. */
@@ -685,8 +692,14 @@ export class PassRecorder {
   readonly #encoder: GPUCommandEncoder;
   readonly #timestamps?: PassTimestamps;
   #pass: GPUComputePassEncoder | undefined;
+  /** Copies recorded so far that the texture still holds, by texture. */
+  #filled = new Map<GPUTexture, TextureCopy>();
   #began = false;
   #ended = false;
+  /** Texture copies recorded so far. */
+  copiesRecorded = 0;
+  /** Texture copies left out so far: their texture held the range already. */
+  copiesSkipped = 0;
 
   constructor(gpu: Gpu, encoder: GPUCommandEncoder, timestamps?: PassTimestamps) {
     this.#gpu = gpu;
@@ -694,17 +707,39 @@ export class PassRecorder {
     this.#timestamps = timestamps;
   }
 
-  /** Records `dispatches` in order (each preceded by its texture copies). */
+  /**
+   * Records `dispatches` in order, each preceded by the texture copies it
+   * needs: those whose texture does not already hold the same buffer range
+   * from an earlier copy of this recorder with no write to that buffer since
+   * (`Dispatch.writes`).
+   */
   record(dispatches: Dispatch | Dispatch[]): void {
     if (this.#ended) throw new Error("PassRecorder: record after end");
     for (const d of Array.isArray(dispatches) ? dispatches : [dispatches]) {
-      if (d.copies?.length) {
+      const needed = (d.copies ?? []).filter((c) => !this.#holds(c));
+      this.copiesSkipped += (d.copies?.length ?? 0) - needed.length;
+      this.copiesRecorded += needed.length;
+      if (needed.length) {
         this.#pass?.end();
         this.#pass = undefined;
-        recordCopies(this.#encoder, d.copies);
+        recordCopies(this.#encoder, needed);
+        for (const c of needed) this.#filled.set(c.texture, c);
       }
       this.#gpu.dispatch(this.#open(), d.pipeline, d.bindGroup, d.workgroups);
+      if (!d.writes) this.#filled.clear();
+      else {
+        for (const [texture, c] of this.#filled) {
+          if (d.writes.includes(c.buffer)) this.#filled.delete(texture);
+        }
+      }
     }
+  }
+
+  /** Whether `c`'s texture holds its range already (see `record`). */
+  #holds(c: TextureCopy): boolean {
+    const f = this.#filled.get(c.texture);
+    return f !== undefined && f.buffer === c.buffer && f.offset === c.offset &&
+      f.texels === c.texels;
   }
 
   #open(): GPUComputePassEncoder {

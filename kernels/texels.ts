@@ -328,6 +328,7 @@ export async function kernelDispatch(gpu: Gpu, k: KernelSource): Promise<Dispatc
     const texels = chosen.reduce((s, c) => s + Math.ceil(c.elements / 4), 0);
     if (path === "auto" && texels < TEXEL_READ_MIN) chosen.length = 0;
   }
+  const writes = writtenBuffers(k.wgsl, k.bindings);
   if (chosen.length === 0) {
     const pipeline = await gpu.pipeline(k.key, k.wgsl);
     return {
@@ -336,6 +337,7 @@ export async function kernelDispatch(gpu: Gpu, k: KernelSource): Promise<Dispatc
       bindGroup: gpu.bindGroup(pipeline, k.bindings, k.label),
       workgroups: k.workgroups,
       owned: k.owned ?? [],
+      writes,
     };
   }
   const names = chosen.map((c) => c.decl.name);
@@ -356,5 +358,12 @@ export async function kernelDispatch(gpu: Gpu, k: KernelSource): Promise<Dispatc
     workgroups: k.workgroups,
     owned: [...k.owned ?? [], ...sources.map((s) => s.lease)],
     copies: sources.map((s) => s.copy),
+    writes,
   };
+}
+
+/** The buffers bound to the kernel's `read_write` storage declarations (what it may write). */
+function writtenBuffers(wgsl: string, bindings: Binding[]): GPUBuffer[] {
+  const re = /@group\(0\)\s*@binding\((\d+)\)\s*var<storage,\s*read_write>/g;
+  return [...wgsl.matchAll(re)].map((m) => rangeOf(bindings[Number(m[1])]).buffer);
 }

@@ -22,6 +22,7 @@ import {
   type Dispatch,
   Gpu,
   ownedBytes,
+  PassRecorder,
   releaseDispatches,
 } from "../kernels/runtime.ts";
 import {
@@ -180,6 +181,60 @@ gpuTest(
       );
     }
     for (const b of [xb, yb, noCopy]) b.destroy();
+  },
+);
+
+gpuTest(
+  "PassRecorder leaves out a copy whose texture holds the range, until its buffer is written",
+  async () => {
+    const n = 3000;
+    const x0 = randomF32(new Rng(5), n);
+    const xb = texelBuffer(x0, "x");
+    const ys = [0, 1, 2, 3].map((i) => gpu.createBuffer(n * 4, `y${i}`));
+    const copy = (y: GPUBuffer) =>
+      kernelDispatch(gpu, {
+        label: "copy",
+        key: "texels test copy vec=false",
+        wgsl: copyKernel(false),
+        bindings: [xb, y],
+        workgroups: Math.ceil(n / 64),
+        textureReads: { x: n },
+        reads: "textures",
+      });
+    // x += 1 in place: a dispatch that says it writes x (kernelDispatch reads its
+    // read_write bindings from the WGSL).
+    const bump = await kernelDispatch(gpu, {
+      label: "bump",
+      key: "texels test bump",
+      wgsl: `@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) g: vec3u) {
+  if (g.x < ${n}u) { x[g.x] = x[g.x] + 1.0; }
+}`,
+      bindings: [xb],
+      workgroups: Math.ceil(n / 64),
+      textureReads: {},
+    });
+    assertEquals(bump.writes, [xb], "its writes");
+    const [c0, c1, c2, c3] = await Promise.all(ys.map(copy));
+    const unknown = { ...c2, writes: undefined }; // writes not stated: anything
+    let recorder: PassRecorder | undefined;
+    gpu.submit((enc) => {
+      recorder = new PassRecorder(gpu, enc);
+      // c0 copies x in; c1 finds it there; bump writes x, so c2 copies again;
+      // `unknown` (c2 again) finds it there, but does not say what it writes,
+      // so c3 copies again.
+      recorder.record([c0, c1, bump, c2, unknown, c3]);
+      recorder.end();
+    });
+    assertEquals([recorder!.copiesRecorded, recorder!.copiesSkipped], [3, 2]);
+    const plus1 = x0.map((v) => v + 1);
+    assertEquals(await gpu.readF32(ys[0]), x0, "y0");
+    assertEquals(await gpu.readF32(ys[1]), x0, "y1 from the texture c0 filled");
+    assertEquals(await gpu.readF32(ys[2]), plus1, "y2 after the bump");
+    assertEquals(await gpu.readF32(ys[3]), plus1, "y3 after the bump");
+    releaseDispatches([c0, c1, c2, c3, bump]);
+    for (const b of [xb, ...ys]) b.destroy();
   },
 );
 
