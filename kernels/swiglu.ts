@@ -150,7 +150,8 @@ function laneDispatch(
     bindings: [u, ...buffers],
     workgroups: Math.ceil(count / WG),
     owned: [u],
-    textureReads: forward ? { gateUp: N * 2 * I } : { dh: N * I, gateUp: N * 2 * I },
+    // gate|up first: the slot the forward used, so the recomputing forward's copy serves (PassRecorder).
+    textureReads: forward ? { gateUp: N * 2 * I } : { gateUp: N * 2 * I, dh: N * I },
     reads: options?.reads,
   });
 }
