@@ -138,7 +138,7 @@ import {
   LINEAR_WORKGROUP_WGSL,
   type Owned,
 } from "./runtime.ts";
-import { texelObstacle, texelReads, texelSources } from "./texels.ts";
+import { kernelDispatch, texelObstacle } from "./texels.ts";
 
 /** Width in texels of the operand textures (see kernels/texels.ts). */
 export { TEXEL_ROW as OPERAND_TEXTURE_WIDTH } from "./texels.ts";
@@ -246,11 +246,6 @@ function key(s: KernelSpec): string {
   const acc = s.accumulate ? "acc" : "set";
   return `matmul-${s.design}-a${s.a}${s.va}-b${s.b}${s.vb}-o${s.vo}-${acc}-t${s.bm}x${s.bn}-` +
     `${s.tm}x${s.tn}x${s.lanes}-s${s.step}${s.tex ? "-tex" : ""}${s.clampL ? "-clampL" : ""}`;
-}
-
-/** The vec4 at vec4 index `i` of operand `X` (a texel fetch once `texelReads` rewrites the kernel). */
-function vec4At(X: "A" | "B", i: string): string {
-  return `${X}[${i}]`;
 }
 
 // ---------------------------------------------------------------------------
@@ -640,7 +635,7 @@ function directLoads(
     for (let i = 0; i < n; i++) {
       const r = `min(${first} + ${i}u, dims.${dim} - 1u)`;
       if (vec === 4) {
-        raw.push([`v${name}${i}`, vec4At(operand, `(${r} * ${stride} + L_) / 4u`)]);
+        raw.push([`v${name}${i}`, `${operand}[(${r} * ${stride} + L_) / 4u]`]);
         for (let q = 0; q < 4; q++) unpack.push(`let ${name}${i}_${q} = v${name}${i}[${q}];`);
       } else {
         raw.push([`${name}${i}_0`, `${operand}[${r} * ${stride} + L_]`]);
@@ -654,7 +649,7 @@ function directLoads(
         const r = `min(${first} + ${4 * g}u, ${stride} - 4u)`;
         raw.push([
           `v${name}${g}_${q}`,
-          vec4At(operand, `(${lrow(q)} * ${stride} + ${r}) / 4u`),
+          `${operand}[(${lrow(q)} * ${stride} + ${r}) / 4u]`,
         ]);
         for (let p = 0; p < 4; p++) {
           unpack.push(`let ${name}${4 * g + p}_${q} = v${name}${g}_${q}[${p}];`);
@@ -704,14 +699,14 @@ function fallbackWgsl(s: KernelSpec): string {
         const r = `min(${row}, dims.R - 1u)`;
         raw.push([
           `ca${c}`,
-          s.va === 4 ? vec4At("A", `(${r} * dims.lda + L_) / 4u`) : `A[${r} * dims.lda + L_]`,
+          s.va === 4 ? `A[(${r} * dims.lda + L_) / 4u]` : `A[${r} * dims.lda + L_]`,
         ]);
       } else {
         for (let q = 0; q < step; q++) {
           raw.push([
             `ca${c}_${q}`,
             s.va === 4
-              ? vec4At("A", `((L_ + ${q}u) * dims.lda + min(${row}, dims.lda - 4u)) / 4u`)
+              ? `A[((L_ + ${q}u) * dims.lda + min(${row}, dims.lda - 4u)) / 4u]`
               : `A[(L_ + ${q}u) * dims.lda + min(${row}, dims.R - 1u)]`,
           ]);
         }
@@ -791,12 +786,8 @@ function fallbackWgsl(s: KernelSpec): string {
   // Index of A(r, l) and B(c, l) in their scalar views, for the slow path.
   const aIndex = s.a === "red" ? "r * dims.lda + l" : "l * dims.lda + r";
   const bIndex = s.b === "red" ? "c * dims.L + l" : "l * dims.C + c";
-  const aLoad = s.va === 4
-    ? `${vec4At("A", `(${aIndex}) / 4u`)}[(${aIndex}) % 4u]`
-    : `A[${aIndex}]`;
-  const bLoad = s.vb === 4
-    ? `${vec4At("B", `(${bIndex}) / 4u`)}[(${bIndex}) % 4u]`
-    : `B[${bIndex}]`;
+  const aLoad = s.va === 4 ? `A[(${aIndex}) / 4u][(${aIndex}) % 4u]` : `A[${aIndex}]`;
+  const bLoad = s.vb === 4 ? `B[(${bIndex}) / 4u][(${bIndex}) % 4u]` : `B[${bIndex}]`;
 
   if (!sub) {
     return `${header(s)}
@@ -1177,17 +1168,6 @@ function chooseSlices(
   return S <= 1 ? one : { slices: S, sliceLen };
 }
 
-/** The two operands' ranges, as `texelSources` takes them (slots 0 and 1 of the shared pool). */
-function operandReads(
-  pr: Problem,
-  bufs: { a: Binding; b: Binding; names: [string, string, string] },
-): { binding: Binding; name: string; elements: number }[] {
-  return [
-    { binding: bufs.a, name: bufs.names[0], elements: aElements(pr) },
-    { binding: bufs.b, name: bufs.names[1], elements: pr.C * pr.L },
-  ];
-}
-
 /**
  * Whether both operands of a call can be read from textures (see
  * `texelObstacle`); where one cannot, the call reads the buffers, or with
@@ -1200,7 +1180,11 @@ function operandsFitTextures(
   bufs: { a: Binding; b: Binding; names: [string, string, string] },
   forced: boolean,
 ): boolean {
-  for (const { binding, name, elements } of operandReads(pr, bufs)) {
+  const operands: [Binding, string, number][] = [
+    [bufs.a, bufs.names[0], aElements(pr)],
+    [bufs.b, bufs.names[1], pr.C * pr.L],
+  ];
+  for (const [binding, name, elements] of operands) {
     const why = texelObstacle(gpu, name, binding, elements);
     if (why === null) continue;
     if (forced) throw new Error(`${label}: operands from textures: ${why}`);
@@ -1241,11 +1225,6 @@ async function matmulDispatches(
   const { slices, sliceLen } = chooseSlices(gpu, pr, spec, tiles, opts, allowSplit);
   // Slices write their partials; the reduction does the accumulating.
   if (slices > 1) spec = { ...spec, accumulate: false };
-  const storageWgsl = spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec);
-  const wgsl = spec.tex ? texelReads(storageWgsl, ["A", "B"]) : storageWgsl;
-  const pipeline = await gpu.pipeline(key(spec), wgsl);
-  // Leased only once the pipeline exists (a failed compile leaves the pool as it was).
-  const tex = spec.tex ? texelSources(gpu, operandReads(pr, bufs)) : [];
   const dims = gpu.createUniform(
     new Uint32Array([pr.R, pr.C, pr.L, colTiles, tiles, sliceLen, slices, pr.lda]),
     `${label} dims`,
@@ -1255,38 +1234,21 @@ async function matmulDispatches(
     : `${spec.design} ${spec.tm}x${spec.tn} per lane, ${spec.lanes} lanes, step ${spec.step}`;
   const split = slices > 1 ? `, split-K ${slices} x ${sliceLen}` : "";
   const kernelLabel = `${label} (${design}${split}, vec ${spec.va}/${spec.vb}/${spec.vo})`;
-  const kernel = (out: Binding, own: Owned[]): Dispatch => {
-    if (!spec.tex) {
-      return {
-        label: kernelLabel,
-        pipeline,
-        bindGroup: gpu.bindGroup(pipeline, [dims, bufs.a, bufs.b, out], label),
-        workgroups: tiles * slices,
-        owned: own,
-        writes: [bindingResource(out).buffer],
-      };
-    }
-    const [a, b] = tex;
-    return {
-      label: `${kernelLabel}, operands from textures`,
-      pipeline,
-      bindGroup: gpu.device.createBindGroup({
-        label,
-        layout: pipeline.getBindGroupLayout(0),
-        entries: [
-          { binding: 0, resource: { buffer: dims } },
-          { binding: 1, resource: a.texture.createView() },
-          { binding: 2, resource: b.texture.createView() },
-          { binding: 3, resource: bindingResource(out) },
-        ],
-      }),
+  // The kernel, with A and B from textures where `spec.tex` (kernels/texels.ts).
+  const kernel = async (out: Binding, own: Owned[]): Promise<Dispatch> => {
+    const d = await kernelDispatch(gpu, {
+      label: kernelLabel,
+      key: key(spec),
+      wgsl: spec.design === "tiled" ? tiledWgsl(spec) : fallbackWgsl(spec),
+      bindings: [dims, bufs.a, bufs.b, out],
       workgroups: tiles * slices,
-      owned: [...own, a.lease, b.lease],
-      copies: [a.copy, b.copy],
-      writes: [bindingResource(out).buffer],
-    };
+      owned: own,
+      textureReads: { A: aElements(pr), B: pr.C * pr.L },
+      reads: spec.tex ? "textures" : "storage",
+    });
+    return spec.tex ? { ...d, label: `${kernelLabel}, operands from textures` } : d;
   };
-  if (slices === 1) return [kernel(bufs.out, [dims])];
+  if (slices === 1) return [await kernel(bufs.out, [dims])];
   const n = pr.R * pr.C;
   const ownPartials = !sharedPartials || sharedPartials.size < slices * n * 4;
   const partials = ownPartials
@@ -1302,7 +1264,7 @@ async function matmulDispatches(
     `${label} split-K reduce params`,
   );
   return [
-    kernel(partials, ownPartials ? [dims, partials] : [dims]),
+    await kernel(partials, ownPartials ? [dims, partials] : [dims]),
     {
       label: `${label} split-K reduce (${slices} slices, vec ${vec})`,
       pipeline: reduce,

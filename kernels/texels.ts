@@ -258,7 +258,7 @@ export function texelObstacle(gpu: Gpu, name: string, b: Binding, elements: numb
 }
 
 /** An input's texture, the copy that fills it, and the lease that keeps it. */
-export interface TexelSource {
+interface TexelSource {
   texture: GPUTexture;
   copy: TextureCopy;
   lease: Owned;
@@ -269,7 +269,7 @@ export interface TexelSource {
  * pool), with their copies: the first `elements` floats of each binding.
  * Call only where `texelObstacle` found none.
  */
-export function texelSources(
+function texelSources(
   gpu: Gpu,
   reads: readonly { binding: Binding; elements: number }[],
 ): TexelSource[] {
