@@ -74,13 +74,11 @@ function rowWgsl(V: number, vec: 1 | 4, inPlace: boolean, WG: number, dStride: n
   const lanes = V / vec;
   // dlogits rows are dStride elements apart; the lanes past V are padding, written as zeros.
   const dLanes = dStride / vec;
-  const pad = dLanes > lanes
-    ? `for (var c = LANES + t; c < D_LANES; c += WG) { ${
-      inPlace ? "logits" : "dlogits"
-    }[dbase + c] = T(0.0); }`
-    : "";
-  // L is where logits are read, D where dlogits go (the same array in place).
+  // Where dlogits go (the logits array itself in place).
   const D = inPlace ? "logits" : "dlogits";
+  const pad = dLanes > lanes
+    ? `for (var c = LANES + t; c < D_LANES; c += WG) { ${D}[dbase + c] = T(0.0); }`
+    : "";
   return `${LINEAR_WORKGROUP_WGSL}
 alias T = ${T};
 const V: u32 = ${V}u;

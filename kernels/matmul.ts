@@ -63,7 +63,7 @@
  *   and otherwise takes a plain dot-product loop, so correctness never rests
  *   on an assumed subgroup size.
  *
- * Operands from textures (both CPU-driver designs, `MatmulOptions.operands`).
+ * Operands from textures (both CPU-driver designs, `MatmulOptions.reads`).
  * On llvmpipe a storage-buffer load costs about 23 ns per invocation whether
  * or not its address is the same in every lane (a loop over the lanes with
  * bounds checks), a `textureLoad` of an rgba32f texel about 4.5 ns
@@ -138,7 +138,7 @@ import {
   LINEAR_WORKGROUP_WGSL,
   type Owned,
 } from "./runtime.ts";
-import { kernelDispatch, texelObstacle } from "./texels.ts";
+import { kernelDispatch, type ReadPath, texelObstacle } from "./texels.ts";
 
 /** Width in texels of the operand textures (see kernels/texels.ts). */
 export { TEXEL_ROW as OPERAND_TEXTURE_WIDTH } from "./texels.ts";
@@ -186,7 +186,7 @@ export interface MatmulOptions {
    * and the textures fit the device. Forcing `textures` where they do not
    * qualify throws.
    */
-  operands?: "auto" | "storage" | "textures";
+  reads?: ReadPath;
 }
 
 /** Layout of one operand: is its reduction index (`l`) the contiguous one? */
@@ -965,7 +965,7 @@ async function chooseSpec(
   // (texels hold 4 consecutive elements of the contiguous dimension). Auto:
   // every form beyond the small problems, where compile time dominates (see
   // the module comment for what it measured).
-  const operands = opts?.operands ?? "auto";
+  const operands = opts?.reads ?? "auto";
   const texOk = va === 4 && vb === 4 && step === 4;
   const fallbackTex = operands === "textures" || (operands === "auto" && texOk && !small);
   // The CPU designs' operand path and reduction stepping.
@@ -1216,7 +1216,7 @@ async function matmulDispatches(
   checkBinding(label, bufs.names[1], bufs.b, pr.C * pr.L);
   checkBinding(label, bufs.names[2], bufs.out, pr.R * pr.C);
   let spec = await chooseSpec(gpu, pr, accumulate, opts);
-  if (spec.tex && !operandsFitTextures(gpu, label, pr, bufs, opts?.operands === "textures")) {
+  if (spec.tex && !operandsFitTextures(gpu, label, pr, bufs, opts?.reads === "textures")) {
     spec = { ...spec, tex: false };
   }
   const [rowsPerTile, colsPerTile] = tileShape(spec);

@@ -122,6 +122,11 @@ struct Params { n: u32, eps: f32, chunks: u32, rows_per_chunk: u32 }
 ${workgroupSumWgsl(s.wg)}`;
 }
 
+/** `f(k)` for each of a thread's lanes k < PER, joined: the kernels' unrolled per-lane code. */
+function perLane(s: RowShape, f: (k: number) => string, sep = "\n  "): string {
+  return Array.from({ length: s.per }, (_, k) => f(k)).join(sep);
+}
+
 function forwardWgsl(s: RowShape, H: number, fusedAdd: boolean): string {
   const xAccess = fusedAdd ? "read_write" : "read";
   return `${header(s, H)}
@@ -141,7 +146,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   // the two sweeps (unrolled: constant indices), so x is read once.
   var ss = 0.0;
   ${
-    Array.from({ length: s.per }, (_, k) =>
+    perLane(s, (k) =>
       `let c${k} = t + ${k * s.wg}u;
   var v${k} = T(0.0);
   if (c${k} < LANES) {
@@ -152,21 +157,16 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
           : `v${k} = x[base + c${k}];`
       }
     ss += sq(v${k});
-  }`).join("\n  ")
+  }`)
   }
   let r = 1.0 / sqrt(workgroup_sum(t, ss) / f32(H) + p.eps);
   if (t == 0u) { rstd[row] = r; }
-  ${
-    Array.from({ length: s.per }, (_, k) =>
-      `if (c${k} < LANES) { y[base + c${k}] = v${k} * r * w[c${k}]; }`).join("\n  ")
-  }
+  ${perLane(s, (k) => `if (c${k} < LANES) { y[base + c${k}] = v${k} * r * w[c${k}]; }`)}
 }`;
 }
 
 function backwardWgsl(s: RowShape, H: number, accumulateDx: boolean): string {
   // Per-thread dw accumulators for the lanes c = t + k * WG, k < PER.
-  const each = (f: (k: number) => string, sep = "\n  ") =>
-    Array.from({ length: s.per }, (_, k) => f(k)).join(sep);
   return `${header(s, H)}
 @group(0) @binding(1) var<storage, read> dy: array<T>;
 @group(0) @binding(2) var<storage, read> x: array<T>;
@@ -185,19 +185,18 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   // Unrolled over k (constant indices: registers, not a private array);
   // w is the same for every row, so it is loaded once.
   ${
-    each((k) =>
+    perLane(s, (k) =>
       `let c${k} = t + ${k * s.wg}u;
   let in${k} = c${k} < LANES;
   let w${k} = w[min(c${k}, LANES - 1u)];
-  var acc${k} = T(0.0);`
-    )
+  var acc${k} = T(0.0);`)
   }
   for (var row = row0; row < row1; row++) {
     let r = rstd[row];
     let base = row * LANES;
     var d = 0.0;
     ${
-    each((k) =>
+    perLane(s, (k) =>
       `var g${k} = T(0.0);
     var xh${k} = T(0.0);
     if (in${k}) {
@@ -210,7 +209,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
     let dmean = workgroup_sum(t, d) / f32(H);
     ${
-    each((k) =>
+    perLane(s, (k) =>
       `if (in${k}) {
       let v = r * (g${k} - xh${k} * dmean);
       dx[base + c${k}] = ${accumulateDx ? `dx[base + c${k}] + v` : "v"};
@@ -218,7 +217,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
   }
   }
   ${
-    each((k) =>
+    perLane(s, (k) =>
       `if (in${k}) {
     let a = acc${k};
     ${
@@ -226,8 +225,7 @@ fn main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
           ? `for (var i = 0u; i < 4u; i++) { partials[(c${k} * 4u + i) * p.chunks + chunk] = a[i]; }`
           : `partials[c${k} * p.chunks + chunk] = a;`
       }
-  }`
-    )
+  }`)
   }
 }`;
 }

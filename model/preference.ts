@@ -171,7 +171,7 @@ export async function buildPreferencePlan(
         M: R,
         K: H,
         N: V,
-        options: { operands: spec.reads },
+        options: { reads: spec.reads },
       }),
     );
     const h = spec.headChunks[c];

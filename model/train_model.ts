@@ -66,13 +66,7 @@ import {
   PassRecorder,
   releaseDispatches,
 } from "../kernels/runtime.ts";
-import {
-  matmulDyTXSplitK,
-  matmulDyW,
-  type MatmulOptions,
-  matmulXWt,
-  splitKPartialsBytes,
-} from "../kernels/matmul.ts";
+import { matmulDyTXSplitK, matmulDyW, matmulXWt, splitKPartialsBytes } from "../kernels/matmul.ts";
 import { attentionBackward, attentionForward } from "../kernels/attention/mod.ts";
 import { ropeBackward, ropeForward } from "../kernels/rope.ts";
 import { embeddingBackward, type EmbeddingGroups, groupByToken } from "../kernels/embedding.ts";
@@ -138,7 +132,7 @@ export interface TrainingModelOptions {
   reference?: Map<string, Float32Array>;
   /**
    * Where the kernels read their inputs on CPU drivers (kernels/texels.ts,
-   * `MatmulOptions.operands`): `auto` (the default) copies them into textures
+   * `MatmulOptions.reads`): `auto` (the default) copies them into textures
    * where they qualify, keeps d logits apart from the logits (so that
    * cross-entropy reads the logits from a texture) and pads its rows for an
    * odd vocabulary (so that the head's backward matmuls read it as vec4s);
@@ -383,9 +377,8 @@ export class TrainingModel {
     const theta = c.rope_theta;
     const qk = c.qk_norm;
     const f32 = (n: number) => n * 4;
-    // Every kernel's read path (kernels/texels.ts); the matmuls call it `operands`.
-    const options: MatmulOptions = { operands: reads };
-    const kernelOptions = { reads };
+    // Every kernel's read path (kernels/texels.ts).
+    const options = { reads };
     const texelReads = gpu.adapterSummary.isFallback && reads === "auto";
     const P = bindLayout(this.#layout, this.#params);
     // With a frozen base there are no weight gradients: every dispatch that
@@ -507,7 +500,7 @@ export class TrainingModel {
       });
     // RMSNorm's backward is a dx dispatch then a dw dispatch; a frozen base keeps only dx.
     const normBackward = async (args: Parameters<typeof rmsnormBackward>[1]) => {
-      const d = await rmsnormBackward(gpu, { ...args, options: kernelOptions });
+      const d = await rmsnormBackward(gpu, { ...args, options });
       if (!frozen) return d;
       releaseDispatches(d.slice(1));
       return d.slice(0, 1);
@@ -605,7 +598,7 @@ export class TrainingModel {
           loss,
           N: R,
           V,
-          options: kernelOptions,
+          options,
         });
       this.#headChunks.push({
         logits: await matmulXWt(gpu, { x: xf, w: P.head, y: lg, M: R, K: H, N: V, options }),
@@ -661,7 +654,7 @@ export class TrainingModel {
       bwd.push(
         // MLP, y = act Wd^T: act is rebuilt, consumed by dWd, and its buffer
         // then takes d act = dy Wd.
-        await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I, options: kernelOptions }),
+        await swigluForward(gpu, { gateUp: a.gateUp, h: mlpScratch, N, I, options }),
         ...await linearDw(dResid, mlpScratch, dW.down, H, I),
         ...await loraWeights(l, "down", dResid, mlpScratch),
         await linearDx(dResid, W.down, mlpScratch, H, I),
@@ -672,7 +665,7 @@ export class TrainingModel {
           dGateUp,
           N,
           I,
-          options: kernelOptions,
+          options,
         }),
         // gate|up = h2 [Wg; Wu]^T: one weight gradient, and d h2 = d(gate|up) [Wg; Wu].
         ...await linearDw(dGateUp, a.h2, dW.gateUp, 2 * I, H),

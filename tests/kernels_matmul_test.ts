@@ -493,7 +493,7 @@ Deno.test({
       for (const [M, K, N] of [...shapes, ...large] as [number, number, number][]) {
         for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
           const ds = await checkForm(form, M, K, N, variant, seed % 3 === 0, seed++, {
-            operands: "textures",
+            reads: "textures",
           });
           assert(ds[0].label.includes("operands from textures"), ds[0].label);
           assert(ds[0].copies?.length === 2, `two operand copies: ${ds[0].label}`);
@@ -501,7 +501,7 @@ Deno.test({
       }
       for (const accumulate of [false, true]) {
         await checkForm("dyTxSplit", 1000, 36, 20, variant, accumulate, seed++, {
-          operands: "textures",
+          reads: "textures",
           splitK: 3,
         });
       }
@@ -510,7 +510,7 @@ Deno.test({
       // The plain path taken when the subgroup size is not the kernel's.
       for (const form of ["xWt", "dyW", "dyTx"] as Form[]) {
         await checkForm(form, 132, 68, 36, "fallbackSubgroup", false, seed++, {
-          operands: "textures",
+          reads: "textures",
           subgroupLanes: 4,
         });
       }
@@ -536,7 +536,7 @@ Deno.test({
     assert(!small.copies, `a small problem reads the buffers: ${small.label}`);
     // Storage forced.
     const [plain] = await checkForm("xWt", 96, 128, 100, "auto", false, 802, {
-      operands: "storage",
+      reads: "storage",
     });
     assert(!plain.copies, plain.label);
 
@@ -548,7 +548,7 @@ Deno.test({
       const d = await matmulXWt(gpu, { ...args, options: { variant: "fallback" } });
       assert(!d.copies, `no COPY_SRC: the buffers are read (${d.label})`);
       await assertRejects(
-        () => matmulXWt(gpu, { ...args, options: { variant: "fallback", operands: "textures" } }),
+        () => matmulXWt(gpu, { ...args, options: { variant: "fallback", reads: "textures" } }),
         Error,
         "cannot be copied from",
       );
@@ -561,14 +561,13 @@ Deno.test({
             M: 8,
             K: 6,
             N: 8,
-            options: { variant: "fallback", operands: "textures" },
+            options: { variant: "fallback", reads: "textures" },
           }),
         Error,
         "multiples of 4",
       );
       await assertRejects(
-        () =>
-          matmulXWt(gpu, { ...args, x: b, options: { variant: "tiled64", operands: "textures" } }),
+        () => matmulXWt(gpu, { ...args, x: b, options: { variant: "tiled64", reads: "textures" } }),
         Error,
         "CPU-driver designs",
       );
@@ -600,7 +599,7 @@ Deno.test({
     const dx = gpu.createBuffer(M * K * 4);
     const ds: Dispatch[] = [];
     try {
-      const options: MatmulOptions = { variant: CPU_VARIANTS.at(-1), operands: "textures" };
+      const options: MatmulOptions = { variant: CPU_VARIANTS.at(-1), reads: "textures" };
       for (const b of bufs) ds.push(await matmulXWt(gpu, { ...b, M, K, N, options }));
       ds.push(await matmulDyW(gpu, { dy, w: bufs[0].w, dx, M, N, K, options }));
       assert(
@@ -660,8 +659,8 @@ Deno.test({
     let seed = 900;
     const variants: [MatmulVariant, MatmulOptions][] = [
       ["auto", {}],
-      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { operands: "storage" }]),
-      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { operands: "textures" }]),
+      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { reads: "storage" }]),
+      ...CPU_VARIANTS.map((v): [MatmulVariant, MatmulOptions] => [v, { reads: "textures" }]),
       ["tiled64", {}],
     ];
     for (const [M, N, K, stride] of cases) {
@@ -683,14 +682,14 @@ Deno.test({
       };
       try {
         for (const [variant, extra] of variants) {
-          if (extra.operands === "textures" && K % 4 !== 0) continue; // textures need K % 4 == 0
+          if (extra.reads === "textures" && K % 4 !== 0) continue; // textures need K % 4 == 0
           const options = { variant, ...extra };
           const ds = [
             await matmulDyW(gpu, { ...bufs, M, N, K, dyStride: stride, options }),
             ...await matmulDyTXSplitK(gpu, { ...bufs, M, N, K, dyStride: stride, options }),
           ];
           await submitPassAndWait(gpu, ds);
-          const what = `M=${M} N=${N} K=${K} stride ${stride} ${variant} ${extra.operands ?? ""}`;
+          const what = `M=${M} N=${N} K=${K} stride ${stride} ${variant} ${extra.reads ?? ""}`;
           assertClose(
             await gpu.readF32(bufs.dx, 0, M * K),
             expectedDx,
@@ -703,7 +702,7 @@ Deno.test({
             tolerance(M),
             `dY^T X ${what} [${ds[1].label}]`,
           );
-          if (extra.operands === "textures") {
+          if (extra.reads === "textures") {
             assert(ds.every((d) => d.copies || d.label.includes("reduce")), "textures used");
           }
           releaseDispatches(ds);

@@ -277,9 +277,9 @@ export async function attentionBackward(
   let dq: { key: string; wgsl: string; rows: number };
   if (designOf(gpu, hd, args.design) === "rows") {
     const S = await rowsLanes(gpu, args.subgroups ?? true);
-    dkv = { key: `attention backward dkv rows hd=${hd} S=${S}`, wgsl: rowsDkvWgsl(hd, S), rows: 0 };
-    dq = { key: `attention backward dq rows hd=${hd} S=${S}`, wgsl: rowsDqWgsl(hd, S), rows: 0 };
-    dkv.rows = dq.rows = S || ROWS;
+    const rows = S || ROWS;
+    dkv = { key: `attention backward dkv rows hd=${hd} S=${S}`, wgsl: rowsDkvWgsl(hd, S), rows };
+    dq = { key: `attention backward dq rows hd=${hd} S=${S}`, wgsl: rowsDqWgsl(hd, S), rows };
   } else {
     const maxBytes = gpu.limits.maxComputeWorkgroupStorageSize;
     const dkvTiles = attentionTiles("dkv", hd, maxBytes);
