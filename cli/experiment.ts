@@ -136,7 +136,8 @@ export const experimentCommand: CommandSpec = {
     "seq-len": {
       type: "string",
       valueName: "T",
-      help: `tokens per sequence, every stage (default ${EXPERIMENT_DEFAULTS.seqLen})`,
+      help:
+        `tokens per row of the pretraining stages (default ${EXPERIMENT_DEFAULTS.seqLen}); the SFT stages' rows are as long as the longest SFT conversation needs, at most T`,
     },
     questions: {
       type: "string",

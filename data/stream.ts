@@ -674,3 +674,49 @@ function checkPosition(
     }
   }
 }
+
+/**
+ * The shortest row length that keeps every trained target of `opts.data`: one
+ * pass over it (in file order, no shuffle) at rows of `opts.seqLen` tokens,
+ * taking the position of the last masked-in target of each row. A row longer
+ * than that is padding a causal model never looks back at, so training on
+ * rows of this length gives the same losses and gradients as at
+ * `opts.seqLen` (up to the order of floating-point sums over rows). Rounded
+ * up to a multiple of `multiple` (default 16), at most `opts.seqLen`. Rows cut
+ * at `opts.seqLen` need all of it, and so does SFT with random augmentations.
+ *
+ * @example
+ * ```ts ignore
+ * // The experiment's SFT stages: conversations of at most 95 tokens -> 96.
+ * const T = await trainedRowLength({ data: ["sft.jsonl"], kind: "sft", tokenizer, batchSize: 64, seqLen: 128 });
+ * ```
+ */
+export async function trainedRowLength(opts: DataStreamOptions, multiple = 16): Promise<number> {
+  // Random augmentations lengthen rows by a draw: no pass can bound them.
+  if (opts.augment && augmentationActive(opts.augment)) return opts.seqLen;
+  const stream = await DataStream.open({
+    ...opts,
+    shuffleBuffer: 0,
+    shuffleFiles: false,
+    maxEpochs: 1,
+    augment: undefined,
+    tokenizeWorkers: 0,
+  });
+  let need = 1;
+  try {
+    for (let batch = await stream.next(); batch; batch = await stream.next()) {
+      const { T, B, mask } = batch;
+      for (let b = 0; b < B; b++) {
+        for (let t = T - 1; t >= need; t--) {
+          if (mask[b * T + t] !== 0) {
+            need = t + 1;
+            break;
+          }
+        }
+      }
+    }
+  } finally {
+    stream.close();
+  }
+  return Math.min(opts.seqLen, Math.ceil(need / multiple) * multiple);
+}

@@ -6,7 +6,12 @@
 import { assert, assertEquals, assertNotEquals, assertRejects } from "./assert.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
 import { defaultTokenizer } from "../data/corpus.ts";
-import { type DataPosition, DataStream, type DataStreamOptions } from "../data/stream.ts";
+import {
+  type DataPosition,
+  DataStream,
+  type DataStreamOptions,
+  trainedRowLength,
+} from "../data/stream.ts";
 import type { Batch } from "../data/batch.ts";
 import { documentTokens, packDocuments } from "../data/pretrain.ts";
 import { assistantMask } from "../data/sft.ts";
@@ -205,6 +210,43 @@ Deno.test("SFT stream: one conversation per row, targets and mask shifted togeth
   assertEquals(stream.stats.skippedLines, 1);
   assertEquals(stream.stats.skippedConversations, 1);
   assertEquals(stream.stats.records, 51);
+});
+
+Deno.test("trainedRowLength: up to the last trained token of the longest conversation, in steps of 16, at most seqLen", async () => {
+  const convs = conversations(30, 4);
+  // A conversation whose last turn is the user's: its tail trains nothing, so
+  // it needs only the tokens up to the end of its assistant turn.
+  convs.push([
+    { role: "user", content: "hi" },
+    { role: "assistant", content: "ok" },
+    { role: "user", content: Array.from({ length: 200 }, (_, i) => WORDS[i % 10]).join(" ") },
+  ]);
+  const file = `${corpus.dir}/fit.jsonl`;
+  await Deno.writeTextFile(
+    file,
+    convs.map((c) => JSON.stringify({ conversations: c })).join("\n") + "\n",
+  );
+  // The expectation from the masks themselves: target t is token t + 1, so a
+  // conversation whose last trained token is token j needs rows of j tokens.
+  let need = 0;
+  for (const c of convs) {
+    const { mask } = assistantMask(tok, c as Parameters<typeof assistantMask>[1]);
+    need = Math.max(need, mask.lastIndexOf(1));
+  }
+  assert(need > 16 && need < 200, `the longest conversation needs ${need} tokens`);
+  const opts: DataStreamOptions = {
+    data: [file],
+    kind: "sft",
+    tokenizer: tok,
+    batchSize: 4,
+    seqLen: 512,
+  };
+  assertEquals(await trainedRowLength(opts), Math.ceil(need / 16) * 16);
+  assertEquals(await trainedRowLength(opts, 1), need);
+  // Cut rows need all of seqLen; random augmentations cannot be bounded by a pass.
+  assertEquals(await trainedRowLength({ ...opts, seqLen: 16 }), 16);
+  const augment = { systemRatio: 0.5, systemPrompts: MINIMIND_SYSTEM_PROMPTS, emptyThinkKeep: 0 };
+  assertEquals(await trainedRowLength({ ...opts, augment }), 512);
 });
 
 Deno.test("without skipBadLines a bad line stops the stream with file:line", async () => {

@@ -28,7 +28,8 @@ import {
   statesFact,
   summarizeArm,
 } from "../train/experiment.ts";
-import type { HeldOutFact } from "../data/corpus.ts";
+import { defaultTokenizer, type HeldOutFact } from "../data/corpus.ts";
+import { trainedRowLength } from "../data/stream.ts";
 import { UsageError } from "../util/errors.ts";
 
 Deno.test("replyFormat: a closed one-sentence answer is in the assistant format", () => {
@@ -253,6 +254,7 @@ Deno.test("experimentJson: per-arm shares, chance, the augmentation contrast and
     stepsSft: 5,
     batchSize: 4,
     seqLen: 32,
+    sftSeqLen: 32,
     seed: 1,
     corpusSeed: 1234,
     lrScratch: 5e-4,
@@ -349,7 +351,7 @@ Deno.test("trainer experiment: a shortened run trains four arms and writes the r
       "steps-pretrain": "3",
       "steps-sft": "3",
       "batch-size": "4",
-      "seq-len": "32",
+      "seq-len": "112",
       questions: "4",
       "max-new-tokens": "6",
       out: `${root}/out`,
@@ -374,15 +376,28 @@ Deno.test("trainer experiment: a shortened run trains four arms and writes the r
         assertEquals(r.correct, statesFact(r.reply, r.fact.answer));
       }
     }
+    // The SFT stages' rows are as long as the corpus's longest conversation
+    // needs (below --seq-len 112), the pretraining rows --seq-len.
+    const data = `${root}/out/data`;
+    const sftRows = await trainedRowLength({
+      data: [`${data}/sft.jsonl`, `${data}/sft_eval.jsonl`],
+      kind: "sft",
+      tokenizer: defaultTokenizer(),
+      batchSize: 4,
+      seqLen: 112,
+    });
+    assert(sftRows < 112, `SFT rows ${sftRows}`);
+    assertEquals(result.json.settings.sftSeqLen, sftRows);
+    assertStringIncludes(printed, "[A] 3 steps, batch 4 x 112");
     // C fine-tuned A's checkpoint: its run started from A's weights, at SFT's rate.
-    assertStringIncludes(printed, "[C] 3 steps, batch 4 x 32");
+    assertStringIncludes(printed, `[C] 3 steps, batch 4 x ${sftRows}`);
     assertStringIncludes(printed, "lr 0.0002");
-    assertStringIncludes(printed, "[B] 3 steps, batch 4 x 32");
+    assertStringIncludes(printed, `[B] 3 steps, batch 4 x ${sftRows}`);
     // D pretrained on the once-stated prose, then fine-tuned from that checkpoint.
     const onceMetrics = await Deno.readTextFile(`${root}/out/D-pretrain-once/metrics.jsonl`);
     assert(onceMetrics.length > 0);
     assertStringIncludes(printed, "pretrain_once.jsonl");
-    assertStringIncludes(printed, "[D] 3 steps, batch 4 x 32");
+    assertStringIncludes(printed, `[D] 3 steps, batch 4 x ${sftRows}`);
 
     // The JSON record: what the run measured, as written.
     const json = JSON.parse(await Deno.readTextFile(`${root}/results/experiment.json`));

@@ -481,6 +481,66 @@ Deno.test("checkDeviceLimits refuses what the device cannot hold, naming tensor 
 });
 
 Deno.test(
+  "rows cut after their last trained target give the same loss and gradients (trainedRowLength's claim)",
+  GPU_TEST,
+  async () => {
+    // SFT-like rows: real tokens, then padding with mask 0. Cut at the last
+    // trained target of the longest row, nothing a trained position sees or
+    // contributes changes; only sums over rows run over fewer (zero) terms.
+    const config = tinyConfig(false, true);
+    const params = testParameters(config, 3);
+    const rows = 3;
+    const [full, cut] = [21, 13];
+    const lengths = [13, 6, 10]; // trained targets at t < length
+    const rng = new Rng(5);
+    const batch: Batch = {
+      ids: new Int32Array(rows * full),
+      targets: new Int32Array(rows * full),
+      mask: new Float32Array(rows * full),
+      B: rows,
+      T: full,
+    };
+    for (let b = 0; b < rows; b++) {
+      for (let t = 0; t < lengths[b]; t++) {
+        batch.ids[b * full + t] = rng.nextInt(config.vocab_size);
+        batch.targets[b * full + t] = rng.nextInt(config.vocab_size);
+        batch.mask[b * full + t] = t === 0 ? 0 : 1;
+      }
+    }
+    const slice = <A extends Int32Array | Float32Array>(a: A): A => {
+      const out = new (a.constructor as { new (n: number): A })(rows * cut);
+      for (let b = 0; b < rows; b++) out.set(a.subarray(b * full, b * full + cut), b * cut);
+      return out;
+    };
+    const short: Batch = {
+      ids: slice(batch.ids),
+      targets: slice(batch.targets),
+      mask: slice(batch.mask),
+      B: rows,
+      T: cut,
+    };
+    const results = [];
+    for (const [b, T] of [[batch, full], [short, cut]] as const) {
+      const model = await TrainingModel.create(gpu, config, { batchSize: rows, seqLen: T, params });
+      try {
+        results.push(await model.lossAndGrads(b));
+      } finally {
+        model.destroy();
+      }
+    }
+    const [a, b] = results;
+    // Float32 sums of the same terms in another grouping: the loss's and each
+    // gradient's rounding is ~1e-7 relative to its scale (the comparison with
+    // the float64 reference above bounds each side by 2e-5 x max|ref|).
+    assert(relErr(b.loss, a.loss) < 1e-6, `loss ${b.loss} vs ${a.loss}`);
+    for (const s of parameterSpecs(config)) {
+      const e = a.grads.get(s.name)!;
+      assertClose(b.grads.get(s.name)!, e, { atol: 2e-5 * maxAbs(e), rtol: 0 }, s.name);
+    }
+  },
+);
+
+Deno.test(
   "step refuses a batch that does not fit the model, before any GPU work",
   GPU_TEST,
   async () => {

@@ -37,6 +37,7 @@ import { GREEDY } from "../model/sampling.ts";
 import {
   DEFAULT_CORPUS_SEED,
   DEFAULT_TOKENIZER_VOCAB_SIZE,
+  defaultTokenizer,
   embeddedCorpus,
   type HeldOutFact,
   writeEmbeddedCorpus,
@@ -61,6 +62,7 @@ import {
   summarizeArm,
 } from "./experiment_score.ts";
 import { TextTokenizer } from "../data/tokenizer.ts";
+import { trainedRowLength } from "../data/stream.ts";
 import { UsageError, UserError } from "../util/errors.ts";
 import { defaultLr, prepareRun, TRAIN_DEFAULTS, type TrainOptions } from "./setup.ts";
 import { readModelConfigFile } from "../io/model_config.ts";
@@ -304,13 +306,28 @@ export async function runExperiment(
     const pretrainData = { data: [files.pretrain], evalData: [files.pretrainEval] };
     const onceData = { data: [files.pretrainOnce], evalData: [files.pretrainEval] };
     const sftData = { data: [files.sft], evalData: [files.sftEval] };
-    const common = (steps: number, out: string, lr: number) => ({
+    // SFT rows only as long as the longest conversation needs: past its last
+    // trained token a row is padding that a causal model never looks back at,
+    // so shorter rows give the same losses and gradients (up to the order of
+    // sums over rows) in less time.
+    const sftSeqLen = await trainedRowLength({
+      data: [files.sft, files.sftEval],
+      kind: "sft",
+      tokenizer: defaultTokenizer(),
+      batchSize: 64,
+      seqLen,
+    });
+    // One held-out evaluation and one save per stage, at its end: the report
+    // reads the last evaluation, and the stages are rerun, not resumed.
+    const common = (steps: number, out: string, lr: number, rows = seqLen) => ({
       steps,
       batchSize,
-      seqLen,
+      seqLen: rows,
       seed,
       lr,
       out,
+      evalEvery: steps,
+      saveEvery: steps,
     });
     const dirs = {
       A: join(out, "A-pretrain"),
@@ -351,7 +368,7 @@ export async function runExperiment(
           kind: "sft",
           ...shape,
           ...sftData,
-          ...common(stepsSft, dirs.B, lrScratch),
+          ...common(stepsSft, dirs.B, lrScratch, sftSeqLen),
           init: null,
         },
       },
@@ -360,7 +377,12 @@ export async function runExperiment(
         name: "arm C",
         label: "pretrain + SFT",
         // The shape comes from A's checkpoint.
-        options: { kind: "sft", ...sftData, ...common(stepsSft, dirs.C, lrFinetune), init: dirs.A },
+        options: {
+          kind: "sft",
+          ...sftData,
+          ...common(stepsSft, dirs.C, lrFinetune, sftSeqLen),
+          init: dirs.A,
+        },
       },
     ];
     if (!opts.noAugmentation) {
@@ -382,7 +404,7 @@ export async function runExperiment(
           options: {
             kind: "sft",
             ...sftData,
-            ...common(stepsSft, dirs.D, lrFinetune),
+            ...common(stepsSft, dirs.D, lrFinetune, sftSeqLen),
             init: dirs.onceA,
           },
         },
@@ -457,6 +479,7 @@ export async function runExperiment(
       stepsSft,
       batchSize,
       seqLen,
+      sftSeqLen,
       seed,
       corpusSeed: DEFAULT_CORPUS_SEED,
       lrScratch,
@@ -487,6 +510,7 @@ export async function runExperiment(
       stepsSft,
       batchSize,
       seqLen,
+      sftSeqLen,
       seed,
       lrScratch,
       lrFinetune,
@@ -610,6 +634,7 @@ interface ReportInput {
   stepsSft: number;
   batchSize: number;
   seqLen: number;
+  sftSeqLen: number;
   seed: number;
   lrScratch: number;
   lrFinetune: number;
@@ -755,7 +780,11 @@ function renderReport(r: ReportInput): string {
       times.join(", ")
     }; the rest is generation).${load}`,
     `- model: ${r.shape} (${(r.parameters / 1e6).toFixed(2)}M parameters); seed ${r.seed}`,
-    `- budget per stage: pretraining ${r.stepsPretrain} steps, SFT ${r.stepsSft} steps; batch ${r.batchSize} x ${r.seqLen} tokens`,
+    `- budget per stage: pretraining ${r.stepsPretrain} steps of ${r.batchSize} x ${r.seqLen} tokens, SFT ${r.stepsSft} steps of ${r.batchSize} x ${r.sftSeqLen}${
+      r.sftSeqLen < r.seqLen
+        ? ` (rows as long as the longest SFT conversation needs, ${r.sftSeqLen} of at most ${r.seqLen}: the rest of a row would be padding after its last trained token, which changes no loss or gradient)`
+        : ""
+    }; held-out loss evaluated once, at the end of each stage`,
     `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): pretraining and B's SFT ${r.lrScratch} (from random weights), C's${
       hasD ? " and D's" : ""
     } SFT ${r.lrFinetune} (fine-tuning at a lower rate; MiniMind's full SFT uses 1e-5)`,

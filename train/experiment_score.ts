@@ -207,7 +207,10 @@ export interface ExperimentSettings {
   stepsPretrain: number;
   stepsSft: number;
   batchSize: number;
+  /** Tokens per row of the pretraining stages (and the cap of the SFT stages'). */
   seqLen: number;
+  /** Tokens per row of the SFT stages: what the longest SFT conversation needs (`trainedRowLength`). */
+  sftSeqLen: number;
   seed: number;
   corpusSeed: number;
   lrScratch: number;
