@@ -26,6 +26,7 @@
 import { Gpu, PassRecorder } from "../kernels/runtime.ts";
 import { type BenchRow, median, rates } from "./harness.ts";
 import { ADAMW_HYPER_FLOATS } from "../kernels/adamw.ts";
+import { inputTextureBytes } from "../kernels/texels.ts";
 import { randomBatch, stepModel } from "./step_setup.ts";
 import { presetConfig, trainFlopsPerToken } from "../model/config.ts";
 import { Rng } from "../util/random.ts";
@@ -112,7 +113,8 @@ export async function benchTrainStep(
       }
       extra["texture copies/step"] = copies;
       extra["host KiB/step"] = (model.batchUploadBytes + ADAMW_HYPER_FLOATS * 4) / 1024;
-      extra["GPU MiB"] = (model.gpuBytes + optimizer.gpuBytes) / 2 ** 20;
+      // The model's and the optimizer's own memory and the input textures they share.
+      extra["GPU MiB"] = (model.gpuBytes + optimizer.gpuBytes + inputTextureBytes(gpu)) / 2 ** 20;
       rows.push({
         name: `train step ${c.preset}`,
         shape: `B=${c.B} T=${c.T} (${c.steps} timed, ${c.warmup} warm-up)`,

@@ -589,7 +589,10 @@ export function releaseDispatches(dispatches: Iterable<Dispatch>): void {
   }
 }
 
-/** Bytes of device memory `dispatches` own (each shared texture counted once). */
+/**
+ * Bytes of device memory `dispatches` own. Shared input textures are not
+ * theirs (kernels/texels.ts `inputTextureBytes` counts those).
+ */
 export function ownedBytes(dispatches: Iterable<Dispatch>): number {
   let bytes = 0;
   for (const d of dispatches) for (const b of d.owned ?? []) bytes += b.size;

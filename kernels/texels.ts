@@ -26,7 +26,8 @@
  * texture of 128 rows shares one texture. That is safe because a dispatch's
  * copies are recorded right before it and nothing else is recorded between
  * (see `PassRecorder`); a model's many kernels then cost a handful of
- * textures. The texture goes when the last lease on it is released.
+ * textures. The texture goes when the last lease on it is released. Their
+ * memory belongs to no one owner: `inputTextureBytes` says what they hold.
  *
  * @module
  */
@@ -188,16 +189,28 @@ interface PooledTexture {
 const pools = new WeakMap<Gpu, Map<string, PooledTexture>>();
 
 /**
+ * Bytes of the input textures `gpu` holds now: shared by every dispatch that
+ * leases them, so counted here and by no owner (`Owned.size` of a lease is 0).
+ */
+export function inputTextureBytes(gpu: Gpu): number {
+  let bytes = 0;
+  for (const entry of pools.get(gpu)?.values() ?? []) {
+    const { width, height } = entry.texture;
+    bytes += width * height * 16;
+  }
+  return bytes;
+}
+
+/**
  * A lease on the device's input texture for read position `slot` of `height`
- * rows, created on first use (see the module comment). Only the lease that
- * created the texture counts its bytes.
+ * rows, created on first use (see the module comment). A lease's size is 0:
+ * the texture is shared, and `inputTextureBytes` counts it.
  */
 function leaseTexture(gpu: Gpu, slot: number, height: number): [GPUTexture, Owned] {
   let pool = pools.get(gpu);
   if (!pool) pools.set(gpu, pool = new Map());
   const key = `${slot}:${height}`;
   let entry = pool.get(key);
-  const created = !entry;
   if (!entry) {
     entry = {
       texture: gpu.device.createTexture({
@@ -214,7 +227,7 @@ function leaseTexture(gpu: Gpu, slot: number, height: number): [GPUTexture, Owne
   const held = entry;
   let released = false;
   return [held.texture, {
-    size: created ? TEXEL_ROW * height * 16 : 0,
+    size: 0,
     destroy() {
       if (released) return;
       released = true;

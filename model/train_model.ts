@@ -923,7 +923,11 @@ export class TrainingModel {
     ];
   }
 
-  /** Bytes of GPU memory the model holds (its buffers and its dispatches' scratch). */
+  /**
+   * Bytes of GPU memory the model holds: its buffers and its dispatches'
+   * scratch. On CPU drivers the input textures its kernels share with every
+   * other owner on the device come on top (`inputTextureBytes`).
+   */
   get gpuBytes(): number {
     let bytes = 0;
     for (const b of this.#owned) bytes += b.size;

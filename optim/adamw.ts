@@ -253,7 +253,11 @@ export class AdamW {
     });
   }
 
-  /** Bytes of GPU memory the optimizer holds (moments, partials, settings). */
+  /**
+   * Bytes of GPU memory the optimizer holds (moments, partials, settings);
+   * not the shared input textures its kernels read on CPU drivers
+   * (`inputTextureBytes`).
+   */
   get gpuBytes(): number {
     let bytes = 0;
     for (const b of this.#owned) bytes += b.size;
