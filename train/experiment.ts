@@ -782,7 +782,7 @@ function renderReport(r: ReportInput): string {
     `- model: ${r.shape} (${(r.parameters / 1e6).toFixed(2)}M parameters); seed ${r.seed}`,
     `- budget per stage: pretraining ${r.stepsPretrain} steps of ${r.batchSize} x ${r.seqLen} tokens, SFT ${r.stepsSft} steps of ${r.batchSize} x ${r.sftSeqLen}${
       r.sftSeqLen < r.seqLen
-        ? ` (rows as long as the longest SFT conversation needs, ${r.sftSeqLen} of at most ${r.seqLen}: the rest of a row would be padding after its last trained token, which changes no loss or gradient)`
+        ? ` (rows as long as the longest SFT conversation needs, ${r.sftSeqLen} of at most ${r.seqLen}: the rest of a row would be padding after its last trained token, which changes the losses and gradients only in the rounding of sums)`
         : ""
     }; held-out loss evaluated once, at the end of each stage`,
     `- learning rates (peak, cosine to x${TRAIN_DEFAULTS.minLrRatio}): pretraining and B's SFT ${r.lrScratch} (from random weights), C's${
