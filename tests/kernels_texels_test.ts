@@ -162,7 +162,11 @@ gpuTest(
         assertEquals(inputTextureBytes(gpu), before, "auto still holds it");
       }
       releaseDispatches([stored, auto, small]);
-      assertEquals(inputTextureBytes(gpu), before - TEXEL_ROW * height * 16, "released with the last");
+      assertEquals(
+        inputTextureBytes(gpu),
+        before - TEXEL_ROW * height * 16,
+        "released with the last",
+      );
     }
     // Forced textures where they cannot go: a range that does not start on a texel,
     // a buffer without COPY_SRC.
