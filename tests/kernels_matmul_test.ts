@@ -25,7 +25,8 @@
  */
 import { assert, assertClose, assertEquals, assertRejects } from "./assert.ts";
 import { GPU_TEST, randomF32, submitPassAndWait } from "./helpers.ts";
-import { type Dispatch, Gpu, ownedBytes, releaseDispatches } from "../kernels/runtime.ts";
+import { type Dispatch, Gpu, releaseDispatches } from "../kernels/runtime.ts";
+import { inputTextureBytes } from "../kernels/texels.ts";
 import {
   chooseTiledTile,
   matmulDyTX,
@@ -625,15 +626,15 @@ Deno.test({
         K,
       );
       assertClose(await gpu.readF32(dx), expectedDx, tolerance(N), "dY W");
-      // Only the lease that created a texture counts its bytes: two textures
-      // (slots A and B) of one row each, whoever else leases them.
+      // The shared textures belong to no call: two textures (slots A and B)
+      // of one row each, leased six times, counted once by the device's pool.
       const leases = ds.flatMap((d) => d.owned ?? []).filter((o) => !(o instanceof GPUBuffer));
       assertEquals(leases.length, 6);
-      assertEquals(
-        leases.reduce((sum, o) => sum + o.size, 0),
-        2 * OPERAND_TEXTURE_WIDTH * 16,
-      );
-      assert(ownedBytes(ds) >= 2 * OPERAND_TEXTURE_WIDTH * 16, "ownedBytes counts them");
+      assertEquals(leases.reduce((sum, o) => sum + o.size, 0), 0);
+      const pooled = inputTextureBytes(gpu);
+      assert(pooled >= 2 * OPERAND_TEXTURE_WIDTH * 16, `the pool holds them: ${pooled}`);
+      releaseDispatches(ds);
+      assertEquals(inputTextureBytes(gpu), pooled - 2 * OPERAND_TEXTURE_WIDTH * 16, "released");
     } finally {
       releaseDispatches(ds);
       for (const b of bufs) for (const buf of Object.values(b)) buf.destroy();
