@@ -124,6 +124,26 @@ for (
     assertEquals(await gpu.readF32(rowLossBuf), rowLoss, "rowLoss bits");
     assertEquals((await gpu.readF32(lossBuf))[0], loss, "loss bits");
     assertEquals(await gpu.readF32(dlogitsBuf, 0, N * S), dzPadded, "dlogits bits");
+    if (S % 4 !== 0 || (V % 4 === 0 && c.vec !== 1)) return;
+    // Scalar lanes into rows a multiple of 4 wide store 4 elements at a time
+    // (the default, taken above); one element a store gives the same bits.
+    dlogitsBuf.destroy();
+    const scalarBuf = gpu.createBuffer(new Float32Array(N * S).fill(NaN), "dlogits");
+    const scalar = await crossEntropy(gpu, {
+      logits: logitsBuf,
+      targets: gpu.createBuffer(targets, "targets"),
+      mask: gpu.createBuffer(mask, "mask"),
+      scale: gpu.createBuffer(scale, "scale"),
+      dlogits: scalarBuf,
+      rowLoss: rowLossBuf,
+      loss: lossBuf,
+      N,
+      V,
+      dlogitsStride: c.stride,
+      options: { vec: c.vec, tuning: c.tuning, store4: false },
+    });
+    submitPass(gpu, scalar);
+    assertEquals(await gpu.readF32(scalarBuf, 0, N * S), dzPadded, "one element a store");
   });
 }
 
