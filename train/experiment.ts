@@ -83,7 +83,8 @@ export const EXPERIMENT_DEFAULTS = {
   /** Report file name inside `--out` when `--report` is not given. */
   reportName: "experiment.md",
   preset: "tiny",
-  // The default commands' budgets: arm C is `deno task pretrain` then `deno task sft`.
+  // The default commands' budgets: arm C is `deno task pretrain` then `deno task sft`
+  // (with SFT rows as long as the longest conversation needs, `trainedRowLength`).
   stepsPretrain: TRAIN_DEFAULTS.pretrain.steps,
   stepsSft: TRAIN_DEFAULTS.sft.steps,
   batchSize: TRAIN_DEFAULTS.pretrain.batchSize,
